@@ -1,0 +1,20 @@
+"""Klein Nodes: FLUX.2 [klein] for ComfyUI and Python.
+
+Outside ComfyUI this is a plain library (`import klein_nodes as kn`); inside ComfyUI's `custom_nodes/`
+the same package also registers its nodes.
+"""
+
+from .errors import CheckpointError, KleinError, WrongModelError
+from .loaders.transformer import load_transformer
+
+__version__ = "0.1.0"
+__all__ = ["CheckpointError", "KleinError", "WrongModelError", "load_transformer", "__version__"]
+
+try:
+    import comfy.utils  # noqa: F401  (present only inside ComfyUI)
+except ImportError:
+    pass
+else:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+    __all__ += ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,1 @@
+"""Files -> modules: format and layout detection, key maps, safetensors/GGUF readers."""

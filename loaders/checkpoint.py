@@ -1,0 +1,112 @@
+"""Weight sources: a single safetensors file or a diffusers folder (sharded with an index json)."""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from .safetensors_io import PICKLE_SUFFIXES, SafetensorsFile, refuse_pickle, sniff_format
+
+MODEL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+
+class Checkpoint:
+    """Read-only mapping name -> tensor over one or more safetensors files; shapes without reading data."""
+
+    def __init__(self, files, path, strip_prefixes=()):
+        self.path = str(path)
+        self.files = files
+        self.index = {}
+        for file in files:
+            for name in file.keys():
+                self.index[strip_prefix(name, strip_prefixes)] = (file, name)
+
+    def keys(self):
+        return self.index.keys()
+
+    def __contains__(self, name):
+        return name in self.index
+
+    def shape(self, name):
+        file, raw = self.index[name]
+        return file.shape(raw)
+
+    def dtype(self, name):
+        file, raw = self.index[name]
+        return file.dtype(raw)
+
+    def get(self, name):
+        file, raw = self.index[name]
+        return file.get(raw)
+
+    @property
+    def metadata(self):
+        return self.files[0].metadata if len(self.files) == 1 else {}
+
+    def shapes(self):
+        return {name: self.shape(name) for name in self.keys()}
+
+
+def strip_prefix(name, prefixes):
+    for prefix in prefixes:
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    return name
+
+
+def open_checkpoint(path, subfolder, weights_name, strip_prefixes=()):
+    """Open a single file, or a diffusers folder (`path` itself or `path/subfolder`)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder.")
+    if path.is_dir():
+        return Checkpoint(diffusers_shards(path, subfolder, weights_name), path, strip_prefixes)
+    if path.suffix.lower() in PICKLE_SUFFIXES or sniff_format(path) == "pickle":
+        refuse_pickle(path)
+    return Checkpoint([SafetensorsFile(path)], path, strip_prefixes)
+
+
+def diffusers_shards(folder, subfolder, weights_name):
+    """The safetensors files of a diffusers component folder, following the shard index when present."""
+    if not any(folder.glob(f"{weights_name}*")) and (folder / subfolder).is_dir():
+        folder = folder / subfolder
+    index_path = folder / f"{weights_name}.safetensors.index.json"
+    single = folder / f"{weights_name}.safetensors"
+    if index_path.exists():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_path}: not a valid shard index ({e}).") from None
+        shard_names = sorted(set(weight_map.values()))
+        missing = [name for name in shard_names if not (folder / name).is_file()]
+        if missing:
+            raise CheckpointError(f"{index_path}: lists shard(s) that are missing from the folder: {', '.join(missing)}.")
+        files = [SafetensorsFile(folder / name) for name in shard_names]
+        for file in files:
+            absent = [key for key, shard in weight_map.items() if shard == os.path.basename(file.path) and key not in file.keys()]
+            if absent:
+                raise CheckpointError(f"{file.path}: the shard index says it holds {absent[:3]} but it does not.")
+        return files
+    if single.exists():
+        return [SafetensorsFile(single)]
+    pickles = [p.name for p in folder.glob(f"{weights_name}*") if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        refuse_pickle(folder / pickles[0])
+    raise CheckpointError(
+        f"{folder}: no {weights_name}.safetensors or {weights_name}.safetensors.index.json found "
+        f"(expected a diffusers '{subfolder}/' folder or a single .safetensors file)."
+    )
+
+
+def choose_dtype(checkpoint, names, dtype):
+    """The requested dtype, or the floating dtype holding most parameters of `names`."""
+    if dtype is not None:
+        return dtype
+    counts = {}
+    for name in names:
+        dt = checkpoint.dtype(name)
+        if dt.is_floating_point:
+            counts[dt] = counts.get(dt, 0) + torch.Size(checkpoint.shape(name)).numel()
+    return max(counts, key=counts.get) if counts else torch.float32

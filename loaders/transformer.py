@@ -1,0 +1,189 @@
+"""FLUX.2 transformer files -> `Flux2` modules (BFL/ComfyUI single file, diffusers folders)."""
+
+import re
+
+import torch
+
+from ..errors import CheckpointError, WrongModelError
+from ..models.transformer import Flux2, Flux2Params
+from .checkpoint import MODEL_PREFIXES, choose_dtype, open_checkpoint
+from .detect import identify
+
+# diffusers name -> BFL name (klein-spec §2.2); `{}` is the block index.
+DIFFUSERS_GLOBAL = {
+    "x_embedder.weight": "img_in.weight",
+    "context_embedder.weight": "txt_in.weight",
+    "time_guidance_embed.timestep_embedder.linear_1.weight": "time_in.in_layer.weight",
+    "time_guidance_embed.timestep_embedder.linear_2.weight": "time_in.out_layer.weight",
+    "time_guidance_embed.guidance_embedder.linear_1.weight": "guidance_in.in_layer.weight",
+    "time_guidance_embed.guidance_embedder.linear_2.weight": "guidance_in.out_layer.weight",
+    "double_stream_modulation_img.linear.weight": "double_stream_modulation_img.lin.weight",
+    "double_stream_modulation_txt.linear.weight": "double_stream_modulation_txt.lin.weight",
+    "single_stream_modulation.linear.weight": "single_stream_modulation.lin.weight",
+    "proj_out.weight": "final_layer.linear.weight",
+}
+DIFFUSERS_DOUBLE = {
+    "attn.norm_q.weight": "img_attn.norm.query_norm.scale",
+    "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
+    "attn.to_out.0.weight": "img_attn.proj.weight",
+    "ff.linear_in.weight": "img_mlp.0.weight",
+    "ff.linear_out.weight": "img_mlp.2.weight",
+    "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
+    "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale",
+    "attn.to_add_out.weight": "txt_attn.proj.weight",
+    "ff_context.linear_in.weight": "txt_mlp.0.weight",
+    "ff_context.linear_out.weight": "txt_mlp.2.weight",
+}
+DIFFUSERS_FUSED_QKV = {
+    "img_attn.qkv.weight": ("attn.to_q.weight", "attn.to_k.weight", "attn.to_v.weight"),
+    "txt_attn.qkv.weight": ("attn.add_q_proj.weight", "attn.add_k_proj.weight", "attn.add_v_proj.weight"),
+}
+DIFFUSERS_SINGLE = {
+    "attn.to_qkv_mlp_proj.weight": "linear1.weight",
+    "attn.to_out.weight": "linear2.weight",
+    "attn.norm_q.weight": "norm.query_norm.scale",
+    "attn.norm_k.weight": "norm.key_norm.scale",
+}
+DIFFUSERS_FINAL_MOD = "norm_out.linear.weight"
+BFL_FINAL_MOD = "final_layer.adaLN_modulation.1.weight"
+
+
+class Source:
+    """How to build one BFL tensor: from source names, concatenated along dim 0, optionally half-swapped."""
+
+    def __init__(self, names, swap_halves=False):
+        self.names = tuple(names)
+        self.swap_halves = swap_halves
+
+    def shape(self, ckpt):
+        shapes = [ckpt.shape(n) for n in self.names]
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
+
+    def load(self, ckpt):
+        tensors = [ckpt.get(n) for n in self.names]
+        tensor = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
+        if self.swap_halves:
+            scale, shift = tensor.chunk(2, dim=0)
+            tensor = torch.cat((shift, scale), dim=0)
+        return tensor
+
+
+def bfl_sources(keys, layout):
+    """{BFL name: Source} plus the source names no BFL tensor uses."""
+    if layout == "bfl":
+        # ComfyUI re-saves QK-norm scales as `.weight`; accept both spellings.
+        sources = {re.sub(r"_norm\.weight$", "_norm.scale", k): Source([k]) for k in keys}
+        return sources, []
+    sources, used = {}, set()
+    for diffusers_name, bfl_name in DIFFUSERS_GLOBAL.items():
+        if diffusers_name in keys:
+            sources[bfl_name] = Source([diffusers_name])
+    if DIFFUSERS_FINAL_MOD in keys:
+        sources[BFL_FINAL_MOD] = Source([DIFFUSERS_FINAL_MOD], swap_halves=True)
+    for index in block_indices(keys, "transformer_blocks"):
+        prefix = f"transformer_blocks.{index}."
+        for diffusers_name, bfl_name in DIFFUSERS_DOUBLE.items():
+            if prefix + diffusers_name in keys:
+                sources[f"double_blocks.{index}.{bfl_name}"] = Source([prefix + diffusers_name])
+        for bfl_name, parts in DIFFUSERS_FUSED_QKV.items():
+            if all(prefix + p in keys for p in parts):
+                sources[f"double_blocks.{index}.{bfl_name}"] = Source([prefix + p for p in parts])
+    for index in block_indices(keys, "single_transformer_blocks"):
+        prefix = f"single_transformer_blocks.{index}."
+        for diffusers_name, bfl_name in DIFFUSERS_SINGLE.items():
+            if prefix + diffusers_name in keys:
+                sources[f"single_blocks.{index}.{bfl_name}"] = Source([prefix + diffusers_name])
+    for source in sources.values():
+        used.update(source.names)
+    return sources, sorted(set(keys) - used)
+
+
+def block_indices(keys, prefix):
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    return sorted({int(m.group(1)) for k in keys if (m := pattern.match(k))})
+
+
+def params_from_shapes(shapes, path):
+    """Flux2Params read off the BFL-named shapes: widths from matrices, depths from key counts."""
+    required = ("img_in.weight", "txt_in.weight", "time_in.in_layer.weight", "double_blocks.0.img_attn.norm.query_norm.scale",
+                "double_blocks.0.img_mlp.2.weight", "final_layer.linear.weight")
+    missing = [k for k in required if k not in shapes]
+    if missing:
+        raise CheckpointError(f"{path}: incomplete FLUX.2 transformer, missing {', '.join(missing)}.")
+    hidden, in_channels = shapes["img_in.weight"]
+    head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+    if hidden % head_dim or head_dim % 8:
+        raise CheckpointError(f"{path}: hidden size {hidden} is not a multiple of the head size {head_dim} (or it is not a multiple of 8).")
+    return Flux2Params(
+        in_channels=in_channels,
+        out_channels=shapes["final_layer.linear.weight"][0],
+        context_in_dim=shapes["txt_in.weight"][1],
+        hidden_size=hidden,
+        num_heads=hidden // head_dim,
+        depth=len(block_indices(shapes, "double_blocks")),
+        depth_single_blocks=len(block_indices(shapes, "single_blocks")),
+        mlp_hidden_dim=shapes["double_blocks.0.img_mlp.2.weight"][1],
+        time_dim=shapes["time_in.in_layer.weight"][1],
+        axes_dim=(head_dim // 4,) * 4,
+        use_guidance_embed="guidance_in.in_layer.weight" in shapes,
+    )
+
+
+def check_state_dict(path, expected, shapes, unused):
+    """Missing/unexpected/mis-shaped tensors, a few named, in one error."""
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected)) + unused
+    wrong = [f"{k} {tuple(shapes[k])} (expected {tuple(expected[k])})" for k in expected if k in shapes and tuple(shapes[k]) != tuple(expected[k])]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if items:
+            more = f" and {len(items) - 5} more" if len(items) > 5 else ""
+            problems.append(f"{len(items)} {label}: {', '.join(items[:5])}{more}")
+    if problems:
+        raise CheckpointError(f"{path}: does not match a FLUX.2 transformer: " + "; ".join(problems) + ".")
+
+
+def check_dtypes(path, ckpt, sources):
+    for bfl_name, source in sources.items():
+        for name in source.names:
+            dtype = ckpt.dtype(name)
+            if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                raise CheckpointError(f"{path}: '{name}' is stored as {dtype} (an fp8 checkpoint); fp8 weights are not supported by this loader.")
+            if not dtype.is_floating_point:
+                raise CheckpointError(f"{path}: '{name}' has dtype {dtype}; transformer weights must be floating point (F32/F16/BF16).")
+
+
+def load_transformer(path, dtype=None, device="cpu"):
+    """Load a FLUX.2 [klein] transformer from a BFL/ComfyUI file or a diffusers folder.
+
+    Built on the meta device and filled with the file's own (memory-mapped) tensors, so the weights exist
+    once. `dtype=None` keeps the file's dtype.
+    """
+    ckpt = open_checkpoint(path, "transformer", "diffusion_pytorch_model", MODEL_PREFIXES)
+    kind = identify(ckpt.shapes())
+    if kind.kind != "transformer" or kind.family != "flux2":
+        raise WrongModelError(f"{path}: this is {kind.description}, not a FLUX.2 klein transformer.{slot_hint(kind)}")
+    sources, unused = bfl_sources(ckpt.keys(), kind.layout)
+    shapes = {name: source.shape(ckpt) for name, source in sources.items()}
+    params = params_from_shapes(shapes, path)
+    with torch.device("meta"):
+        model = Flux2(params)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    check_state_dict(path, expected, shapes, unused)
+    check_dtypes(path, ckpt, sources)
+    dtype = choose_dtype(ckpt, [n for s in sources.values() for n in s.names], dtype)
+    state = {name: source.load(ckpt).to(device=device, dtype=dtype) for name, source in sources.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.requires_grad_(False).eval()
+    model.description = kind.description
+    return model
+
+
+def slot_hint(kind):
+    if kind.kind == "text_encoder":
+        return " Load it in the text encoder slot (kn.load_text_encoder / Klein Text Encoder Loader)."
+    if kind.kind == "vae":
+        return " Load it in the VAE slot (kn.load_vae / Klein VAE Loader)."
+    if kind.family == "flux1":
+        return " FLUX.1 models use a different architecture; use a FLUX.2 [klein] file such as flux-2-klein-4b.safetensors."
+    return " Expected a file such as flux-2-klein-4b.safetensors or a diffusers 'transformer/' folder."

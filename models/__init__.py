@@ -1,0 +1,1 @@
+"""nn.Modules of the klein stack; no file I/O here."""

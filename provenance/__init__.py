@@ -1,0 +1,1 @@
+"""Watermarking, C2PA signing, metadata and image saving."""

@@ -1,0 +1,1 @@
+"""Quantized weight formats: dequantization kernels, the quantized Linear and the quantizer."""

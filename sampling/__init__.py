@@ -1,0 +1,1 @@
+"""Schedules, noise, reference packing, the denoising loop and the pipeline."""

@@ -1,0 +1,108 @@
+"""Tiny random checkpoints in the real file layouts, for tests and benchmarks.
+
+Key names, dtypes and file formats are those of the published klein files; only the sizes are small.
+The diffusers layout is produced with diffusers' own converter (a test dependency), not with ours.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .models.transformer import Flux2, Flux2Params
+
+TINY_TRANSFORMER = Flux2Params(
+    in_channels=128,
+    out_channels=128,
+    context_in_dim=96,
+    hidden_size=64,
+    num_heads=2,
+    depth=2,
+    depth_single_blocks=2,
+    mlp_hidden_dim=192,
+    axes_dim=(8, 8, 8, 8),
+)
+
+
+def random_state_dict(module, seed=0, dtype=torch.float32):
+    """Random weights for every tensor of `module` (meta is fine): matrices ~ N(0, 1/fan_in), norms ~ 1 ± 0.1."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, ref in module.state_dict().items():
+        if ref.ndim >= 2:
+            fan_in = math.prod(ref.shape[1:])
+            tensor = torch.randn(ref.shape, generator=generator) / math.sqrt(fan_in)
+        else:
+            tensor = 1 + 0.1 * torch.randn(ref.shape, generator=generator)
+        state[name] = tensor.to(dtype)
+    return state
+
+
+def transformer_state_dict(params=TINY_TRANSFORMER, seed=0, dtype=torch.float32):
+    """A random FLUX.2 transformer in the BFL/ComfyUI layout."""
+    with torch.device("meta"):
+        model = Flux2(params)
+    return random_state_dict(model, seed, dtype)
+
+
+def bfl_to_diffusers(state):
+    """BFL -> diffusers names through diffusers' single-file converter (the reference mapping)."""
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+
+    return convert_flux2_transformer_checkpoint_to_diffusers(dict(state))
+
+
+def diffusers_config(params):
+    return {
+        "_class_name": "Flux2Transformer2DModel",
+        "patch_size": 1,
+        "in_channels": params.in_channels,
+        "out_channels": params.out_channels,
+        "num_layers": params.depth,
+        "num_single_layers": params.depth_single_blocks,
+        "attention_head_dim": params.head_dim,
+        "num_attention_heads": params.num_heads,
+        "joint_attention_dim": params.context_in_dim,
+        "timestep_guidance_channels": params.time_dim,
+        "mlp_ratio": params.mlp_hidden_dim / params.hidden_size,
+        "axes_dims_rope": list(params.axes_dim),
+        "rope_theta": params.theta,
+        "guidance_embeds": params.use_guidance_embed,
+    }
+
+
+def write_sharded(folder, state, weights_name, num_shards=2, config=None):
+    """Write a diffusers component folder: `<name>-0000i-of-0000n.safetensors` + index json (+ config.json)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = sorted(state)
+    weight_map = {}
+    for i in range(num_shards):
+        shard = f"{weights_name}-{i + 1:05d}-of-{num_shards:05d}.safetensors"
+        part = {n: state[n].clone() for n in names[i::num_shards]}
+        save_file(part, str(folder / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, shard))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / f"{weights_name}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def write_transformer(path, params=TINY_TRANSFORMER, layout="bfl", dtype=torch.bfloat16, seed=0, prefix=""):
+    """Write a random transformer: layout 'bfl' (single file, optional `model.diffusion_model.` prefix) or
+    'diffusers' (a sharded `transformer/` folder at `path`). Returns (path, BFL-named fp32 state dict)."""
+    state = transformer_state_dict(params, seed)
+    path = Path(path)
+    if layout == "bfl":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({prefix + k: v.to(dtype) for k, v in state.items()}, str(path))
+    elif layout == "diffusers":
+        converted = {k: v.to(dtype) for k, v in bfl_to_diffusers(state).items()}
+        write_sharded(path, converted, "diffusion_pytorch_model", config=diffusers_config(params))
+    else:
+        raise ValueError(f"unknown layout {layout!r}")
+    return path, state
