@@ -1,0 +1,218 @@
+"""Transformer benchmark: forward speed against diffusers, and peak memory while loading.
+
+1. Forward time of our `Flux2` against diffusers' `Flux2Transformer2DModel` with the same random fp32 weights,
+   in one process: outputs are compared first, then both run interleaved and the medians are compared.
+   Goal: ours / diffusers <= 1.0.
+2. Peak RSS of a fresh process that loads a ~2 GB random bf16 BFL-layout file with `kn.load_transformer` and
+   runs one tiny forward (so every weight is touched), as a ratio to the file size. Goal: <= 1.2.
+   The file is written to a temporary directory that is always removed.
+
+Run from the repository root with the package installed (diffusers needed for part 1):
+
+    python bench/transformer.py                 # both parts
+    python bench/transformer.py --skip-rss      # forward timing only
+    python bench/transformer.py --skip-forward --tmpdir /big/disk
+"""
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import klein_nodes as kn
+from klein_nodes.models.transformer import Flux2, Flux2Params
+from klein_nodes.testing import bfl_to_diffusers, diffusers_config, random_state_dict, write_transformer
+
+SPEED_GOAL = 1.0
+RSS_GOAL = 1.2
+
+# Mid-size config for the forward comparison (~70M params).
+FORWARD_PARAMS = Flux2Params(
+    in_channels=128, out_channels=128, context_in_dim=1536, hidden_size=768, num_heads=6,
+    depth=2, depth_single_blocks=4, mlp_hidden_dim=2304, axes_dim=(32, 32, 32, 32),
+)
+# ~1.0e9 params, ~2 GB in bf16: klein-4B-like widths, fewer blocks.
+RSS_PARAMS = Flux2Params(
+    in_channels=128, out_channels=128, context_in_dim=7680, hidden_size=2048, num_heads=16,
+    depth=4, depth_single_blocks=9, mlp_hidden_dim=6144, axes_dim=(32, 32, 32, 32),
+)
+
+
+def image_ids(height, width):
+    """(t=0, h, w, l=0) for a height x width latent grid, row-major."""
+    hw = torch.cartesian_prod(torch.arange(height), torch.arange(width))
+    zeros = torch.zeros(len(hw), 1, dtype=hw.dtype)
+    return torch.cat((zeros, hw, zeros), dim=1)
+
+
+def text_ids(length):
+    """(0, 0, 0, l) for l in 0..length-1."""
+    ids = torch.zeros(length, 4, dtype=torch.long)
+    ids[:, 3] = torch.arange(length)
+    return ids
+
+
+def make_inputs(params, text_tokens, height, width, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, height * width, params.in_channels, generator=g)
+    ctx = torch.randn(1, text_tokens, params.context_in_dim, generator=g)
+    t = torch.tensor([0.7])
+    return x, image_ids(height, width), t, ctx, text_ids(text_tokens)
+
+
+def bench_forward(args):
+    from diffusers import Flux2Transformer2DModel
+
+    params = FORWARD_PARAMS
+    side = int(round(args.image_tokens ** 0.5))
+    assert side * side == args.image_tokens, "--image-tokens must be a square"
+    x, x_ids, t, ctx, ctx_ids = make_inputs(params, args.text_tokens, side, side)
+
+    with tempfile.TemporaryDirectory(prefix="klein-bench-") as tmp:
+        path, state = write_transformer(Path(tmp) / "fwd.safetensors", params, dtype=torch.float32)
+        ours = kn.load_transformer(path)  # the real loading path; fp32 file -> fp32 model
+        cfg = {k: v for k, v in diffusers_config(params).items() if k != "_class_name"}
+        ref = Flux2Transformer2DModel(**cfg)
+        ref.load_state_dict(bfl_to_diffusers(state), strict=True)
+        ref.requires_grad_(False).eval()
+        del state
+
+        def run_ours():
+            return ours(x, x_ids[None], t, ctx, ctx_ids[None])
+
+        def run_ref():
+            return ref(hidden_states=x, encoder_hidden_states=ctx, timestep=t,
+                       img_ids=x_ids, txt_ids=ctx_ids, return_dict=False)[0]
+
+        n_params = sum(p.numel() for p in ours.parameters())
+        print(f"## Forward: ours vs diffusers ({n_params / 1e6:.1f}M params, fp32, batch 1, "
+              f"{args.text_tokens} text + {args.image_tokens} image tokens, {torch.get_num_threads()} threads)")
+        with torch.inference_mode():
+            a, b = run_ours(), run_ref()
+            diff = (a - b).abs().max().item()
+            scale = b.abs().max().item()
+            ok = diff <= 1e-4 * max(scale, 1.0)
+            print(f"max |ours - diffusers| = {diff:.3e}  (max |out| = {scale:.3g})  -> {'match' if ok else 'MISMATCH'}")
+            if not ok:
+                raise SystemExit("outputs differ; not timing")
+
+            for _ in range(args.warmup):
+                run_ours(), run_ref()
+            times = {"ours": [], "diffusers": []}
+            runs = [("ours", run_ours), ("diffusers", run_ref)]
+            for i in range(args.repeats):
+                for name, fn in runs if i % 2 == 0 else runs[::-1]:  # alternate who goes first
+                    start = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - start)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{'':10} {'median s':>9} {'min s':>8} {'max s':>8}   ({args.repeats} interleaved runs, {args.warmup} warmup)")
+    for name, values in times.items():
+        print(f"{name:10} {med[name]:9.4f} {min(values):8.4f} {max(values):8.4f}")
+    ratio = med["ours"] / med["diffusers"]
+    verdict = "met" if ratio <= SPEED_GOAL else "NOT met"
+    print(f"ratio ours/diffusers = {ratio:.3f}   (goal <= {SPEED_GOAL}: {verdict})")
+    return ratio
+
+
+# Runs in a fresh interpreter: argv[1] = checkpoint path. Prints one JSON line.
+CHILD = r"""
+import json, resource, sys, time
+import psutil, torch
+import klein_nodes as kn
+
+def rss():  # current RSS, bytes
+    return psutil.Process().memory_info().rss
+
+def peak():  # peak RSS so far, bytes (Linux reports KiB)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+out = {"baseline_rss": rss(), "baseline_peak": peak()}
+start = time.perf_counter()
+model = kn.load_transformer(sys.argv[1])
+out.update(load_s=time.perf_counter() - start, load_rss=rss(), load_peak=peak())
+
+p = model.params
+x, ctx = torch.randn(1, 4, p.in_channels), torch.randn(1, 4, p.context_in_dim)
+x_ids = torch.cartesian_prod(torch.zeros(1), torch.arange(2.), torch.arange(2.), torch.zeros(1))
+ctx_ids = torch.zeros(4, 4)
+ctx_ids[:, 3] = torch.arange(4)
+start = time.perf_counter()
+with torch.inference_mode():
+    y = model(x, x_ids, torch.tensor([0.5]), ctx, ctx_ids)
+assert torch.isfinite(y.float()).all()
+out.update(forward_s=time.perf_counter() - start, forward_rss=rss(), forward_peak=peak(), dtype=str(model.dtype))
+print(json.dumps(out))
+"""
+
+
+def bench_rss(args):
+    params = RSS_PARAMS
+    with torch.device("meta"):
+        meta = Flux2(params)
+    n_params = sum(p.numel() for p in meta.parameters())
+    need = n_params * 2
+    tmp_root = args.tmpdir or tempfile.gettempdir()
+    free = shutil.disk_usage(tmp_root).free
+    print(f"\n## Peak RSS loading a bf16 file ({n_params / 1e9:.3f}e9 params, {need / 1e9:.2f} GB) in a fresh process")
+    if free < need * 1.2 + 1e9:
+        print(f"skipped: only {free / 1e9:.1f} GB free in {tmp_root}, need ~{need * 1.2 / 1e9 + 1:.1f} GB (use --tmpdir)")
+        return None
+
+    with tempfile.TemporaryDirectory(prefix="klein-bench-", dir=tmp_root) as tmp:
+        path = Path(tmp) / "big.safetensors"
+        start = time.perf_counter()
+        state = random_state_dict(meta, seed=0, dtype=torch.bfloat16)  # generated per tensor, kept in bf16
+        from safetensors.torch import save_file
+        save_file(state, str(path))
+        del state
+        size = path.stat().st_size
+        print(f"wrote {size / 1e9:.2f} GB in {time.perf_counter() - start:.1f} s")
+
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"child failed ({proc.returncode}):\n{proc.stderr}")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    base = r["baseline_rss"]
+    print(f"child baseline RSS (torch + klein_nodes imported): {base / 1e9:.2f} GB; dtype {r['dtype']}; "
+          f"load {r['load_s']:.1f} s, tiny forward {r['forward_s']:.1f} s")
+    print(f"{'':14} {'peak +GB':>9} {'peak/file':>10} {'now +GB':>9} {'now/file':>9}")
+    ratio = None
+    for stage in ("load", "forward"):
+        peak_inc, now_inc = r[f"{stage}_peak"] - base, r[f"{stage}_rss"] - base
+        ratio = peak_inc / size
+        print(f"{'after ' + stage:14} {peak_inc / 1e9:9.2f} {ratio:10.3f} {now_inc / 1e9:9.2f} {now_inc / size:9.3f}")
+    verdict = "met" if ratio <= RSS_GOAL else "NOT met"
+    print(f"peak RSS increase / file size = {ratio:.3f}   (goal <= {RSS_GOAL}: {verdict})")
+    return ratio
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--skip-forward", action="store_true", help="skip the speed comparison with diffusers")
+    parser.add_argument("--skip-rss", action="store_true", help="skip the 2 GB load-memory measurement")
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per model (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs per model first (default 2)")
+    parser.add_argument("--text-tokens", type=int, default=512)
+    parser.add_argument("--image-tokens", type=int, default=256, help="a square number")
+    parser.add_argument("--tmpdir", help="where to write the temporary 2 GB file (default: system temp)")
+    args = parser.parse_args()
+
+    print(f"torch {torch.__version__}, python {sys.version.split()[0]}")
+    if not args.skip_forward:
+        bench_forward(args)
+    if not args.skip_rss:
+        bench_rss(args)
+
+
+if __name__ == "__main__":
+    main()
