@@ -56,3 +56,31 @@ def identify(shapes):
         layout = "diffusers" if "decoder.up_blocks.0.resnets.0.norm1.weight" in vae_keys else "bfl"
         return ModelKind("vae", "flux2" if is_flux2 else "other", f"{family} VAE", layout)
     return ModelKind("unknown", "unknown", "an unrecognised model")
+
+
+def describe_file(path):
+    """ModelKind of a weight file from its header alone (no tensor data is read)."""
+    from .safetensors_io import SafetensorsFile, sniff_format
+
+    fmt = sniff_format(path)
+    if fmt == "gguf":
+        return describe_gguf(path)
+    if fmt == "pickle":
+        return ModelKind("unknown", "pickle", "a pickle checkpoint (refused: use safetensors or GGUF)")
+    file = SafetensorsFile(path)  # anything else must be safetensors; this raises a precise error if not
+    return identify({k: file.shape(k) for k in file.keys()})
+
+
+def describe_gguf(path):
+    try:
+        import gguf
+    except ImportError:
+        return ModelKind("unknown", "gguf", "a GGUF file (install the `gguf` package to inspect it)")
+    reader = gguf.GGUFReader(path)
+    field = reader.fields.get("general.architecture")
+    arch = bytes(field.parts[field.data[0]]).decode() if field else ""
+    if arch.startswith("qwen3"):
+        width = next((int(t.shape[0]) for t in reader.tensors if t.name == "blk.0.attn_norm.weight"), 0)
+        return ModelKind("text_encoder", "qwen3", QWEN3_SIZES.get(width, "Qwen3") + " text encoder (GGUF)", "gguf")
+    kind = identify({t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors})
+    return ModelKind(kind.kind, kind.family, kind.description + " (GGUF)", "gguf")

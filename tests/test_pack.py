@@ -1,0 +1,109 @@
+"""The pack as ComfyUI sees it (folder import, nodes) and the command line."""
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import klein_nodes as kn
+from klein_nodes.cli import main
+from klein_nodes.models.transformer import Flux2Params
+from klein_nodes.testing import TINY_TRANSFORMER, write_transformer
+
+PACK_ROOT = Path(kn.__file__).parent
+
+
+@pytest.fixture()
+def comfyui(monkeypatch, tmp_path):
+    """A stand-in ComfyUI: `comfy.utils` importable and `folder_paths` pointing at a models/ tree."""
+    models = tmp_path / "ComfyUI" / "models"
+    folders = {"diffusion_models": [models / "diffusion_models", models / "unet"],
+               "text_encoders": [models / "text_encoders"], "vae": [models / "vae"], "checkpoints": [models / "checkpoints"]}
+    for paths in folders.values():
+        for path in paths:
+            path.mkdir(parents=True)
+    comfy, utils = types.ModuleType("comfy"), types.ModuleType("comfy.utils")
+    comfy.utils = utils
+    folder_paths = types.ModuleType("folder_paths")
+    folder_paths.get_folder_paths = lambda key: [str(p) for p in folders[key]]
+    for name, module in (("comfy", comfy), ("comfy.utils", utils), ("folder_paths", folder_paths)):
+        monkeypatch.setitem(sys.modules, name, module)
+    return models
+
+
+def test_library_import_has_no_nodes():
+    assert "comfy" not in sys.modules
+    assert not hasattr(kn, "NODE_CLASS_MAPPINGS")
+
+
+def test_pack_loads_under_its_folder_name_inside_comfyui(comfyui, tmp_path):
+    """ComfyUI imports custom_nodes/<folder>/__init__.py under the folder's name: relative imports must hold."""
+    folder = tmp_path / "custom_nodes" / "ComfyUI-Flux2-Klein"
+    folder.parent.mkdir()
+    folder.symlink_to(PACK_ROOT)
+    spec = importlib.util.spec_from_file_location(folder.name, folder / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[folder.name] = module
+    try:
+        spec.loader.exec_module(module)
+        assert set(module.NODE_CLASS_MAPPINGS) == set(module.NODE_DISPLAY_NAME_MAPPINGS)
+        assert "KleinTransformerLoader" in module.NODE_CLASS_MAPPINGS
+        assert module.load_transformer.__module__ == f"{folder.name}.loaders.transformer"
+    finally:
+        for name in [n for n in sys.modules if n == folder.name or n.startswith(folder.name + ".")]:
+            del sys.modules[name]
+
+
+def test_transformer_loader_node(comfyui):
+    from klein_nodes.nodes import NODE_CLASS_MAPPINGS
+
+    write_transformer(comfyui / "diffusion_models" / "klein" / "flux-2-klein-4b.safetensors")
+    write_transformer(comfyui / "unet" / "other.gguf.txt")  # not a weight file: not listed
+    node = NODE_CLASS_MAPPINGS["KleinTransformerLoader"]
+    inputs = node.INPUT_TYPES()["required"]
+    assert inputs["model_name"][0] == ["klein/flux-2-klein-4b.safetensors"]
+    assert all("tooltip" in options for _, options in inputs.values())
+    (model,) = getattr(node(), node.FUNCTION)("klein/flux-2-klein-4b.safetensors", "fp32")
+    assert model.params == TINY_TRANSFORMER and model.dtype == torch.float32
+    with pytest.raises(ValueError, match="outside"):
+        node().load("../../../etc/passwd")
+
+
+def test_doctor_lists_klein_files(comfyui, capsys):
+    klein_4b = Flux2Params(**{**TINY_TRANSFORMER.__dict__, "context_in_dim": 7680})
+    write_transformer(comfyui / "diffusion_models" / "flux-2-klein-4b.safetensors", params=klein_4b)
+    save_file({"model.embed_tokens.weight": torch.zeros(8, 2560), "model.layers.0.input_layernorm.weight": torch.zeros(2560),
+               "model.layers.0.self_attn.q_norm.weight": torch.zeros(128)}, str(comfyui / "text_encoders" / "qwen_3_4b.safetensors"))
+    save_file({"decoder.conv_in.weight": torch.zeros(4, 16, 3, 3)}, str(comfyui / "vae" / "ae_flux1.safetensors"))
+    (comfyui / "vae" / "broken.safetensors").write_bytes(b"\x00" * 4)
+    assert main(["doctor", "--comfyui", str(comfyui.parent)]) == 0
+    out = capsys.readouterr().out
+    assert "torch " + torch.__version__ in out
+    assert "[klein] flux-2-klein-4b.safetensors: FLUX.2 klein 4B transformer" in out
+    assert "[klein] qwen_3_4b.safetensors: Qwen3-4B text encoder" in out
+    assert "ae_flux1.safetensors: FLUX.1/SD3 VAE" in out and "[klein] ae_flux1" not in out
+    assert "[error] broken.safetensors" in out
+
+
+def test_doctor_inside_comfyui_uses_folder_paths(comfyui, capsys):
+    write_transformer(comfyui / "unet" / "flux-2-klein-4b.safetensors")
+    assert main(["doctor"]) == 0
+    assert "[klein] flux-2-klein-4b.safetensors" in capsys.readouterr().out
+
+
+def test_doctor_rejects_a_folder_that_is_not_comfyui(tmp_path, capsys):
+    assert main(["doctor", "--comfyui", str(tmp_path)]) == 2
+    assert "not a ComfyUI install" in capsys.readouterr().err
+
+
+def test_inspect(tmp_path, capsys):
+    path, _ = write_transformer(tmp_path / "t.safetensors", prefix="model.diffusion_model.")
+    (tmp_path / "bad.safetensors").write_text("nope")
+    assert main(["inspect", str(path), str(tmp_path / "bad.safetensors")]) == 1
+    captured = capsys.readouterr()
+    assert "FLUX.2-family (text width 96) transformer [bfl layout]" in captured.out
+    assert "bad.safetensors: error:" in captured.err
