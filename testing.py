@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .models.text_encoder import Qwen3, Qwen3Params
 from .models.transformer import Flux2, Flux2Params
 
 TINY_TRANSFORMER = Flux2Params(
@@ -103,6 +104,75 @@ def write_transformer(path, params=TINY_TRANSFORMER, layout="bfl", dtype=torch.b
     elif layout == "diffusers":
         converted = {k: v.to(dtype) for k, v in bfl_to_diffusers(state).items()}
         write_sharded(path, converted, "diffusion_pytorch_model", config=diffusers_config(params))
+    else:
+        raise ValueError(f"unknown layout {layout!r}")
+    return path, state
+
+
+TINY_QWEN3 = Qwen3Params(vocab_size=151936, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
+                         num_kv_heads=2, head_dim=16)
+QWEN_ADDED_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
+                     "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+                     "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
+QWEN3_CHAT_TEMPLATE = (  # the part of Qwen3's template klein uses: user turn, generation prompt, empty think block
+    "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def qwen3_state_dict(params=TINY_QWEN3, seed=0, dtype=torch.float32):
+    """A random Qwen3 in Hugging Face names (`model.` prefix, no lm_head: klein's encoders tie it)."""
+    with torch.device("meta"):
+        model = Qwen3(params)
+    return {"model." + k: v for k, v in random_state_dict(model, seed, dtype).items()} | {
+        "model.norm.weight": torch.ones(params.hidden_size, dtype=dtype)}
+
+
+def qwen3_config(params):
+    return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": params.vocab_size,
+            "hidden_size": params.hidden_size, "intermediate_size": params.intermediate_size,
+            "num_hidden_layers": params.num_layers, "num_attention_heads": params.num_heads,
+            "num_key_value_heads": params.num_kv_heads, "head_dim": params.head_dim, "rope_theta": params.rope_theta,
+            "rms_norm_eps": params.rms_norm_eps, "tie_word_embeddings": True, "attention_bias": False}
+
+
+def write_tokenizer(folder):
+    """A small byte-level BPE in the Qwen file layout (vocab.json, merges.txt, tokenizer_config.json), with the
+    real added-token ids 151643-151668, for tests that must not depend on the full vocabulary."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    alphabet = [chr(c) for c in range(ord("!"), ord("~") + 1)] + [chr(c) for c in range(ord("¡"), ord("¬") + 1)]
+    alphabet += [chr(c) for c in range(ord("®"), ord("ÿ") + 1)]
+    alphabet += [chr(256 + n) for n in range(256 - len(alphabet))]  # byte-level stand-ins for unprintable bytes
+    merges = ["Ġ a", "Ġ t", "h e", "Ġt he", "i n", "Ġ c", "a t", "Ġc at", "Ċ Ċ", "o n", "Ġ d", "o g"]
+    vocab = {token: i for i, token in enumerate(alphabet)}
+    for merge in merges:
+        vocab["".join(merge.split(" "))] = len(vocab)
+    vocab.update({token: 151643 + i for i, token in enumerate(QWEN_ADDED_TOKENS)})
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    added = {str(151643 + i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                               "single_word": False, "special": True} for i, t in enumerate(QWEN_ADDED_TOKENS)}
+    config = {"added_tokens_decoder": added, "tokenizer_class": "Qwen2Tokenizer", "pad_token": "<|endoftext|>",
+              "eos_token": "<|im_end|>", "chat_template": QWEN3_CHAT_TEMPLATE}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+    return folder
+
+
+def write_text_encoder(path, params=TINY_QWEN3, layout="comfy", dtype=torch.bfloat16, seed=0):
+    """Write a random Qwen3: 'comfy' (single `qwen_3_4b.safetensors`-style file) or 'hf' (a sharded
+    `text_encoder/` folder at `path` with config.json). Returns (path, fp32 state dict in HF names)."""
+    state = qwen3_state_dict(params, seed)
+    path = Path(path)
+    if layout == "comfy":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.to(dtype) for k, v in state.items()}, str(path))
+    elif layout == "hf":
+        write_sharded(path, {k: v.to(dtype) for k, v in state.items()}, "model", config=qwen3_config(params))
     else:
         raise ValueError(f"unknown layout {layout!r}")
     return path, state

@@ -48,10 +48,10 @@ def sniff_format(path):
         head = f.read(16)
     if head.startswith(b"GGUF"):
         return "gguf"
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        return "pickle"
-    if len(head) >= 9 and head[8:9] == b"{":
+    if len(head) >= 9 and head[8:9] == b"{":  # 8-byte header length, then the JSON header
         return "safetensors"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch zip archive, or a raw pickle
+        return "pickle"
     return "unknown"
 
 

@@ -78,6 +78,21 @@ def test_header_overlapping_offsets(good_file):
     expect_error(good_file, kn.CheckpointError, "overlap")
 
 
+def test_header_length_starting_with_pickle_byte_is_still_safetensors(tmp_path, state):
+    """A header of 0x..80 bytes begins with the byte a pickle begins with; the file must still load."""
+    path = tmp_path / "padded.safetensors"
+    save_file(state, str(path))
+
+    def pad_to_0x80(header):
+        header["__metadata__"] = {"pad": ""}
+        base = len(json.dumps(header))
+        header["__metadata__"]["pad"] = "x" * ((0x80 - base) % 256)
+
+    rewrite_header(path, pad_to_0x80)
+    assert path.read_bytes()[0] == 0x80
+    assert kn.load_transformer(path).params == TINY_TRANSFORMER
+
+
 def test_header_length_beyond_file(tmp_path):
     path = tmp_path / "huge.safetensors"
     path.write_bytes(struct.pack("<Q", 10**12) + b"{}" + b" " * 30)

@@ -1,0 +1,100 @@
+"""Qwen3 text encoder files (ComfyUI single file, Hugging Face / diffusers folders) -> `KleinTextEncoder`."""
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, WrongModelError
+from ..models.text_encoder import KLEIN_LAYERS, KleinTextEncoder, Qwen3, Qwen3Params
+from .checkpoint import choose_dtype, open_checkpoint
+from .detect import QWEN3_SIZES, identify
+from .tokenizer import find_tokenizer, load_tokenizer
+
+TEXT_ENCODER_PREFIXES = ("model.", "text_encoders.qwen3_4b.transformer.model.", "text_encoders.qwen3_8b.transformer.model.")
+LAYER_KEY = re.compile(r"^layers\.(\d+)\.")
+DEFAULT_ROPE_THETA = 1_000_000.0
+
+
+def params_from_shapes(shapes, path, num_layers, rope_theta):
+    required = ("embed_tokens.weight", "layers.0.self_attn.q_proj.weight", "layers.0.self_attn.k_proj.weight",
+                "layers.0.self_attn.q_norm.weight", "layers.0.mlp.gate_proj.weight")
+    missing = [k for k in required if k not in shapes]
+    if missing:
+        raise CheckpointError(f"{path}: incomplete Qwen3 text encoder, missing {', '.join('model.' + k for k in missing)}.")
+    vocab, hidden = shapes["embed_tokens.weight"]
+    head_dim = shapes["layers.0.self_attn.q_norm.weight"][0]
+    return Qwen3Params(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=shapes["layers.0.mlp.gate_proj.weight"][0],
+        num_layers=num_layers,
+        num_heads=shapes["layers.0.self_attn.q_proj.weight"][0] // head_dim,
+        num_kv_heads=shapes["layers.0.self_attn.k_proj.weight"][0] // head_dim,
+        head_dim=head_dim,
+        rope_theta=rope_theta,
+    )
+
+
+def rope_theta_from_config(path):
+    """rope_theta from a Hugging Face config.json beside the weights (the single file has none: Qwen3's 1e6)."""
+    path = Path(path)
+    for config in (path / "config.json", path / "text_encoder" / "config.json"):
+        if config.is_file():
+            data = json.loads(config.read_text())
+            return float(data.get("rope_theta") or data.get("rope_parameters", {}).get("rope_theta") or DEFAULT_ROPE_THETA)
+    return DEFAULT_ROPE_THETA
+
+
+def load_text_encoder(path, tokenizer=None, dtype=None, device="cpu", layers=KLEIN_LAYERS):
+    """Load Qwen3 (4B for klein 4B, 8B for klein 9B) with only the decoder layers `layers` needs.
+
+    Accepts ComfyUI's `qwen_3_4b.safetensors`, a Hugging Face `text_encoder/` folder (sharded + index) or the
+    diffusers repo root. Weights of deeper layers, the final norm and the LM head are never read.
+    """
+    ckpt = open_checkpoint(path, "text_encoder", "model", ())
+    kind = identify(ckpt.shapes())
+    if kind.kind != "text_encoder" or kind.family != "qwen3":
+        raise WrongModelError(f"{path}: this is {kind.description}, not a Qwen3 text encoder. klein 4B uses Qwen3-4B "
+                              "(qwen_3_4b.safetensors), klein 9B uses Qwen3-8B.")
+    names = {strip(k): k for k in ckpt.keys()}
+    shapes = {name: ckpt.shape(raw) for name, raw in names.items()}
+    available = 1 + max((int(m.group(1)) for k in shapes if (m := LAYER_KEY.match(k))), default=-1)
+    needed = max(layers)
+    if needed > available:
+        raise CheckpointError(f"{path}: layer {needed} was requested but the file has only {available} decoder layers.")
+    params = params_from_shapes(shapes, path, needed, rope_theta_from_config(path if Path(path).is_dir() else Path(path).parent))
+    with torch.device("meta"):
+        model = Qwen3(params)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in shapes]
+    wrong = [f"{k} {shapes[k]}" for k in expected if k in shapes and tuple(shapes[k]) != tuple(expected[k].shape)]
+    if missing or wrong:
+        raise CheckpointError(f"{path}: does not match a Qwen3 text encoder: missing {missing[:5]}, wrong shape {wrong[:5]}.")
+    dtype = choose_dtype(ckpt, [names[k] for k in expected], dtype)
+    state = {k: ckpt.get(names[k]).to(device=device, dtype=dtype) for k in expected}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.requires_grad_(False).eval()
+    tokenizer_path = find_tokenizer(path, tokenizer)
+    return KleinTextEncoder(model, load_tokenizer(tokenizer_path), description=kind.description)
+
+
+def strip(name):
+    for prefix in TEXT_ENCODER_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def ensure_text_encoder_fits(text_encoder, transformer, layers=KLEIN_LAYERS):
+    """Raise when the encoder's features cannot feed the transformer (e.g. Qwen3-8B with klein 4B)."""
+    features = text_encoder.hidden_size * len(layers)
+    expected = transformer.params.context_in_dim
+    if features != expected:
+        want = QWEN3_SIZES.get(expected // len(layers), f"a text encoder with hidden size {expected // len(layers)}")
+        raise WrongModelError(
+            f"The text encoder ({text_encoder.description}, {features} features) does not fit the transformer "
+            f"({getattr(transformer, 'description', 'FLUX.2')}, expects {expected} = {len(layers)} x "
+            f"{expected // len(layers)}): use {want}."
+        )

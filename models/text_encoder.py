@@ -1,0 +1,184 @@
+"""Qwen3 decoder as klein's text encoder: runs only the layers whose outputs are requested; no LM head.
+
+Module names follow Hugging Face's `Qwen3Model` (without the `model.` prefix) so its state dicts load by name.
+"""
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Qwen3Params:
+    """Defaults are Qwen3-4B; loaders fill every field from the weights."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 2560
+    intermediate_size: int = 9728
+    num_layers: int = 27  # layers built: up to the deepest one klein reads
+    num_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+
+
+class Qwen3(nn.Module):
+    def __init__(self, params: Qwen3Params):
+        super().__init__()
+        self.params = params
+        self.embed_tokens = nn.Embedding(params.vocab_size, params.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(params) for _ in range(params.num_layers))
+
+    @property
+    def dtype(self):
+        return self.embed_tokens.weight.dtype
+
+    def forward(self, input_ids, attention_mask, layers):
+        """Hidden states after the given layers (0 = embeddings, k = output of decoder layer k), as a list."""
+        deepest = max(layers)
+        if deepest > len(self.layers):
+            raise ValueError(f"layer {deepest} requested but only {len(self.layers)} decoder layers are loaded")
+        hidden = self.embed_tokens(input_ids)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        rope = rope_cos_sin(positions, self.params.head_dim, self.params.rope_theta, hidden.dtype)
+        keep = attention_mask.bool()
+        causal = torch.ones(len(positions), len(positions), dtype=torch.bool, device=hidden.device).tril()
+        mask = causal[None, None] & keep[:, None, None, :]
+        outputs = {0: hidden}
+        for index, layer in enumerate(self.layers[:deepest], start=1):
+            hidden = layer(hidden, rope, mask)
+            outputs[index] = hidden
+        return [outputs[k] for k in layers]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, params):
+        super().__init__()
+        self.self_attn = Attention(params)
+        self.mlp = MLP(params.hidden_size, params.intermediate_size)
+        self.input_layernorm = RMSNorm(params.hidden_size, params.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(params.hidden_size, params.rms_norm_eps)
+
+    def forward(self, x, rope, mask):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, params):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = params.num_heads, params.num_kv_heads, params.head_dim
+        self.q_proj = nn.Linear(params.hidden_size, params.num_heads * params.head_dim, bias=False)
+        self.k_proj = nn.Linear(params.hidden_size, params.num_kv_heads * params.head_dim, bias=False)
+        self.v_proj = nn.Linear(params.hidden_size, params.num_kv_heads * params.head_dim, bias=False)
+        self.o_proj = nn.Linear(params.num_heads * params.head_dim, params.hidden_size, bias=False)
+        self.q_norm = RMSNorm(params.head_dim, params.rms_norm_eps)
+        self.k_norm = RMSNorm(params.head_dim, params.rms_norm_eps)
+
+    def forward(self, x, rope, mask):
+        batch, length, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        groups = self.num_heads // self.num_kv_heads
+        k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden_size, intermediate_size):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RMSNorm(nn.Module):
+    """Normalises in fp32, multiplies the weight after casting back (as Qwen3 does)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def rope_cos_sin(positions, head_dim, theta, dtype):
+    """Rotate-half RoPE tables over the full head, angles in fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x, rope):
+    cos, sin = rope
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+KLEIN_TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+PAD_ID = 151643
+KLEIN_LAYERS = (9, 18, 27)
+
+
+class KleinTextEncoder:
+    """Prompt -> klein conditioning: chat template, right padding, layer-major concatenation of hidden states.
+
+    Embeddings are cached per prompt, so re-running a graph (or a batch that repeats a prompt) encodes it once.
+    """
+
+    def __init__(self, model: Qwen3, tokenizer, cache_size=16, description="Qwen3 text encoder"):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.description = description
+        self.cache_size = cache_size
+        self._cache = {}
+
+    @property
+    def hidden_size(self):
+        return self.model.params.hidden_size
+
+    def tokenize(self, prompt, max_length=512):
+        """Template token ids, truncated to `max_length` (with a warning), padded with <|endoftext|>; and the mask."""
+        ids = self.tokenizer.encode(KLEIN_TEMPLATE.format(prompt), add_special_tokens=False).ids
+        if len(ids) > max_length:
+            warnings.warn(f"Prompt is {len(ids)} tokens with the chat template; the last {len(ids) - max_length} tokens "
+                          f"were cut to fit max_length={max_length} (the prompt starts: {prompt[:40]!r}).", stacklevel=3)
+            ids = ids[:max_length]
+        mask = [1] * len(ids) + [0] * (max_length - len(ids))
+        return ids + [PAD_ID] * (max_length - len(ids)), mask
+
+    @torch.inference_mode()
+    def encode(self, prompts, max_length=512, layers=KLEIN_LAYERS):
+        """(B, max_length, len(layers)·hidden) embeddings for a prompt or a list of prompts."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        layers = tuple(layers)
+        keys = [(p, max_length, layers, self.model.dtype) for p in prompts]
+        todo = list(dict.fromkeys(k for k in keys if k not in self._cache))
+        if todo:
+            tokens = [self.tokenize(k[0], max_length) for k in todo]
+            device = self.model.embed_tokens.weight.device
+            ids = torch.tensor([t[0] for t in tokens], device=device)
+            mask = torch.tensor([t[1] for t in tokens], device=device)
+            hidden = torch.stack(self.model(ids, mask, layers), dim=2)  # (B, L, layers, hidden)
+            for key, embedding in zip(todo, hidden.flatten(2)):
+                self._remember(key, embedding)
+        return torch.stack([self._cache[k] for k in keys])
+
+    def _remember(self, key, embedding):
+        self._cache.pop(key, None)
+        self._cache[key] = embedding
+        while len(self._cache) > self.cache_size:
+            self._cache.pop(next(iter(self._cache)))
