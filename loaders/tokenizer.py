@@ -31,7 +31,10 @@ def tokenizer_candidates(weights_path):
             candidates.append(parent.parent / COMFY_TOKENIZER)
             break
     # Running inside ComfyUI (found without importing it).
-    spec = importlib.util.find_spec("comfy")
+    try:
+        spec = importlib.util.find_spec("comfy")
+    except ValueError:  # a `comfy` module without a spec (not ComfyUI's package)
+        spec = None
     if spec is not None and spec.submodule_search_locations:
         candidates.append(Path(next(iter(spec.submodule_search_locations))).parent / COMFY_TOKENIZER)
     return candidates

@@ -1,10 +1,15 @@
 """ComfyUI nodes (classic API); `comfy`/`folder_paths` are imported only when a node runs."""
 
-from .loaders import KleinTransformerLoader
+from .conditioning import KleinTextEncode
+from .loaders import KleinTextEncoderLoader, KleinTransformerLoader
 
 NODE_CLASS_MAPPINGS = {
     "KleinTransformerLoader": KleinTransformerLoader,
+    "KleinTextEncoderLoader": KleinTextEncoderLoader,
+    "KleinTextEncode": KleinTextEncode,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "KleinTransformerLoader": "Klein Load Transformer",
+    "KleinTextEncoderLoader": "Klein Load Text Encoder",
+    "KleinTextEncode": "Klein Text Encode",
 }

@@ -2,10 +2,12 @@
 
 import torch
 
+from ..loaders.text_encoder import load_text_encoder
 from ..loaders.transformer import load_transformer
 from .files import list_model_files, model_path
 
 WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_TOOLTIP = "Precision the weights are kept in. 'default' keeps the file's own dtype (no copy)."
 
 
 class KleinTransformerLoader:
@@ -24,9 +26,32 @@ class KleinTransformerLoader:
                                "(BFL/ComfyUI layout; bf16, fp16 or fp32)."}),
                 "weight_dtype": (list(WEIGHT_DTYPES), {
                     "default": "default",
-                    "tooltip": "Precision the weights are kept in. 'default' keeps the file's own dtype (no copy)."}),
+                    "tooltip": DTYPE_TOOLTIP}),
             }
         }
 
     def load(self, model_name, weight_dtype="default"):
         return (load_transformer(model_path("diffusion_models", model_name), dtype=WEIGHT_DTYPES[weight_dtype]),)
+
+
+class KleinTextEncoderLoader:
+    DESCRIPTION = ("Loads the Qwen3 text encoder (Qwen3-4B for klein 4B, Qwen3-8B for klein 9B) from "
+                   "models/text_encoders; only the layers klein reads are loaded. The tokenizer is ComfyUI's own.")
+    CATEGORY = "klein"
+    RETURN_TYPES = ("KLEIN_TEXT_ENCODER",)
+    OUTPUT_TOOLTIPS = ("The klein text encoder, for Klein Text Encode.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "text_encoder_name": (list_model_files("text_encoders"), {
+                    "tooltip": "Text encoder file in models/text_encoders, e.g. qwen_3_4b.safetensors."}),
+                "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default", "tooltip": DTYPE_TOOLTIP}),
+            }
+        }
+
+    def load(self, text_encoder_name, weight_dtype="default"):
+        path = model_path("text_encoders", text_encoder_name)
+        return (load_text_encoder(path, dtype=WEIGHT_DTYPES[weight_dtype]),)

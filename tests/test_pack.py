@@ -107,3 +107,23 @@ def test_inspect(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "FLUX.2-family (text width 96) transformer [bfl layout]" in captured.out
     assert "bad.safetensors: error:" in captured.err
+
+
+def test_text_encoder_nodes(comfyui, tmp_path, monkeypatch):
+    """Loader finds the file and ComfyUI's bundled tokenizer; Text Encode gives core's CONDITIONING shape."""
+    from klein_nodes.nodes import NODE_CLASS_MAPPINGS
+    from klein_nodes.testing import TINY_QWEN3, write_text_encoder, write_tokenizer
+
+    write_tokenizer(comfyui.parent / "comfy" / "text_encoders" / "qwen25_tokenizer")
+    write_text_encoder(comfyui / "text_encoders" / "qwen_3_4b.safetensors",
+                       params=TINY_QWEN3.__class__(**{**TINY_QWEN3.__dict__, "num_layers": 28}))
+    loader = NODE_CLASS_MAPPINGS["KleinTextEncoderLoader"]
+    assert loader.INPUT_TYPES()["required"]["text_encoder_name"][0] == ["qwen_3_4b.safetensors"]
+    (text_encoder,) = loader().load("qwen_3_4b.safetensors")
+    assert len(text_encoder.model.layers) == 27
+    encode = NODE_CLASS_MAPPINGS["KleinTextEncode"]
+    assert all("tooltip" in options for _, options in encode.INPUT_TYPES()["required"].values())
+    ((conditioning, extras),) = encode().encode(text_encoder, "a red fox")[0]
+    assert conditioning.shape == (1, 512, 3 * TINY_QWEN3.hidden_size) and conditioning.dtype == torch.float32
+    assert extras == {}
+    assert torch.equal(conditioning, text_encoder.encode(["a red fox"]).float())

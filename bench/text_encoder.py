@@ -1,0 +1,105 @@
+"""Prompt encoding: our Qwen3 encoder vs transformers' Qwen3ForCausalLM, same weights, same CPU, one process.
+
+Measures the klein encode (template, 512 tokens, layers 9/18/27) against diffusers' reference routine
+(`Flux2KleinPipeline._get_qwen3_prompt_embeds`, which runs every layer), and against transformers cut to the
+same 27 layers (so the ratio shows the kernels, not only the skipped layers). Also reports the memory that
+skipping layers 28-36 saves, measured on the bench file and computed for the real Qwen3-4B.
+
+    python bench/text_encoder.py [--repeats 5] [--layers 36]
+"""
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import klein_nodes as kn
+from klein_nodes.models.text_encoder import Qwen3, Qwen3Params
+from klein_nodes.testing import QWEN3_CHAT_TEMPLATE, qwen3_config, write_text_encoder, write_tokenizer
+
+PROMPT = "A watercolor fox curled up in a library, warm window light, dust in the air, " * 4
+
+
+def load_reference(state, params, depth):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(**{**qwen3_config(params), "num_hidden_layers": depth})
+    model = Qwen3ForCausalLM(config).eval()
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    return model
+
+
+def timed(fns, repeats):
+    """Median seconds of each function, run interleaved so machine noise hits all of them alike."""
+    samples = [[] for _ in fns]
+    for fn in fns:
+        fn()  # warm-up
+    for _ in range(repeats):
+        for fn, times in zip(fns, samples):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return [statistics.median(times) for times in samples]
+
+
+def weight_bytes(module):
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--layers", type=int, default=36, help="decoder layers in the bench file (Qwen3-4B: 36)")
+    args = parser.parse_args()
+    from diffusers import Flux2KleinPipeline
+    from transformers import Qwen2Tokenizer
+
+    params = Qwen3Params(hidden_size=512, intermediate_size=1536, num_layers=args.layers, num_heads=8, num_kv_heads=4,
+                         head_dim=64)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = write_tokenizer(Path(tmp) / "tokenizer")
+        path, state = write_text_encoder(Path(tmp) / "qwen3.safetensors", params, dtype=torch.float32)
+        ours = kn.load_text_encoder(path, tokenizer=tokenizer)
+        file_bytes = path.stat().st_size
+        hf_tokenizer = Qwen2Tokenizer.from_pretrained(str(tokenizer))
+        hf_tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+        full = load_reference(state, params, args.layers)
+        cut = load_reference(state, params, 27)
+
+        def encode_ours():
+            ours._cache.clear()
+            return ours.encode([PROMPT])
+
+        def encode_with(model):
+            return lambda: Flux2KleinPipeline._get_qwen3_prompt_embeds(model, hf_tokenizer, [PROMPT], dtype=torch.float32)
+
+        with torch.inference_mode():
+            error = (encode_ours() - encode_with(full)()).abs().max().item()
+            t_ours, t_full, t_cut = timed([encode_ours, encode_with(full), encode_with(cut)], args.repeats)
+
+    print(f"config: hidden {params.hidden_size}, {args.layers} layers, 512 tokens, fp32, {torch.get_num_threads()} threads")
+    print(f"max |ours - diffusers| = {error:.2e}")
+    print(f"{'run':<42}{'median s':>10}{'ours/ref':>10}")
+    print(f"{'ours (27 layers)':<42}{t_ours:>10.3f}")
+    print(f"{'diffusers routine, transformers (all layers)':<42}{t_full:>10.3f}{t_ours / t_full:>10.2f}")
+    print(f"{'diffusers routine, transformers cut to 27':<42}{t_cut:>10.3f}{t_ours / t_cut:>10.2f}")
+    ratio = t_ours / t_full
+    print(f"goal: ratio <= 1.0 vs the reference routine -> {ratio:.2f} ({'met' if ratio <= 1.0 else 'NOT met'})")
+
+    loaded = weight_bytes(ours.model)
+    print(f"bench file: {file_bytes / 2**20:.1f} MiB, loaded {loaded / 2**20:.1f} MiB "
+          f"(saved {(file_bytes - loaded) / 2**20:.1f} MiB by skipping layers 28-{args.layers} and the final norm)")
+    with torch.device("meta"):
+        real_full, real_needed = Qwen3(Qwen3Params(num_layers=36)), Qwen3(Qwen3Params(num_layers=27))
+    saved = (weight_bytes(real_full) - weight_bytes(real_needed)) // 2  # meta params are fp32; the file is bf16
+    print(f"Qwen3-4B bf16: skipping layers 28-36 saves {saved / 1e9:.2f} GB of {weight_bytes(real_full) / 2e9:.2f} GB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
