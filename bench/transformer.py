@@ -5,6 +5,8 @@
    Goal: ours / diffusers <= 1.0.
 2. Peak RSS of a fresh process that loads a ~2 GB random bf16 BFL-layout file with `kn.load_transformer` and
    runs one tiny forward (so every weight is touched), as a ratio to the file size. Goal: <= 1.2.
+   Peak is the child's VmHWM (ru_maxrss on non-Linux): on Linux ru_maxrss carries the parent's peak across
+   exec. Weights are memory-mapped, so most pages become resident during the forward, not the load.
    The file is written to a temporary directory that is always removed.
 
 Run from the repository root with the package installed (diffusers needed for part 1):
@@ -132,10 +134,18 @@ import klein_nodes as kn
 def rss():  # current RSS, bytes
     return psutil.Process().memory_info().rss
 
-def peak():  # peak RSS so far, bytes (Linux reports KiB)
+def maxrss():  # ru_maxrss, bytes (Linux reports KiB)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-out = {"baseline_rss": rss(), "baseline_peak": peak()}
+def peak():
+    # Linux: ru_maxrss survives exec, so a child starts with its parent's peak; VmHWM is this process's own.
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return maxrss()
+
+out = {"baseline_rss": rss(), "baseline_peak": peak(), "baseline_maxrss": maxrss()}
 start = time.perf_counter()
 model = kn.load_transformer(sys.argv[1])
 out.update(load_s=time.perf_counter() - start, load_rss=rss(), load_peak=peak())
@@ -149,7 +159,8 @@ start = time.perf_counter()
 with torch.inference_mode():
     y = model(x, x_ids, torch.tensor([0.5]), ctx, ctx_ids)
 assert torch.isfinite(y.float()).all()
-out.update(forward_s=time.perf_counter() - start, forward_rss=rss(), forward_peak=peak(), dtype=str(model.dtype))
+out.update(forward_s=time.perf_counter() - start, forward_rss=rss(), forward_peak=peak(),
+           dtype=str(model.dtype))
 print(json.dumps(out))
 """
 
@@ -191,6 +202,8 @@ def bench_rss(args):
         peak_inc, now_inc = r[f"{stage}_peak"] - base, r[f"{stage}_rss"] - base
         ratio = peak_inc / size
         print(f"{'after ' + stage:14} {peak_inc / 1e9:9.2f} {ratio:10.3f} {now_inc / 1e9:9.2f} {now_inc / size:9.3f}")
+    print(f"(peak = the child's VmHWM; its ru_maxrss already read {r['baseline_maxrss'] / 1e9:.2f} GB before loading: "
+          f"this process's peak, inherited across exec)")
     verdict = "met" if ratio <= RSS_GOAL else "NOT met"
     print(f"peak RSS increase / file size = {ratio:.3f}   (goal <= {RSS_GOAL}: {verdict})")
     return ratio
