@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .models.autoencoder import AutoEncoderParams
 from .models.text_encoder import Qwen3, Qwen3Params
 from .models.transformer import Flux2, Flux2Params
 
@@ -176,3 +177,74 @@ def write_text_encoder(path, params=TINY_QWEN3, layout="comfy", dtype=torch.bflo
     else:
         raise ValueError(f"unknown layout {layout!r}")
     return path, state
+
+
+TINY_VAE = AutoEncoderParams(ch=32, ch_mult=(1, 2), num_res_blocks=1, decoder_ch=32, decoder_ch_mult=(1, 2),
+                             decoder_num_res_blocks=2)
+
+
+def vae_diffusers_config(params):
+    return {"block_out_channels": [params.ch * m for m in params.ch_mult],
+            "decoder_block_out_channels": [params.decoder_ch * m for m in params.decoder_ch_mult],
+            "down_block_types": ["DownEncoderBlock2D"] * len(params.ch_mult),
+            "up_block_types": ["UpDecoderBlock2D"] * len(params.decoder_ch_mult),
+            "layers_per_block": params.num_res_blocks, "latent_channels": params.z_channels,
+            "norm_num_groups": params.norm_groups, "batch_norm_eps": params.bn_eps}
+
+
+def vae_diffusers_to_bfl(state, params):
+    """A diffusers AutoencoderKLFlux2 state dict in BFL names (the layout of `ae.safetensors`), spelled out."""
+    out = {}
+
+    def move(src, dst, to_conv=False):
+        for suffix in ("weight", "bias"):
+            if f"{src}.{suffix}" in state:
+                tensor = state[f"{src}.{suffix}"]
+                out[f"{dst}.{suffix}"] = tensor[:, :, None, None] if to_conv and suffix == "weight" else tensor
+
+    def resnet(src, dst):
+        for name in ("norm1", "conv1", "norm2", "conv2"):
+            move(f"{src}.{name}", f"{dst}.{name}")
+        move(f"{src}.conv_shortcut", f"{dst}.nin_shortcut")
+
+    def mid(src, dst):
+        resnet(f"{src}.mid_block.resnets.0", f"{dst}.mid.block_1")
+        resnet(f"{src}.mid_block.resnets.1", f"{dst}.mid.block_2")
+        move(f"{src}.mid_block.attentions.0.group_norm", f"{dst}.mid.attn_1.norm")
+        for q in ("q", "k", "v"):
+            move(f"{src}.mid_block.attentions.0.to_{q}", f"{dst}.mid.attn_1.{q}", to_conv=True)
+        move(f"{src}.mid_block.attentions.0.to_out.0", f"{dst}.mid.attn_1.proj_out", to_conv=True)
+
+    for side in ("encoder", "decoder"):
+        move(f"{side}.conv_in", f"{side}.conv_in")
+        move(f"{side}.conv_norm_out", f"{side}.norm_out")
+        move(f"{side}.conv_out", f"{side}.conv_out")
+        mid(side, side)
+    for level in range(len(params.ch_mult)):
+        for block in range(params.num_res_blocks):
+            resnet(f"encoder.down_blocks.{level}.resnets.{block}", f"encoder.down.{level}.block.{block}")
+        move(f"encoder.down_blocks.{level}.downsamplers.0.conv", f"encoder.down.{level}.downsample.conv")
+    levels = len(params.decoder_ch_mult)
+    for k in range(levels):
+        for block in range(params.decoder_num_res_blocks):
+            resnet(f"decoder.up_blocks.{k}.resnets.{block}", f"decoder.up.{levels - 1 - k}.block.{block}")
+        move(f"decoder.up_blocks.{k}.upsamplers.0.conv", f"decoder.up.{levels - 1 - k}.upsample.conv")
+    move("quant_conv", "encoder.quant_conv")
+    move("post_quant_conv", "decoder.post_quant_conv")
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        out[f"bn.{name}"] = state[f"bn.{name}"]
+    return out
+
+
+def diffusers_vae(params=TINY_VAE, seed=0):
+    """A random diffusers AutoencoderKLFlux2 with non-trivial batch-norm statistics (test dependency)."""
+    from diffusers import AutoencoderKLFlux2
+
+    vae = AutoencoderKLFlux2(**vae_diffusers_config(params)).eval()
+    state = random_state_dict(vae, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    state["bn.running_mean"] = 0.3 * torch.randn(state["bn.running_mean"].shape, generator=generator)
+    state["bn.running_var"] = 0.5 + torch.rand(state["bn.running_var"].shape, generator=generator)
+    state["bn.num_batches_tracked"] = torch.tensor(100)
+    vae.load_state_dict(state)
+    return vae

@@ -1,0 +1,101 @@
+"""FLUX.2 VAE files (BFL `ae.safetensors` / ComfyUI `flux2-vae.safetensors`, diffusers `vae/`) -> `AutoEncoder`."""
+
+import re
+
+import torch
+
+from ..errors import CheckpointError, WrongModelError
+from ..models.autoencoder import AutoEncoder, AutoEncoderParams
+from .checkpoint import choose_dtype, open_checkpoint
+from .detect import identify
+
+# diffusers -> BFL renames, applied in order to every key; `{n}` style levels are handled by `rename`.
+DIFFUSERS_RENAMES = [
+    (r"^quant_conv\.", "encoder.quant_conv."),
+    (r"^post_quant_conv\.", "decoder.post_quant_conv."),
+    (r"\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r".down.\1.block.\2."),
+    (r"\.down_blocks\.(\d+)\.downsamplers\.0\.", r".down.\1.downsample."),
+    (r"\.mid_block\.resnets\.0\.", ".mid.block_1."),
+    (r"\.mid_block\.resnets\.1\.", ".mid.block_2."),
+    (r"\.mid_block\.attentions\.0\.group_norm\.", ".mid.attn_1.norm."),
+    (r"\.mid_block\.attentions\.0\.to_(q|k|v)\.", r".mid.attn_1.\1."),
+    (r"\.mid_block\.attentions\.0\.to_out\.0\.", ".mid.attn_1.proj_out."),
+    (r"\.conv_norm_out\.", ".norm_out."),
+    (r"\.conv_shortcut\.", ".nin_shortcut."),
+]
+UP_BLOCK = re.compile(r"^decoder\.up_blocks\.(\d+)\.(resnets\.(\d+)|upsamplers\.0)\.")
+ATTN_MATRIX = re.compile(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")
+
+
+def rename(key, num_up_levels):
+    """A diffusers VAE key in BFL naming (decoder levels are numbered in reverse)."""
+    match = UP_BLOCK.match(key)
+    if match:
+        level = num_up_levels - 1 - int(match.group(1))
+        inner = f"block.{match.group(3)}" if match.group(3) is not None else "upsample"
+        key = f"decoder.up.{level}.{inner}." + key[match.end():]
+    for pattern, replacement in DIFFUSERS_RENAMES:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def count(shapes, pattern):
+    regex = re.compile(pattern)
+    return len({m.group(1) for k in shapes if (m := regex.match(k))})
+
+
+def params_from_shapes(shapes, path):
+    required = ("encoder.conv_in.weight", "decoder.conv_in.weight", "decoder.conv_out.weight", "encoder.down.0.block.0.conv1.weight",
+                "decoder.up.0.block.0.conv1.weight", "bn.running_mean")
+    missing = [k for k in required if k not in shapes]
+    if missing:
+        raise CheckpointError(f"{path}: incomplete FLUX.2 VAE, missing {', '.join(missing)}.")
+    levels = count(shapes, r"^encoder\.down\.(\d+)\.")
+    up_levels = count(shapes, r"^decoder\.up\.(\d+)\.")
+    ch = shapes["encoder.conv_in.weight"][0]
+    decoder_ch = shapes["decoder.up.0.block.0.conv1.weight"][0]
+    return AutoEncoderParams(
+        in_channels=shapes["encoder.conv_in.weight"][1],
+        out_ch=shapes["decoder.conv_out.weight"][0],
+        ch=ch,
+        ch_mult=tuple(shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in range(levels)),
+        num_res_blocks=count(shapes, r"^encoder\.down\.0\.block\.(\d+)\."),
+        decoder_ch=decoder_ch,
+        decoder_ch_mult=tuple(shapes[f"decoder.up.{i}.block.0.conv1.weight"][0] // decoder_ch for i in range(up_levels)),
+        decoder_num_res_blocks=count(shapes, r"^decoder\.up\.0\.block\.(\d+)\."),
+        z_channels=shapes["decoder.conv_in.weight"][1],
+    )
+
+
+def load_vae(path, dtype=None, device="cpu"):
+    """Load the FLUX.2 VAE from a BFL/ComfyUI file or a diffusers `vae/` folder (fp32, bf16 or fp16)."""
+    ckpt = open_checkpoint(path, "vae", "diffusion_pytorch_model", ("first_stage_model.", "vae."))
+    kind = identify(ckpt.shapes())
+    if kind.kind != "vae" or kind.family != "flux2":
+        hint = " FLUX.2 needs its own VAE (flux2-vae.safetensors / ae.safetensors, 32 latent channels)."
+        raise WrongModelError(f"{path}: this is {kind.description}, not the FLUX.2 VAE.{hint}")
+    num_up = count(ckpt.keys(), r"^decoder\.up_blocks\.(\d+)\.")
+    names = {rename(k, num_up) if kind.layout == "diffusers" else k: k for k in ckpt.keys()}
+    names.pop("bn.num_batches_tracked", None)
+    shapes = {k: tuple(ckpt.shape(raw)) for k, raw in names.items()}
+    shapes.update({k: s + (1, 1) for k, s in shapes.items() if ATTN_MATRIX.search(k) and len(s) == 2})
+    params = params_from_shapes(shapes, path)
+    with torch.device("meta"):
+        model = AutoEncoder(params)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "bn.num_batches_tracked"}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = [f"{k} {shapes[k]}" for k in expected if k in shapes and shapes[k] != expected[k]]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"{path}: does not match the FLUX.2 VAE: missing {missing[:5]}, unexpected "
+                              f"{unexpected[:5]}, wrong shape {wrong[:5]}.")
+    dtype = choose_dtype(ckpt, names.values(), dtype)
+    state = {k: ckpt.get(raw).reshape(expected[k]).to(device=device, dtype=dtype) for k, raw in names.items()}
+    # Batch-norm statistics stay fp32: they scale every latent and cost nothing.
+    for stat in ("bn.running_mean", "bn.running_var"):
+        state[stat] = ckpt.get(names[stat]).to(device=device, dtype=torch.float32)
+    state["bn.num_batches_tracked"] = torch.zeros((), dtype=torch.long, device=device)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.requires_grad_(False).eval()
+    model.description = kind.description
+    return model
