@@ -4,6 +4,7 @@ import torch
 
 from ..loaders.text_encoder import load_text_encoder
 from ..loaders.transformer import load_transformer
+from ..loaders.vae import load_vae
 from .files import list_model_files, model_path
 
 WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -55,3 +56,24 @@ class KleinTextEncoderLoader:
     def load(self, text_encoder_name, weight_dtype="default"):
         path = model_path("text_encoders", text_encoder_name)
         return (load_text_encoder(path, dtype=WEIGHT_DTYPES[weight_dtype]),)
+
+
+class KleinVAELoader:
+    DESCRIPTION = "Loads the FLUX.2 VAE (flux2-vae.safetensors, ae.safetensors or a diffusers vae/ file) from models/vae."
+    CATEGORY = "klein"
+    RETURN_TYPES = ("KLEIN_VAE",)
+    OUTPUT_TOOLTIPS = ("The FLUX.2 VAE, for the Klein encode/decode and reference nodes.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "vae_name": (list_model_files("vae"), {
+                    "tooltip": "VAE file in models/vae, e.g. flux2-vae.safetensors (FLUX.1/SD VAEs do not fit klein)."}),
+                "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default", "tooltip": DTYPE_TOOLTIP}),
+            }
+        }
+
+    def load(self, vae_name, weight_dtype="default"):
+        return (load_vae(model_path("vae", vae_name), dtype=WEIGHT_DTYPES[weight_dtype]),)

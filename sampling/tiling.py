@@ -17,8 +17,11 @@ import torch.nn.functional as F
 
 from ..models.autoencoder import Normalize
 
-DECODE_TILE, DECODE_MARGIN = 96, 16  # in latent pixels (H/8): 768 px tiles, 128 px of context
-ENCODE_TILE, ENCODE_MARGIN = 768, 96  # in image pixels
+# Margins are the receptive fields of the tiled paths, so owned regions are computed exactly: decoder up-path
+# 12.25 latent pixels (6 convs per level, halved at each 2x level, plus the upsample convs); encoder down-path
+# 75 image pixels (conv_in, 4 convs and a stride-2 conv per level, doubled at each level), rounded up to 8.
+DECODE_TILE, DECODE_MARGIN = 96, 13  # in latent pixels (image / 8): 768 px tiles
+ENCODE_TILE, ENCODE_MARGIN = 768, 80  # in image pixels
 
 
 class SharedStatistics:
@@ -46,14 +49,18 @@ class SharedStatistics:
         top, bottom, left, right = self.owned
         height, width = x.shape[-2:]
         owned = x[:, :, round(top * height): round(bottom * height), round(left * width): round(right * width)]
-        owned = owned.double().reshape(batch, groups, -1)
+        owned = owned.reshape(batch, groups, -1)
         totals = self.sums.setdefault(norm, [0.0, 0.0, 0])
-        totals[0] = totals[0] + owned.sum(-1)
-        totals[1] = totals[1] + owned.square().sum(-1)
+        totals[0] = totals[0] + owned.sum(-1, dtype=torch.float64)
+        totals[1] = totals[1] + torch.linalg.vector_norm(owned, 2, dim=-1, dtype=torch.float64).square()
         totals[2] += owned.shape[-1]
-        mean, var = (t[..., None].float() for t in self.stats[norm])
-        normed = ((x.float().reshape(batch, groups, -1) - mean) * torch.rsqrt(var + norm.eps)).reshape(x.shape)
-        return normed.to(x.dtype) * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)
+        # normalise and apply the affine in one multiply-add: x·(w/σ) + (b − μ·w/σ), per sample and channel
+        mean, var = self.stats[norm]
+        per_channel = x.shape[1] // groups
+        inv_std = torch.rsqrt(var + norm.eps).repeat_interleave(per_channel, dim=1)
+        scale = inv_std * norm.weight.double()
+        shift = norm.bias.double() - mean.repeat_interleave(per_channel, dim=1) * scale
+        return torch.addcmul(shift.to(x.dtype)[..., None, None], x, scale.to(x.dtype)[..., None, None])
 
 
 @contextlib.contextmanager

@@ -127,3 +127,17 @@ def test_text_encoder_nodes(comfyui, tmp_path, monkeypatch):
     assert conditioning.shape == (1, 512, 3 * TINY_QWEN3.hidden_size) and conditioning.dtype == torch.float32
     assert extras == {}
     assert torch.equal(conditioning, text_encoder.encode(["a red fox"]).float())
+
+
+def test_vae_loader_node(comfyui):
+    from safetensors.torch import save_file as save
+
+    from klein_nodes.nodes import NODE_CLASS_MAPPINGS
+    from klein_nodes.testing import TINY_VAE, diffusers_vae, vae_diffusers_to_bfl
+
+    state = vae_diffusers_to_bfl(diffusers_vae().state_dict(), TINY_VAE)
+    save({k: v.contiguous() for k, v in state.items()}, str(comfyui / "vae" / "flux2-vae.safetensors"))
+    node = NODE_CLASS_MAPPINGS["KleinVAELoader"]
+    assert node.INPUT_TYPES()["required"]["vae_name"][0] == ["flux2-vae.safetensors"]
+    (vae,) = node().load("flux2-vae.safetensors", "bf16")
+    assert vae.params == TINY_VAE and vae.dtype == torch.bfloat16
