@@ -70,7 +70,7 @@ def open_checkpoint(path, subfolder, weights_name, strip_prefixes=()):
 
 def diffusers_shards(folder, subfolder, weights_name):
     """The safetensors files of a diffusers component folder, following the shard index when present."""
-    if not any(folder.glob(f"{weights_name}*")) and (folder / subfolder).is_dir():
+    if not has_weights(folder, weights_name) and (folder / subfolder).is_dir():
         folder = folder / subfolder
     index_path = folder / f"{weights_name}.safetensors.index.json"
     single = folder / f"{weights_name}.safetensors"
@@ -98,6 +98,12 @@ def diffusers_shards(folder, subfolder, weights_name):
         f"{folder}: no {weights_name}.safetensors or {weights_name}.safetensors.index.json found "
         f"(expected a diffusers '{subfolder}/' folder or a single .safetensors file)."
     )
+
+
+def has_weights(folder, weights_name):
+    """Whether `folder` holds `<name>.safetensors`, its shard index, or shards (not e.g. model_index.json)."""
+    return ((folder / f"{weights_name}.safetensors").exists() or (folder / f"{weights_name}.safetensors.index.json").exists()
+            or any(folder.glob(f"{weights_name}-*-of-*.safetensors")))
 
 
 def choose_dtype(checkpoint, names, dtype):

@@ -112,3 +112,22 @@ def prepare_references(images, max_pixels=DEFAULT_MAX_PIXELS):
     for note in notes:
         warnings.warn(note, stacklevel=2)
     return prepared, notes
+
+
+def prepare_image(image, width, height):
+    """An img2img / inpainting source -> ((1, 3, height, width) in [-1, 1], notes); resized (reported) if needed."""
+    frames = to_hwc(image)
+    if len(frames) != 1:
+        raise KleinError(f"give one source image for img2img/inpainting, got a batch of {len(frames)}")
+    chw, notes = to_rgb(frames[0]), []
+    if chw.shape[-2:] != (height, width):
+        notes.append(f"source image: resized {chw.shape[-1]}x{chw.shape[-2]} -> {width}x{height} (the output size)")
+        warnings.warn(notes[-1], stacklevel=2)
+        chw = F.interpolate(chw[None], size=(height, width), mode="bicubic", antialias=True, align_corners=False)[0]
+    return chw.clamp(0, 1)[None] * 2 - 1, notes
+
+
+def image_size(image):
+    """(width, height) of a PIL image or an image tensor, without preparing it."""
+    frame = to_hwc(image)[0]
+    return frame.shape[1], frame.shape[0]

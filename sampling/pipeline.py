@@ -1,0 +1,132 @@
+"""`KleinPipeline`: prompt (+ references) -> images, on the engine's own components."""
+
+import logging
+
+import torch
+
+from ..errors import KleinError, WrongModelError
+from ..models.text_encoder import KLEIN_LAYERS
+from . import tiling
+from .references import DEFAULT_MAX_PIXELS, image_size, prepare_image, prepare_references
+from .sampler import Conditioning, sample
+from .schedule import fit_size, get_schedule, initial_noise, resolve_seed
+
+log = logging.getLogger("klein_nodes")
+
+
+class KleinPipeline:
+    """Text-to-image and reference editing with FLUX.2 [klein].
+
+    Distilled klein: steps=4, guidance=1.0 (no CFG). Base klein: steps=50, guidance=4.0 (true CFG against
+    `negative_prompt`, "" by default). After a call, `last_seed` holds the seed used and `notes` every size
+    change that was made.
+    """
+
+    def __init__(self, transformer, text_encoder=None, vae=None, text_layers=KLEIN_LAYERS):
+        self.transformer, self.text_encoder, self.vae = transformer, text_encoder, vae
+        self.text_layers = tuple(text_layers)
+        if text_encoder is not None:
+            from ..loaders.text_encoder import ensure_text_encoder_fits
+
+            ensure_text_encoder_fits(text_encoder, transformer, self.text_layers)
+        if vae is not None and 4 * vae.params.z_channels != transformer.params.in_channels:
+            raise WrongModelError(f"the VAE makes {4 * vae.params.z_channels}-channel latents but the transformer takes "
+                                  f"{transformer.params.in_channels}: use the FLUX.2 VAE")
+        self.last_seed = None
+        self.notes = []
+
+    @property
+    def pixels_per_latent(self):
+        """Image pixels per latent pixel: VAE downsampling x 2 (patchify); 16 for the real VAE."""
+        return 2 * tiling.vae_factor(self.vae) if self.vae is not None else 16
+
+    def encode_prompt(self, prompts, max_length=512):
+        if self.text_encoder is None:
+            raise KleinError("no text encoder: pass prompt_embeds, or build the pipeline with text_encoder=")
+        return self.text_encoder.encode(prompts, max_length=max_length, layers=self.text_layers)
+
+    def encode_images(self, images, max_pixels=DEFAULT_MAX_PIXELS, tiled="auto"):
+        """Reference images -> ([(1, 128, h, w) latents], notes)."""
+        if self.vae is None:
+            raise KleinError("references need a VAE: build the pipeline with vae=")
+        prepared, notes = prepare_references(images, max_pixels)
+        device = next(self.vae.parameters()).device
+        return [tiling.encode(self.vae, image.to(device), tiled) for image in prepared], notes
+
+    def __call__(self, prompt=None, width=None, height=None, steps=4, guidance=1.0, seed=-1, negative_prompt="",
+                 references=None, noise=None, prompt_embeds=None, negative_prompt_embeds=None, batch_size=1,
+                 image=None, mask=None, denoise=1.0, max_reference_pixels=DEFAULT_MAX_PIXELS, callback=None,
+                 tiled="auto", output_type="image"):
+        """Generate (B, H, W, 3) float images in [0, 1] (or fp32 latents with output_type="latent").
+
+        noise: initial latents (B, 128, H/16, W/16), as diffusers' `latents=`; otherwise drawn on the CPU from
+        `seed` (-1: random). image (+ mask, 1 = repaint) with denoise < 1: img2img / inpainting.
+        """
+        self.notes = []
+        positive = self._conditioning(prompt, prompt_embeds)
+        negative = None
+        if guidance > 1.0:
+            count = positive.shape[0] if negative_prompt_embeds is None else None
+            negative = self._conditioning([negative_prompt] * count if count else None, negative_prompt_embeds)
+        reference_latents = []
+        if references:
+            reference_latents, notes = self.encode_images(references, max_reference_pixels, tiled)
+            self.notes += notes
+        if image is not None and width is None and height is None:
+            width, height = image_size(image)
+        width, height = self._size(width, height, noise, reference_latents)
+        scale = self.pixels_per_latent
+        batch = positive.shape[0] * batch_size if noise is None else noise.shape[0]
+        if noise is None:
+            self.last_seed = resolve_seed(seed)
+            log.info("klein: seed %d", self.last_seed)
+            noise = initial_noise(self.last_seed, batch, self.transformer.params.in_channels, height // scale, width // scale)
+        init_latents = latent_mask = None
+        if image is not None:
+            init_latents, latent_mask = self._init(image, mask, width, height, tiled)
+        sigmas = get_schedule(steps, noise.shape[-2] * noise.shape[-1], denoise)
+        references = tuple(reference_latents)
+        per_prompt = lambda embeds: Conditioning(embeds.repeat_interleave(batch // embeds.shape[0], 0), references)  # noqa: E731
+        latents = sample(self.transformer, noise, per_prompt(positive), sigmas,
+                         negative=None if negative is None else per_prompt(negative), guidance=guidance,
+                         init_latents=init_latents, mask=latent_mask, callback=callback)
+        if output_type == "latent":
+            return latents
+        return self.decode(latents, tiled)
+
+    def decode(self, latents, tiled="auto"):
+        """fp32 latents -> (B, H, W, 3) images in [0, 1]."""
+        if self.vae is None:
+            raise KleinError("decoding needs a VAE: build the pipeline with vae=")
+        device = next(self.vae.parameters()).device
+        pixels = tiling.decode(self.vae, latents.to(device), tiled).float()
+        return (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+    def _conditioning(self, prompt, embeds):
+        if embeds is not None:
+            return embeds
+        if prompt is None:
+            raise KleinError("give a prompt or prompt_embeds")
+        return self.encode_prompt([prompt] if isinstance(prompt, str) else list(prompt))
+
+    def _size(self, width, height, noise, reference_latents):
+        scale = self.pixels_per_latent
+        if noise is not None:
+            return noise.shape[-1] * scale, noise.shape[-2] * scale
+        if width is None and height is None and reference_latents:
+            height, width = (s * scale for s in reference_latents[0].shape[-2:])
+        width, height, notes = fit_size(width or 1024, height or 1024)
+        self.notes += notes
+        return width, height
+
+    def _init(self, image, mask, width, height, tiled):
+        """img2img / inpainting inputs: the image encoded at the output size and the mask at latent size."""
+        pixels, notes = prepare_image(image, width, height)
+        self.notes += notes
+        device = next(self.vae.parameters()).device
+        latents = tiling.encode(self.vae, pixels.to(device), tiled)
+        if mask is None:
+            return latents, None
+        mask = torch.as_tensor(mask, dtype=torch.float32)
+        mask = mask.reshape(-1, 1, *mask.shape[-2:])
+        return latents, torch.nn.functional.interpolate(mask, size=latents.shape[-2:], mode="bilinear", align_corners=False)
