@@ -2,16 +2,29 @@
 
 from .conditioning import KleinTextEncode
 from .loaders import KleinTextEncoderLoader, KleinTransformerLoader, KleinVAELoader
+from .sampling import KleinEmptyLatent, KleinGenerate, KleinReferences, KleinSampler, KleinVAEDecode, KleinVAEEncode
 
 NODE_CLASS_MAPPINGS = {
     "KleinTransformerLoader": KleinTransformerLoader,
     "KleinTextEncoderLoader": KleinTextEncoderLoader,
     "KleinTextEncode": KleinTextEncode,
     "KleinVAELoader": KleinVAELoader,
+    "KleinReferences": KleinReferences,
+    "KleinEmptyLatent": KleinEmptyLatent,
+    "KleinSampler": KleinSampler,
+    "KleinVAEEncode": KleinVAEEncode,
+    "KleinVAEDecode": KleinVAEDecode,
+    "KleinGenerate": KleinGenerate,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "KleinTransformerLoader": "Klein Load Transformer",
     "KleinTextEncoderLoader": "Klein Load Text Encoder",
     "KleinTextEncode": "Klein Text Encode",
     "KleinVAELoader": "Klein Load VAE",
+    "KleinReferences": "Klein References",
+    "KleinEmptyLatent": "Klein Empty Latent",
+    "KleinSampler": "Klein Sampler",
+    "KleinVAEEncode": "Klein VAE Encode",
+    "KleinVAEDecode": "Klein VAE Decode",
+    "KleinGenerate": "Klein Generate",
 }

@@ -1,5 +1,7 @@
 """Prompt -> CONDITIONING (core's socket type: [[embeddings (B,512,features), {}]])."""
 
+from .runtime import load_for_inference
+
 
 class KleinTextEncode:
     DESCRIPTION = "Encodes a prompt for FLUX.2 [klein] (chat template, 512 tokens, Qwen3 layers 9/18/27)."
@@ -20,5 +22,6 @@ class KleinTextEncode:
         }
 
     def encode(self, text_encoder, text):
+        load_for_inference(text_encoder.model, "text_encoder")
         embeddings = text_encoder.encode([text]).float().cpu()
         return ([[embeddings, {}]],)

@@ -2,7 +2,6 @@
 
 import importlib.util
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -15,24 +14,6 @@ from klein_nodes.models.transformer import Flux2Params
 from klein_nodes.testing import TINY_TRANSFORMER, write_transformer
 
 PACK_ROOT = Path(kn.__file__).parent
-
-
-@pytest.fixture()
-def comfyui(monkeypatch, tmp_path):
-    """A stand-in ComfyUI: `comfy.utils` importable and `folder_paths` pointing at a models/ tree."""
-    models = tmp_path / "ComfyUI" / "models"
-    folders = {"diffusion_models": [models / "diffusion_models", models / "unet"],
-               "text_encoders": [models / "text_encoders"], "vae": [models / "vae"], "checkpoints": [models / "checkpoints"]}
-    for paths in folders.values():
-        for path in paths:
-            path.mkdir(parents=True)
-    comfy, utils = types.ModuleType("comfy"), types.ModuleType("comfy.utils")
-    comfy.utils = utils
-    folder_paths = types.ModuleType("folder_paths")
-    folder_paths.get_folder_paths = lambda key: [str(p) for p in folders[key]]
-    for name, module in (("comfy", comfy), ("comfy.utils", utils), ("folder_paths", folder_paths)):
-        monkeypatch.setitem(sys.modules, name, module)
-    return models
 
 
 def test_library_import_has_no_nodes():

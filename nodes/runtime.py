@@ -1,0 +1,72 @@
+"""ComfyUI services for the nodes: memory manager, progress bar with latent previews, interrupt.
+
+Everything imports `comfy` lazily and degrades to plain behaviour outside ComfyUI (tests, scripts).
+"""
+
+import logging
+
+import numpy as np
+
+log = logging.getLogger("klein_nodes")
+PREVIEW_MAX_SIZE = 512
+DEVICE_ROLES = {  # model_management functions giving (load device, offload device) per component
+    "transformer": ("get_torch_device", "unet_offload_device"),
+    "text_encoder": ("text_encoder_device", "text_encoder_offload_device"),
+    "vae": ("vae_device", "vae_offload_device"),
+}
+
+
+def comfy_modules():
+    try:
+        import comfy.model_management as mm
+        import comfy.model_patcher as patcher
+        import comfy.utils as utils
+    except ImportError:
+        return None
+    return mm, patcher, utils
+
+
+def load_for_inference(module, role):
+    """Inside ComfyUI: register `module` with the memory manager (a ModelPatcher, created once) and load it on
+    ComfyUI's device for `role`, evicting other models as needed. Outside ComfyUI: nothing to do."""
+    comfy = comfy_modules()
+    if comfy is None:
+        return
+    mm, model_patcher, _ = comfy
+    patcher = getattr(module, "klein_patcher", None)
+    if patcher is None:
+        load_device, offload_device = (getattr(mm, name)() for name in DEVICE_ROLES[role])
+        patcher = model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
+        object.__setattr__(module, "klein_patcher", patcher)  # a plain attribute, not a submodule
+    mm.load_models_gpu([patcher])
+
+
+def progress_callback(total):
+    """A sampler callback driving ComfyUI's progress bar with latent previews; it raises on interrupt."""
+    comfy = comfy_modules()
+    if comfy is None:
+        return None
+    mm, _, utils = comfy
+    bar = utils.ProgressBar(total)
+    previews = previews_enabled()
+
+    def callback(step):
+        mm.throw_exception_if_processing_interrupted()
+        preview = ("JPEG", to_pil(step.preview()[0]), PREVIEW_MAX_SIZE) if previews else None
+        bar.update_absolute(step.index, step.total, preview)
+
+    return callback
+
+
+def previews_enabled():
+    try:
+        from comfy.cli_args import LatentPreviewMethod, args
+    except ImportError:
+        return True
+    return getattr(args, "preview_method", None) != LatentPreviewMethod.NoPreviews
+
+
+def to_pil(image):
+    from PIL import Image
+
+    return Image.fromarray((image.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8))

@@ -1,0 +1,257 @@
+"""Latent, sampler, reference and VAE nodes, and the one-node Klein Generate."""
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import KleinError
+from ..sampling import tiling
+from ..sampling.pipeline import KleinPipeline, decode_images, encode_references
+from ..sampling.references import DEFAULT_MAX_PIXELS, prepare_batch
+from ..sampling.sampler import Conditioning, sample
+from ..sampling.schedule import (ASPECT_RATIOS, MAX_SEED, MEGAPIXEL, fit_size, get_schedule, initial_noise, preset_size,
+                                 round_to_multiple)
+from .runtime import load_for_inference, progress_callback
+
+log = logging.getLogger("klein_nodes")
+TILED = {"auto": "auto", "enable": True, "disable": False}
+TILED_INPUT = (list(TILED), {"default": "auto", "tooltip": "Tiled VAE (seam-free): 'auto' tiles only when memory is short."})
+SEED_INPUT = ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                      "tooltip": "Noise seed. Noise is drawn on the CPU, so a seed gives the same image on any GPU."})
+STEPS_INPUT = ("INT", {"default": 4, "min": 1, "max": 200,
+                       "tooltip": "4 for the distilled klein models, about 50 for the base models."})
+GUIDANCE_INPUT = ("FLOAT", {"default": 1.0, "min": 1.0, "max": 20.0, "step": 0.1, "round": 0.01,
+                            "tooltip": "1.0: no CFG (distilled models). Above 1: true CFG against the negative "
+                                       "(base models: 4.0)."})
+SIZE_INPUTS = {
+    "width": ("INT", {"default": 1024, "min": 16, "max": 4096, "step": 16,
+                      "tooltip": "Output width when aspect is 'custom' (multiples of 16; others are rounded and reported)."}),
+    "height": ("INT", {"default": 1024, "min": 16, "max": 4096, "step": 16,
+                       "tooltip": "Output height when aspect is 'custom'."}),
+    "aspect": (["custom", *ASPECT_RATIOS], {"default": "custom",
+                                            "tooltip": "Aspect preset of the hosted klein APIs; overrides width/height."}),
+    "megapixels": ("FLOAT", {"default": 1.0, "min": 0.05, "max": 4.0, "step": 0.05,
+                             "tooltip": "Size of the aspect preset (1 MP = 1024x1024). Ignored for 'custom'."}),
+}
+IMAGE_SLOTS = ("image_1", "image_2", "image_3", "image_4")
+
+
+def output_size(width, height, aspect, megapixels):
+    if aspect != "custom":
+        return preset_size(aspect, megapixels)
+    if (width, height) != (int(width), int(height)):  # scaled sizes: round quietly, the scaling was asked for
+        width, height = round_to_multiple(width), round_to_multiple(height)
+    width, height, notes = fit_size(width, height)
+    for note in notes:
+        log.warning("klein: %s", note)
+    return width, height
+
+
+def first_conditioning(conditioning, name):
+    """(embeddings, reference latents) from core-format CONDITIONING: [[tensor, {"reference_latents": [...]}], ...]."""
+    if not conditioning:
+        raise KleinError(f"the {name} conditioning is empty")
+    if len(conditioning) > 1:
+        log.warning("klein: %s has %d entries; the first is used", name, len(conditioning))
+    embeddings, extras = conditioning[0]
+    return Conditioning(embeddings, tuple(extras.get("reference_latents", ())))
+
+
+class KleinEmptyLatent:
+    DESCRIPTION = "An empty klein latent (128 channels at 1/16 size), by size or aspect preset."
+    CATEGORY = "klein"
+    RETURN_TYPES = ("LATENT", "INT", "INT")
+    RETURN_NAMES = ("latent", "width", "height")
+    OUTPUT_TOOLTIPS = ("Empty latent for Klein Sampler.", "Output width in pixels.", "Output height in pixels.")
+    FUNCTION = "create"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {**SIZE_INPUTS, "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
+                                                               "tooltip": "Images per run."})},
+            "optional": {"size_from": ("IMAGE", {"tooltip": "Take the size from this image (e.g. the reference to "
+                                                            "edit), scaled to 'megapixels' when larger."})},
+        }
+
+    def create(self, width, height, aspect="custom", megapixels=1.0, batch_size=1, size_from=None):
+        if size_from is not None:
+            height, width = size_from.shape[1:3]
+            scale = min(1.0, (megapixels * MEGAPIXEL / (width * height)) ** 0.5)
+            width, height, aspect = width * scale, height * scale, "custom"
+        width, height = output_size(width, height, aspect, megapixels)
+        return ({"samples": torch.zeros(batch_size, 128, height // 16, width // 16)}, width, height)
+
+
+class KleinSampler:
+    DESCRIPTION = ("Samples FLUX.2 [klein]: text-to-image, reference editing (references in the conditioning), "
+                   "img2img (denoise < 1) and inpainting (a latent noise_mask).")
+    CATEGORY = "klein"
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The denoised latent; decode it with Klein VAE Decode.",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("KLEIN_MODEL", {"tooltip": "From Klein Load Transformer."}),
+                "positive": ("CONDITIONING", {"tooltip": "Prompt (and references) from Klein Text Encode / Klein References."}),
+                "latent": ("LATENT", {"tooltip": "Empty latent for new images; an encoded image for img2img/inpainting."}),
+                "seed": SEED_INPUT,
+                "steps": STEPS_INPUT,
+                "guidance": GUIDANCE_INPUT,
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                      "tooltip": "Below 1: img2img, keeping that much of the input latent's structure."}),
+            },
+            "optional": {
+                "negative": ("CONDITIONING", {"tooltip": "Negative prompt for guidance > 1 (base models: encode '')."}),
+            },
+        }
+
+    def sample(self, model, positive, latent, seed, steps=4, guidance=1.0, denoise=1.0, negative=None):
+        samples = latent["samples"].float()
+        batch, _, height, width = samples.shape
+        mask = latent.get("noise_mask")
+        init = samples if denoise < 1.0 or mask is not None else None
+        if mask is not None:
+            mask = F.interpolate(mask.float().reshape(-1, 1, *mask.shape[-2:]), size=(height, width), mode="bilinear")
+        if guidance > 1.0 and negative is None:
+            raise KleinError("guidance > 1 needs a negative conditioning: connect a Klein Text Encode (an empty prompt "
+                             "for the base models), or set guidance to 1.0 for the distilled models")
+        log.info("klein: seed %d", seed)
+        load_for_inference(model, "transformer")
+        sigmas = get_schedule(steps, height * width, denoise)
+        latents = sample(model, initial_noise(seed, batch, samples.shape[1], height, width),
+                         first_conditioning(positive, "positive"), sigmas,
+                         negative=None if negative is None else first_conditioning(negative, "negative"),
+                         guidance=guidance, init_latents=init, mask=mask, callback=progress_callback(steps))
+        return ({"samples": latents.cpu()},)
+
+
+class KleinReferences:
+    DESCRIPTION = ("Adds 1-4 reference images to a conditioning for editing and composition (each is capped to the "
+                   "megapixel limit and cropped to multiples of 16; every change is reported in the console).")
+    CATEGORY = "klein"
+    RETURN_TYPES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("The conditioning with reference_latents (also understood by ComfyUI's own FLUX.2 nodes).",)
+    FUNCTION = "add"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        image = {"tooltip": "A reference image (a batch counts as several references)."}
+        return {
+            "required": {
+                "conditioning": ("CONDITIONING", {"tooltip": "Prompt conditioning to attach references to."}),
+                "vae": ("KLEIN_VAE", {"tooltip": "From Klein Load VAE."}),
+                "image_1": ("IMAGE", image),
+                "max_megapixels": ("FLOAT", {"default": 1.0, "min": 0.1, "max": 4.0, "step": 0.1,
+                                             "tooltip": "Larger references are downscaled to this area (diffusers: 1.0)."}),
+                "tiled": TILED_INPUT,
+            },
+            "optional": {slot: ("IMAGE", image) for slot in IMAGE_SLOTS[1:]},
+        }
+
+    def add(self, conditioning, vae, image_1, max_megapixels=1.0, tiled="auto", **more):
+        images = [image_1] + [more[slot] for slot in IMAGE_SLOTS[1:] if more.get(slot) is not None]
+        load_for_inference(vae, "vae")
+        latents, _ = encode_references(vae, images, int(max_megapixels * DEFAULT_MAX_PIXELS), TILED[tiled])
+        latents = [latent.cpu() for latent in latents]
+        return ([[embeddings, {**extras, "reference_latents": list(extras.get("reference_latents", [])) + latents}]
+                 for embeddings, extras in conditioning],)
+
+
+class KleinVAEEncode:
+    DESCRIPTION = "Encodes images to klein latents (cropped to multiples of 16); an optional mask marks what to repaint."
+    CATEGORY = "klein"
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("Latent for img2img (Klein Sampler with denoise < 1) or inpainting (with a mask).",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {"vae": ("KLEIN_VAE", {"tooltip": "From Klein Load VAE."}),
+                         "image": ("IMAGE", {"tooltip": "Images to encode."}),
+                         "tiled": TILED_INPUT},
+            "optional": {"mask": ("MASK", {"tooltip": "Inpainting mask, white = repaint (soft edges are kept)."})},
+        }
+
+    def encode(self, vae, image, tiled="auto", mask=None):
+        pixels, _ = prepare_batch(image)
+        load_for_inference(vae, "vae")
+        device = next(vae.parameters()).device
+        latent = {"samples": tiling.encode(vae, pixels.to(device), TILED[tiled]).cpu()}
+        if mask is not None:
+            mask = mask.float().reshape(-1, 1, *mask.shape[-2:])
+            height, width = pixels.shape[-2:]
+            if mask.shape[-2:] == image.shape[1:3]:  # the image's own mask: crop it the way the image was cropped
+                top, left = (mask.shape[-2] - height) // 2, (mask.shape[-1] - width) // 2
+                latent["noise_mask"] = mask[..., top: top + height, left: left + width]
+            else:
+                latent["noise_mask"] = F.interpolate(mask, size=(height, width), mode="bilinear")
+        return (latent,)
+
+
+class KleinVAEDecode:
+    DESCRIPTION = "Decodes klein latents to images (seam-free tiling when memory is short)."
+    CATEGORY = "klein"
+    RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("Decoded images.",)
+    FUNCTION = "decode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae": ("KLEIN_VAE", {"tooltip": "From Klein Load VAE."}),
+                             "latent": ("LATENT", {"tooltip": "From Klein Sampler."}),
+                             "tiled": TILED_INPUT}}
+
+    def decode(self, vae, latent, tiled="auto"):
+        load_for_inference(vae, "vae")
+        return (decode_images(vae, latent["samples"], TILED[tiled]),)
+
+
+class KleinGenerate:
+    DESCRIPTION = "The whole klein graph in one node: prompt (+ up to 4 references) -> images."
+    CATEGORY = "klein"
+    RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("Generated images.",)
+    FUNCTION = "generate"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        image = {"tooltip": "Optional reference image for editing or composition."}
+        return {
+            "required": {
+                "model": ("KLEIN_MODEL", {"tooltip": "From Klein Load Transformer."}),
+                "text_encoder": ("KLEIN_TEXT_ENCODER", {"tooltip": "From Klein Load Text Encoder."}),
+                "vae": ("KLEIN_VAE", {"tooltip": "From Klein Load VAE."}),
+                "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip": "What to make."}),
+                "negative_prompt": ("STRING", {"multiline": True, "default": "",
+                                               "tooltip": "Used only when guidance > 1 (base models)."}),
+                **SIZE_INPUTS,
+                "seed": SEED_INPUT,
+                "steps": STEPS_INPUT,
+                "guidance": GUIDANCE_INPUT,
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per run."}),
+            },
+            "optional": {slot: ("IMAGE", image) for slot in IMAGE_SLOTS},
+        }
+
+    def generate(self, model, text_encoder, vae, prompt, negative_prompt="", width=1024, height=1024, aspect="custom",
+                 megapixels=1.0, seed=0, steps=4, guidance=1.0, batch_size=1, **images):
+        references = [images[slot] for slot in IMAGE_SLOTS if images.get(slot) is not None]
+        width, height = output_size(width, height, aspect, megapixels)
+        pipeline = KleinPipeline(model, text_encoder, vae)
+        load_for_inference(text_encoder.model, "text_encoder")
+        positive = pipeline.encode_prompt([prompt])
+        negative = pipeline.encode_prompt([negative_prompt]) if guidance > 1.0 else None
+        if references:
+            load_for_inference(vae, "vae")
+        load_for_inference(model, "transformer")
+        latents = pipeline(prompt_embeds=positive, negative_prompt_embeds=negative, width=width, height=height,
+                           steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, references=references,
+                           callback=progress_callback(steps), output_type="latent")
+        load_for_inference(vae, "vae")
+        return (decode_images(vae, latents),)

@@ -1,0 +1,24 @@
+"""Shared fixtures: a stand-in ComfyUI (module stubs and a models/ tree)."""
+
+import sys
+import types
+
+import pytest
+
+
+@pytest.fixture()
+def comfyui(monkeypatch, tmp_path):
+    """A stand-in ComfyUI: `comfy.utils` importable and `folder_paths` pointing at a models/ tree."""
+    models = tmp_path / "ComfyUI" / "models"
+    folders = {"diffusion_models": [models / "diffusion_models", models / "unet"],
+               "text_encoders": [models / "text_encoders"], "vae": [models / "vae"], "checkpoints": [models / "checkpoints"]}
+    for paths in folders.values():
+        for path in paths:
+            path.mkdir(parents=True)
+    comfy, utils = types.ModuleType("comfy"), types.ModuleType("comfy.utils")
+    comfy.utils = utils
+    folder_paths = types.ModuleType("folder_paths")
+    folder_paths.get_folder_paths = lambda key: [str(p) for p in folders[key]]
+    for name, module in (("comfy", comfy), ("comfy.utils", utils), ("folder_paths", folder_paths)):
+        monkeypatch.setitem(sys.modules, name, module)
+    return models

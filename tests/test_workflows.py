@@ -1,0 +1,118 @@
+"""Example workflows: files up to date, UI files valid for our nodes, every API twin executed on tiny models."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from klein_nodes.models.autoencoder import AutoEncoderParams
+from klein_nodes.testing import (TINY_QWEN3, diffusers_vae, vae_diffusers_to_bfl, write_text_encoder, write_tokenizer,
+                                 write_transformer)
+
+WORKFLOWS = Path(__file__).resolve().parents[1] / "example_workflows"
+sys.path.insert(0, str(WORKFLOWS))
+import build  # noqa: E402
+
+NAMES = list(build.WORKFLOWS)
+# Narrow, but with the real four levels: 16 image pixels per latent pixel, as the nodes assume.
+WORKFLOW_VAE = AutoEncoderParams(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, decoder_ch=32,
+                                 decoder_ch_mult=(1, 1, 1, 1), decoder_num_res_blocks=2)
+
+
+def test_files_are_up_to_date():
+    for relative, text in build.render().items():
+        assert (WORKFLOWS / relative).read_text() == text, f"{relative} is stale: run python example_workflows/build.py"
+    listed = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
+    assert listed == sorted(NAMES)  # only UI workflows at the level ComfyUI lists
+
+
+@pytest.fixture()
+def models(comfyui):
+    """Tiny models under the file names the workflows use, and ComfyUI's bundled tokenizer."""
+    write_transformer(comfyui / "diffusion_models" / "flux-2-klein-4b.safetensors")
+    write_transformer(comfyui / "diffusion_models" / "flux-2-klein-base-4b.safetensors", seed=1)
+    write_text_encoder(comfyui / "text_encoders" / "qwen_3_4b.safetensors",
+                       params=TINY_QWEN3.__class__(**{**TINY_QWEN3.__dict__, "num_layers": 28}))
+    write_tokenizer(comfyui.parent / "comfy" / "text_encoders" / "qwen25_tokenizer")
+    state = vae_diffusers_to_bfl(diffusers_vae(WORKFLOW_VAE).state_dict(), WORKFLOW_VAE)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(comfyui / "vae" / "flux2-vae.safetensors"))
+    return comfyui
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_workflow_fits_the_nodes(models, name):
+    from klein_nodes.nodes import NODE_CLASS_MAPPINGS
+
+    ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    for node in ui["nodes"]:
+        assert node["type"] in NODE_CLASS_MAPPINGS or node["type"] in build.CORE_NODES, node["type"]
+        if node["type"] in build.CORE_NODES:
+            continue
+        spec = NODE_CLASS_MAPPINGS[node["type"]].INPUT_TYPES()
+        widgets = [(name, kind, options) for section in ("required", "optional")
+                   for name, (kind, *rest) in spec.get(section, {}).items()
+                   for options in [rest[0] if rest else {}]
+                   if isinstance(kind, list) or kind in build.WIDGET_TYPES]
+        values = list(node["widgets_values"])
+        for name_, kind, options in widgets:
+            value = values.pop(0)
+            if isinstance(kind, list):
+                assert value in kind, f"{node['type']}.{name_}={value!r} not in {kind}"
+            elif kind in ("INT", "FLOAT"):
+                assert options.get("min", -np.inf) <= value <= options.get("max", np.inf), f"{node['type']}.{name_}"
+            if options.get("control_after_generate"):
+                assert values.pop(0) in ("fixed", "increment", "decrement", "randomize")
+        assert values == [], f"{node['type']} has extra widget values {values}"
+        linked = {i["name"] for i in node["inputs"]}
+        required = {n for n, (kind, *_) in spec["required"].items() if not (isinstance(kind, list) or kind in build.WIDGET_TYPES)}
+        assert required <= linked, f"{node['type']} misses inputs {required - linked}"
+
+
+def load_image(path):
+    """ComfyUI's LoadImage: IMAGE (1,H,W,3) and MASK = 1 - alpha (transparent = repaint)."""
+    rgba = np.asarray(Image.open(path).convert("RGBA"), dtype=np.float32) / 255
+    return torch.from_numpy(rgba[..., :3])[None], torch.from_numpy(1 - rgba[..., 3])[None]
+
+
+def run_api(graph, inputs_dir):
+    """Execute an API-format graph in order, ComfyUI-style; returns what SaveImage received."""
+    from klein_nodes.nodes import NODE_CLASS_MAPPINGS
+
+    results, saved = {}, []
+    pending = dict(graph)
+    while pending:
+        ready = [i for i, node in pending.items()
+                 if all(v[0] in results for v in node["inputs"].values() if isinstance(v, list))]
+        assert ready, "the graph has a cycle or a dangling link"
+        for node_id in ready:
+            node = pending.pop(node_id)
+            args = {k: results[v[0]][v[1]] if isinstance(v, list) else v for k, v in node["inputs"].items()}
+            if node["class_type"] == "LoadImage":
+                results[node_id] = load_image(inputs_dir / args["image"])
+            elif node["class_type"] == "SaveImage":
+                saved.append(args["images"])
+                results[node_id] = ()
+            else:
+                cls = NODE_CLASS_MAPPINGS[node["class_type"]]
+                results[node_id] = getattr(cls(), cls.FUNCTION)(**args)
+    return saved
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_api_twin_runs(models, tmp_path, name):
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(tmp_path / f"reference_{k + 1}.png")
+    rgba = rng.integers(0, 255, (64, 64, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    rgba[:, 32:, 3] = 0  # right half transparent: repaint it
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "inpaint_source.png")
+    graph = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+    (images,) = run_api(graph, tmp_path)
+    assert images.ndim == 4 and images.shape[-1] == 3 and images.dtype == torch.float32
+    assert 0 <= images.min() and images.max() <= 1 and images.std() > 0
