@@ -1,4 +1,4 @@
-"""`python -m klein_nodes <command>`: doctor, inspect."""
+"""`python -m klein_nodes <command>`: generate, doctor, inspect."""
 
 import argparse
 import os
@@ -11,6 +11,7 @@ import torch
 from . import __version__
 from .errors import KleinError
 from .loaders.detect import describe_file
+from .sampling.schedule import ASPECT_RATIOS
 
 WEIGHT_SUFFIXES = (".safetensors", ".sft", ".gguf")
 MODEL_FOLDERS = {  # ComfyUI key -> folder names under models/
@@ -121,9 +122,130 @@ def inspect(args):
     return status
 
 
+def find_model(root, key, kind, family):
+    """The first file in a ComfyUI install's `key` folders that holds the wanted model, or None."""
+    for folder in comfyui_model_dirs(root).get(key, []):
+        for path in sorted(Path(folder).rglob("*")) if os.path.isdir(folder) else []:
+            if path.suffix.lower() in (".safetensors", ".sft"):
+                try:
+                    found = describe_file(path)
+                except (KleinError, OSError, ValueError):
+                    continue
+                if (found.kind, found.family) == (kind, family):
+                    return path
+    return None
+
+
+def resolve_models(args):
+    """Paths for transformer, text encoder and VAE: given, found in ComfyUI's folders, or tiny random ones."""
+    if args.tiny_random:
+        import tempfile
+
+        from .testing import write_tiny_model_set
+
+        folder = tempfile.mkdtemp(prefix="klein-tiny-")
+        print(f"tiny random models (a wiring check, the image is noise) in {folder}", file=sys.stderr)
+        return write_tiny_model_set(folder)
+    root = args.comfyui or os.environ.get("COMFYUI_PATH")
+    wanted = {"model": ("diffusion_models", "transformer", "flux2"), "text_encoder": ("text_encoders", "text_encoder", "qwen3"),
+              "vae": ("vae", "vae", "flux2")}
+    paths = []
+    for name, (key, kind, family) in wanted.items():
+        path = getattr(args, name) or (find_model(root, key, kind, family) if root or importable("folder_paths") else None)
+        if path is None:
+            raise KleinError(f"no {name.replace('_', ' ')} given: pass --{name.replace('_', '-')} PATH, or --comfyui PATH "
+                             f"to search ComfyUI's models/{key} folder (or --tiny-random for a wiring check)")
+        paths.append(path)
+    return paths
+
+
+def output_paths(output, count):
+    """out.png for one image, out_00001.png ... for several; existing files are never overwritten."""
+    output = Path(output)
+    if output.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise KleinError(f"{output}: the output must end in .png, .jpg or .webp")
+    paths = [output] if count == 1 else [output.with_name(f"{output.stem}_{i:05d}{output.suffix}") for i in range(1, count + 1)]
+    existing = [str(p) for p in paths if p.exists()]
+    if existing:
+        raise KleinError(f"{', '.join(existing)} already exist(s); choose another output name")
+    return paths
+
+
+def save_image(image, path):
+    """Write atomically (temp file + rename) so an interrupted run leaves no partial image."""
+    from PIL import Image
+
+    array = (image.clamp(0, 1).numpy() * 255).round().astype("uint8")
+    temp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(array).save(temp, format={".jpg": "JPEG", ".jpeg": "JPEG"}.get(path.suffix.lower(), path.suffix[1:].upper()))
+    os.replace(temp, path)
+
+
+def generate(args):
+    from .loaders.text_encoder import load_text_encoder
+    from .loaders.transformer import load_transformer
+    from .loaders.vae import load_vae
+    from .sampling.pipeline import KleinPipeline
+    from .sampling.schedule import preset_size
+
+    paths = output_paths(args.output, args.batch)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else None, "bf16": torch.bfloat16,
+             "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    model_path, text_encoder_path, vae_path = resolve_models(args)
+    pipeline = KleinPipeline(load_transformer(model_path, dtype=dtype, device=device),
+                             load_text_encoder(text_encoder_path, dtype=dtype, device=device),
+                             load_vae(vae_path, device=device))
+    width, height = (preset_size(args.aspect, args.megapixels) if args.aspect else (args.width, args.height))
+
+    def progress(step):
+        print(f"\rstep {step.index}/{step.total}", end="\n" if step.index == step.total else "", file=sys.stderr, flush=True)
+
+    images = pipeline(args.prompt, width=width, height=height, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                      negative_prompt=args.negative, references=[load_reference(p) for p in args.ref] or None,
+                      batch_size=args.batch, callback=progress)
+    for note in pipeline.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for image, path in zip(images, paths):
+        save_image(image, path)
+        print(path)
+    print(f"seed {pipeline.last_seed}", file=sys.stderr)
+    return 0
+
+
+def load_reference(path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        return image
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m klein_nodes", description="FLUX.2 [klein] tools.")
     commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="prompt (+ references) -> image file")
+    gen.add_argument("prompt")
+    gen.add_argument("-o", "--output", default="klein.png", help="output file (.png/.jpg/.webp); never overwritten")
+    gen.add_argument("--ref", action="append", default=[], help="reference image (repeat for up to 4 or more)")
+    gen.add_argument("--steps", type=int, default=4, help="4 for distilled klein, ~50 for base klein")
+    gen.add_argument("--guidance", type=float, default=1.0, help="1.0 = no CFG (distilled); base klein: 4.0")
+    gen.add_argument("--negative", default="", help="negative prompt (used when guidance > 1)")
+    gen.add_argument("--seed", type=int, default=-1, help="-1 = random (the seed used is printed)")
+    gen.add_argument("--width", type=int, default=1024)
+    gen.add_argument("--height", type=int, default=1024)
+    gen.add_argument("--aspect", choices=ASPECT_RATIOS, help="aspect preset, overrides --width/--height")
+    gen.add_argument("--megapixels", type=float, default=1.0, help="size of the aspect preset (1 MP = 1024x1024)")
+    gen.add_argument("--batch", type=int, default=1, help="images to make")
+    gen.add_argument("--model", help="transformer file or diffusers folder")
+    gen.add_argument("--text-encoder", dest="text_encoder", help="Qwen3 text encoder file or folder")
+    gen.add_argument("--vae", help="FLUX.2 VAE file or folder")
+    gen.add_argument("--comfyui", help="ComfyUI install to find models in (or set COMFYUI_PATH)")
+    gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    gen.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                     help="weight dtype (auto: bf16 on CUDA, the file's own dtype on CPU)")
+    gen.add_argument("--tiny-random", action="store_true", help="tiny random models: checks the wiring, no weights needed")
+    gen.set_defaults(run=generate)
     doc = commands.add_parser("doctor", help="report torch/CUDA/VRAM, native quantized paths and klein model files")
     doc.add_argument("--comfyui", help="ComfyUI install folder to scan for model files")
     doc.set_defaults(run=doctor)
@@ -131,4 +253,8 @@ def main(argv=None):
     ins.add_argument("files", nargs="+")
     ins.set_defaults(run=inspect)
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except KleinError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

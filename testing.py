@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .models.autoencoder import AutoEncoderParams
+from .models.autoencoder import AutoEncoder, AutoEncoderParams
 from .models.text_encoder import Qwen3, Qwen3Params
 from .models.transformer import Flux2, Flux2Params
 
@@ -248,3 +248,33 @@ def diffusers_vae(params=TINY_VAE, seed=0):
     state["bn.num_batches_tracked"] = torch.tensor(100)
     vae.load_state_dict(state)
     return vae
+
+
+# The real four VAE levels (16 image pixels per latent pixel) with narrow channels: for end-to-end runs at real sizes.
+TINY_VAE16 = AutoEncoderParams(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, decoder_ch=32, decoder_ch_mult=(1, 1, 1, 1),
+                               decoder_num_res_blocks=2)
+
+
+def write_vae(path, params=TINY_VAE16, seed=0, dtype=torch.float32):
+    """A random FLUX.2 VAE in the BFL layout (`ae.safetensors`), with positive batch-norm variances."""
+    with torch.device("meta"):
+        model = AutoEncoder(params)
+    state = random_state_dict(model, seed, dtype)
+    state["bn.running_var"] = state["bn.running_var"].abs().float() + 0.5
+    state["bn.running_mean"] = state["bn.running_mean"].float() - 1
+    state["bn.num_batches_tracked"] = torch.tensor(0)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+    return Path(path)
+
+
+def write_tiny_model_set(folder, seed=0):
+    """Transformer, Qwen3 (28 layers, so klein's layer 27 exists), VAE and tokenizer, all tiny and random, in
+    ComfyUI's folder layout under `folder`. Returns the three weight paths."""
+    folder = Path(folder)
+    transformer, _ = write_transformer(folder / "models" / "diffusion_models" / "flux-2-klein-tiny.safetensors", seed=seed)
+    text_encoder, _ = write_text_encoder(folder / "models" / "text_encoders" / "qwen3-tiny.safetensors",
+                                         Qwen3Params(**{**TINY_QWEN3.__dict__, "num_layers": 28}), seed=seed)
+    write_tokenizer(folder / "comfy" / "text_encoders" / "qwen25_tokenizer")
+    vae = write_vae(folder / "models" / "vae" / "flux2-vae-tiny.safetensors", seed=seed)
+    return transformer, text_encoder, vae

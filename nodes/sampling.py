@@ -42,9 +42,7 @@ def output_size(width, height, aspect, megapixels):
         return preset_size(aspect, megapixels)
     if (width, height) != (int(width), int(height)):  # scaled sizes: round quietly, the scaling was asked for
         width, height = round_to_multiple(width), round_to_multiple(height)
-    width, height, notes = fit_size(width, height)
-    for note in notes:
-        log.warning("klein: %s", note)
+    width, height, _ = fit_size(width, height)  # a rounding is reported as a warning
     return width, height
 
 

@@ -10,18 +10,14 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from klein_nodes.models.autoencoder import AutoEncoderParams
-from klein_nodes.testing import (TINY_QWEN3, diffusers_vae, vae_diffusers_to_bfl, write_text_encoder, write_tokenizer,
-                                 write_transformer)
+from klein_nodes.testing import (TINY_QWEN3, TINY_VAE16, diffusers_vae, vae_diffusers_to_bfl, write_text_encoder,
+                                 write_tokenizer, write_transformer)
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "example_workflows"
 sys.path.insert(0, str(WORKFLOWS))
 import build  # noqa: E402
 
 NAMES = list(build.WORKFLOWS)
-# Narrow, but with the real four levels: 16 image pixels per latent pixel, as the nodes assume.
-WORKFLOW_VAE = AutoEncoderParams(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, decoder_ch=32,
-                                 decoder_ch_mult=(1, 1, 1, 1), decoder_num_res_blocks=2)
 
 
 def test_files_are_up_to_date():
@@ -39,7 +35,7 @@ def models(comfyui):
     write_text_encoder(comfyui / "text_encoders" / "qwen_3_4b.safetensors",
                        params=TINY_QWEN3.__class__(**{**TINY_QWEN3.__dict__, "num_layers": 28}))
     write_tokenizer(comfyui.parent / "comfy" / "text_encoders" / "qwen25_tokenizer")
-    state = vae_diffusers_to_bfl(diffusers_vae(WORKFLOW_VAE).state_dict(), WORKFLOW_VAE)
+    state = vae_diffusers_to_bfl(diffusers_vae(TINY_VAE16).state_dict(), TINY_VAE16)  # the nodes assume 16 px/latent
     save_file({k: v.contiguous() for k, v in state.items()}, str(comfyui / "vae" / "flux2-vae.safetensors"))
     return comfyui
 

@@ -1,0 +1,42 @@
+"""`python -m klein_nodes generate`: tiny random models, models found in a ComfyUI install, bad outputs."""
+
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from klein_nodes.cli import main
+from klein_nodes.testing import write_tiny_model_set
+
+
+def test_generate_tiny_random_in_a_fresh_process(tmp_path):
+    out = tmp_path / "fox.png"
+    proc = subprocess.run([sys.executable, "-m", "klein_nodes", "generate", "a red fox", "-o", str(out), "--tiny-random",
+                           "--aspect", "4:3", "--megapixels", "0.1", "--seed", "5"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "seed 5" in proc.stderr and "step 4/4" in proc.stderr
+    assert Image.open(out).size == (368, 272)
+
+
+def test_generate_finds_models_in_comfyui_and_never_overwrites(tmp_path, capsys, recwarn):
+    write_tiny_model_set(tmp_path / "ComfyUI")
+    reference = tmp_path / "ref.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(reference)
+    args = ["generate", "a cat", "-o", str(tmp_path / "cat.png"), "--comfyui", str(tmp_path / "ComfyUI"),
+            "--width", "100", "--height", "64", "--batch", "2", "--seed", "1", "--ref", str(reference)]
+    assert main(args) == 0
+    assert "rounded to 96x64" in str(recwarn.pop(UserWarning).message)
+    captured = capsys.readouterr()
+    assert "note: size 100x64 rounded to 96x64" in captured.err
+    assert [Image.open(tmp_path / f"cat_0000{i}.png").size for i in (1, 2)] == [(96, 64)] * 2
+    assert main(args) == 2
+    assert "already exist" in capsys.readouterr().err
+
+
+def test_generate_without_models_explains(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    assert main(["generate", "a cat", "-o", str(tmp_path / "x.png")]) == 2
+    assert "--model PATH" in capsys.readouterr().err
+    assert main(["generate", "a cat", "-o", str(tmp_path / "x.gif"), "--tiny-random"]) == 2
+    assert ".png, .jpg or .webp" in capsys.readouterr().err
