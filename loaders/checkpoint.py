@@ -65,6 +65,9 @@ def open_checkpoint(path, subfolder, weights_name, strip_prefixes=()):
         return Checkpoint(diffusers_shards(path, subfolder, weights_name), path, strip_prefixes)
     if path.suffix.lower() in PICKLE_SUFFIXES or sniff_format(path) == "pickle":
         refuse_pickle(path)
+    if sniff_format(path) == "gguf":
+        raise CheckpointError(f"{path}: GGUF weights are not supported by this version yet; use the .safetensors "
+                              "release (bf16, fp16 or fp32) of this model.")
     return Checkpoint([SafetensorsFile(path)], path, strip_prefixes)
 
 
@@ -116,3 +119,25 @@ def choose_dtype(checkpoint, names, dtype):
         if dt.is_floating_point:
             counts[dt] = counts.get(dt, 0) + torch.Size(checkpoint.shape(name)).numel()
     return max(counts, key=counts.get) if counts else torch.float32
+
+
+def require(shapes, names, path, what):
+    """The tensors a configuration is read from must exist: name the missing ones."""
+    missing = [name for name in names if name not in shapes]
+    if missing:
+        raise CheckpointError(f"{path}: incomplete {what}, missing {', '.join(missing)}.")
+
+
+def check_state_dict(path, what, expected, shapes, unused=()):
+    """Missing / unexpected / mis-shaped tensors against `expected` {name: shape}, a few of each named, in one error."""
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected)) + list(unused)
+    wrong = [f"{k} {tuple(shapes[k])} (expected {tuple(expected[k])})" for k in expected
+             if k in shapes and tuple(shapes[k]) != tuple(expected[k])]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if items:
+            more = f" and {len(items) - 5} more" if len(items) > 5 else ""
+            problems.append(f"{len(items)} {label}: {', '.join(items[:5])}{more}")
+    if problems:
+        raise CheckpointError(f"{path}: does not match {what}: " + "; ".join(problems) + ".")

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import CheckpointError, WrongModelError
 from ..models.text_encoder import KLEIN_LAYERS, KleinTextEncoder, Qwen3, Qwen3Params
-from .checkpoint import choose_dtype, open_checkpoint
+from .checkpoint import check_state_dict, choose_dtype, open_checkpoint, require
 from .detect import QWEN3_SIZES, identify
 from .tokenizer import find_tokenizer, load_tokenizer
 
@@ -18,11 +18,8 @@ DEFAULT_ROPE_THETA = 1_000_000.0
 
 
 def params_from_shapes(shapes, path, num_layers, rope_theta):
-    required = ("embed_tokens.weight", "layers.0.self_attn.q_proj.weight", "layers.0.self_attn.k_proj.weight",
-                "layers.0.self_attn.q_norm.weight", "layers.0.mlp.gate_proj.weight")
-    missing = [k for k in required if k not in shapes]
-    if missing:
-        raise CheckpointError(f"{path}: incomplete Qwen3 text encoder, missing {', '.join('model.' + k for k in missing)}.")
+    require(shapes, ("embed_tokens.weight", "layers.0.self_attn.q_proj.weight", "layers.0.self_attn.k_proj.weight",
+                     "layers.0.self_attn.q_norm.weight", "layers.0.mlp.gate_proj.weight"), path, "Qwen3 text encoder")
     vocab, hidden = shapes["embed_tokens.weight"]
     head_dim = shapes["layers.0.self_attn.q_norm.weight"][0]
     return Qwen3Params(
@@ -68,10 +65,9 @@ def load_text_encoder(path, tokenizer=None, dtype=None, device="cpu", layers=KLE
     with torch.device("meta"):
         model = Qwen3(params)
     expected = model.state_dict()
-    missing = [k for k in expected if k not in shapes]
-    wrong = [f"{k} {shapes[k]}" for k in expected if k in shapes and tuple(shapes[k]) != tuple(expected[k].shape)]
-    if missing or wrong:
-        raise CheckpointError(f"{path}: does not match a Qwen3 text encoder: missing {missing[:5]}, wrong shape {wrong[:5]}.")
+    # deeper layers, the final norm and an LM head are expected extras: only the needed tensors are checked
+    check_state_dict(path, "a Qwen3 text encoder", {k: v.shape for k, v in expected.items()},
+                     {k: shapes[k] for k in expected if k in shapes})
     dtype = choose_dtype(ckpt, [names[k] for k in expected], dtype)
     state = {k: ckpt.get(names[k]).to(device=device, dtype=dtype) for k in expected}
     model.load_state_dict(state, strict=True, assign=True)

@@ -6,7 +6,7 @@ import torch
 
 from ..errors import CheckpointError, WrongModelError
 from ..models.transformer import Flux2, Flux2Params
-from .checkpoint import MODEL_PREFIXES, choose_dtype, open_checkpoint
+from .checkpoint import MODEL_PREFIXES, check_state_dict, choose_dtype, open_checkpoint, require
 from .detect import identify
 
 # diffusers name -> BFL name (klein-spec §2.2); `{}` is the block index.
@@ -107,9 +107,7 @@ def params_from_shapes(shapes, path):
     """Flux2Params read off the BFL-named shapes: widths from matrices, depths from key counts."""
     required = ("img_in.weight", "txt_in.weight", "time_in.in_layer.weight", "double_blocks.0.img_attn.norm.query_norm.scale",
                 "double_blocks.0.img_mlp.2.weight", "final_layer.linear.weight")
-    missing = [k for k in required if k not in shapes]
-    if missing:
-        raise CheckpointError(f"{path}: incomplete FLUX.2 transformer, missing {', '.join(missing)}.")
+    require(shapes, required, path, "FLUX.2 transformer")
     hidden, in_channels = shapes["img_in.weight"]
     head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
     if hidden % head_dim or head_dim % 8:
@@ -127,20 +125,6 @@ def params_from_shapes(shapes, path):
         axes_dim=(head_dim // 4,) * 4,
         use_guidance_embed="guidance_in.in_layer.weight" in shapes,
     )
-
-
-def check_state_dict(path, expected, shapes, unused):
-    """Missing/unexpected/mis-shaped tensors, a few named, in one error."""
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected)) + unused
-    wrong = [f"{k} {tuple(shapes[k])} (expected {tuple(expected[k])})" for k in expected if k in shapes and tuple(shapes[k]) != tuple(expected[k])]
-    problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-        if items:
-            more = f" and {len(items) - 5} more" if len(items) > 5 else ""
-            problems.append(f"{len(items)} {label}: {', '.join(items[:5])}{more}")
-    if problems:
-        raise CheckpointError(f"{path}: does not match a FLUX.2 transformer: " + "; ".join(problems) + ".")
 
 
 def check_dtypes(path, ckpt, sources):
@@ -169,7 +153,7 @@ def load_transformer(path, dtype=None, device="cpu"):
     with torch.device("meta"):
         model = Flux2(params)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    check_state_dict(path, expected, shapes, unused)
+    check_state_dict(path, "a FLUX.2 transformer", expected, shapes, unused)
     check_dtypes(path, ckpt, sources)
     dtype = choose_dtype(ckpt, [n for s in sources.values() for n in s.names], dtype)
     state = {name: source.load(ckpt).to(device=device, dtype=dtype) for name, source in sources.items()}

@@ -4,9 +4,9 @@ import re
 
 import torch
 
-from ..errors import CheckpointError, WrongModelError
+from ..errors import WrongModelError
 from ..models.autoencoder import AutoEncoder, AutoEncoderParams
-from .checkpoint import choose_dtype, open_checkpoint
+from .checkpoint import check_state_dict, choose_dtype, open_checkpoint, require
 from .detect import identify
 
 # diffusers -> BFL renames, applied in order to every key; `{n}` style levels are handled by `rename`.
@@ -45,11 +45,9 @@ def count(shapes, pattern):
 
 
 def params_from_shapes(shapes, path):
-    required = ("encoder.conv_in.weight", "decoder.conv_in.weight", "decoder.conv_out.weight", "encoder.down.0.block.0.conv1.weight",
-                "decoder.up.0.block.0.conv1.weight", "bn.running_mean")
-    missing = [k for k in required if k not in shapes]
-    if missing:
-        raise CheckpointError(f"{path}: incomplete FLUX.2 VAE, missing {', '.join(missing)}.")
+    require(shapes, ("encoder.conv_in.weight", "decoder.conv_in.weight", "decoder.conv_out.weight",
+                     "encoder.down.0.block.0.conv1.weight", "decoder.up.0.block.0.conv1.weight", "bn.running_mean"),
+            path, "FLUX.2 VAE")
     levels = count(shapes, r"^encoder\.down\.(\d+)\.")
     up_levels = count(shapes, r"^decoder\.up\.(\d+)\.")
     ch = shapes["encoder.conv_in.weight"][0]
@@ -83,12 +81,7 @@ def load_vae(path, dtype=None, device="cpu"):
     with torch.device("meta"):
         model = AutoEncoder(params)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "bn.num_batches_tracked"}
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    wrong = [f"{k} {shapes[k]}" for k in expected if k in shapes and shapes[k] != expected[k]]
-    if missing or unexpected or wrong:
-        raise CheckpointError(f"{path}: does not match the FLUX.2 VAE: missing {missing[:5]}, unexpected "
-                              f"{unexpected[:5]}, wrong shape {wrong[:5]}.")
+    check_state_dict(path, "the FLUX.2 VAE", expected, shapes)
     dtype = choose_dtype(ckpt, names.values(), dtype)
     state = {k: ckpt.get(raw).reshape(expected[k]).to(device=device, dtype=dtype) for k, raw in names.items()}
     # Batch-norm statistics stay fp32: they scale every latent and cost nothing.

@@ -49,9 +49,7 @@ class KleinPipeline:
         """Reference images -> ([(1, 128, h, w) latents], notes)."""
         if self.vae is None:
             raise KleinError("references need a VAE: build the pipeline with vae=")
-        prepared, notes = prepare_references(images, max_pixels)
-        device = next(self.vae.parameters()).device
-        return [tiling.encode(self.vae, image.to(device), tiled) for image in prepared], notes
+        return encode_references(self.vae, images, max_pixels, tiled)
 
     def __call__(self, prompt=None, width=None, height=None, steps=4, guidance=1.0, seed=-1, negative_prompt="",
                  references=None, noise=None, prompt_embeds=None, negative_prompt_embeds=None, batch_size=1,
@@ -98,9 +96,7 @@ class KleinPipeline:
         """fp32 latents -> (B, H, W, 3) images in [0, 1]."""
         if self.vae is None:
             raise KleinError("decoding needs a VAE: build the pipeline with vae=")
-        device = next(self.vae.parameters()).device
-        pixels = tiling.decode(self.vae, latents.to(device), tiled).float()
-        return (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+        return decode_images(self.vae, latents, tiled)
 
     def _conditioning(self, prompt, embeds):
         if embeds is not None:
@@ -130,3 +126,17 @@ class KleinPipeline:
         mask = torch.as_tensor(mask, dtype=torch.float32)
         mask = mask.reshape(-1, 1, *mask.shape[-2:])
         return latents, torch.nn.functional.interpolate(mask, size=latents.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def encode_references(vae, images, max_pixels=DEFAULT_MAX_PIXELS, tiled="auto"):
+    """Reference images -> ([(1, 128, h, w) latents], notes), each prepared by the reference rules."""
+    prepared, notes = prepare_references(images, max_pixels)
+    device = next(vae.parameters()).device
+    return [tiling.encode(vae, image.to(device), tiled) for image in prepared], notes
+
+
+def decode_images(vae, latents, tiled="auto"):
+    """Latents -> (B, H, W, 3) float images in [0, 1] on the CPU (ComfyUI's IMAGE)."""
+    device = next(vae.parameters()).device
+    pixels = tiling.decode(vae, latents.to(device), tiled).float()
+    return (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()

@@ -90,12 +90,31 @@ def fit(chw, max_pixels, notes, label):
         chw = F.interpolate(chw[None], size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)[0]
         notes.append(f"{label}: resized {width}x{height} -> {new_w}x{new_h} (cap {max_pixels / 1e6:.2f} MP)")
         width, height = new_w, new_h
+    return crop_to_multiple(chw, notes, label)
+
+
+def crop_to_multiple(chw, notes, label):
+    """Centre-crop (C, H, W) to multiples of 16, noting the change."""
+    _, height, width = chw.shape
     crop_w, crop_h = width // MULTIPLE * MULTIPLE, height // MULTIPLE * MULTIPLE
+    if min(crop_w, crop_h) == 0:
+        raise KleinError(f"{label} is {width}x{height}; it must be at least {MULTIPLE}x{MULTIPLE}.")
     if (crop_w, crop_h) != (width, height):
         top, left = (height - crop_h) // 2, (width - crop_w) // 2
         chw = chw[:, top: top + crop_h, left: left + crop_w]
         notes.append(f"{label}: centre-cropped {width}x{height} -> {crop_w}x{crop_h} (multiples of {MULTIPLE})")
     return chw.clamp(0, 1)
+
+
+def prepare_batch(images):
+    """Images to encode as they are (VAE Encode): (B, 3, H, W) in [-1, 1] cropped to multiples of 16, notes."""
+    notes = []
+    frames = [crop_to_multiple(to_rgb(frame), notes, f"image {k + 1}") for k, frame in enumerate(to_hwc(images))]
+    if len({f.shape for f in frames}) > 1:
+        raise KleinError("images of one batch must have the same size")
+    for note in dict.fromkeys(notes):
+        warnings.warn(note, stacklevel=2)
+    return torch.stack(frames) * 2 - 1, notes
 
 
 def prepare_references(images, max_pixels=DEFAULT_MAX_PIXELS):

@@ -48,10 +48,10 @@ def test_transformer_loader_node(comfyui):
     inputs = node.INPUT_TYPES()["required"]
     assert inputs["model_name"][0] == ["klein/flux-2-klein-4b.safetensors"]
     assert all("tooltip" in options for _, options in inputs.values())
-    (model,) = getattr(node(), node.FUNCTION)("klein/flux-2-klein-4b.safetensors", "fp32")
+    (model,) = getattr(node(), node.FUNCTION)(model_name="klein/flux-2-klein-4b.safetensors", weight_dtype="fp32")
     assert model.params == TINY_TRANSFORMER and model.dtype == torch.float32
     with pytest.raises(ValueError, match="outside"):
-        node().load("../../../etc/passwd")
+        node().load(model_name="../../../etc/passwd")
 
 
 def test_doctor_lists_klein_files(comfyui, capsys):
@@ -100,7 +100,7 @@ def test_text_encoder_nodes(comfyui, tmp_path, monkeypatch):
                        params=TINY_QWEN3.__class__(**{**TINY_QWEN3.__dict__, "num_layers": 28}))
     loader = NODE_CLASS_MAPPINGS["KleinTextEncoderLoader"]
     assert loader.INPUT_TYPES()["required"]["text_encoder_name"][0] == ["qwen_3_4b.safetensors"]
-    (text_encoder,) = loader().load("qwen_3_4b.safetensors")
+    (text_encoder,) = loader().load(text_encoder_name="qwen_3_4b.safetensors")
     assert len(text_encoder.model.layers) == 27
     encode = NODE_CLASS_MAPPINGS["KleinTextEncode"]
     assert all("tooltip" in options for _, options in encode.INPUT_TYPES()["required"].values())
@@ -120,5 +120,5 @@ def test_vae_loader_node(comfyui):
     save({k: v.contiguous() for k, v in state.items()}, str(comfyui / "vae" / "flux2-vae.safetensors"))
     node = NODE_CLASS_MAPPINGS["KleinVAELoader"]
     assert node.INPUT_TYPES()["required"]["vae_name"][0] == ["flux2-vae.safetensors"]
-    (vae,) = node().load("flux2-vae.safetensors", "bf16")
+    (vae,) = node().load(vae_name="flux2-vae.safetensors", weight_dtype="bf16")
     assert vae.params == TINY_VAE and vae.dtype == torch.bfloat16
