@@ -4,6 +4,7 @@ Outside ComfyUI this is a plain library (`import klein_nodes as kn`); inside Com
 the same package also registers its nodes.
 """
 
+from . import quant
 from .errors import CheckpointError, KleinError, WrongModelError
 from .loaders.text_encoder import ensure_text_encoder_fits, load_text_encoder
 from .loaders.transformer import load_transformer
@@ -13,7 +14,7 @@ from .sampling.sampler import Cancelled
 
 __version__ = "0.1.0"
 __all__ = ["Cancelled", "CheckpointError", "KleinError", "KleinPipeline", "WrongModelError", "ensure_text_encoder_fits",
-           "load_text_encoder", "load_transformer", "load_vae", "__version__"]
+           "load_text_encoder", "load_transformer", "load_vae", "quant", "__version__"]
 
 try:
     import comfy.utils  # noqa: F401  (present only inside ComfyUI)

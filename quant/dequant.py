@@ -1,0 +1,197 @@
+"""GGML block formats -> float tensors, in plain torch (any device).
+
+Each function takes the packed blocks as a (n_blocks, type_size) uint8 tensor and returns (n_blocks, block_size)
+float32. The float32 operations and their order are those of the GGML reference (gguf-py), so results are
+bit-identical to `gguf.quants.dequantize`.
+"""
+
+import torch
+
+from ..errors import KleinError
+
+QK_K = 256
+# type name -> (elements per block, bytes per block)
+BLOCK_SIZES = {
+    "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
+    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
+    "Q2_K": (QK_K, 84), "Q3_K": (QK_K, 110), "Q4_K": (QK_K, 144), "Q5_K": (QK_K, 176), "Q6_K": (QK_K, 210),
+    "IQ4_NL": (32, 18), "IQ4_XS": (QK_K, 136),
+}
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def half(blocks, start):
+    """An fp16 field at byte `start` of every block, as (n, 1) float32."""
+    return blocks[:, start: start + 2].contiguous().view(torch.float16).float()
+
+
+def nibbles(packed, groups):
+    """(n, groups·k) bytes -> (n, groups, 2, k) 4-bit values: low nibbles first, then high nibbles, per group."""
+    packed = packed.reshape(packed.shape[0], groups, 1, -1)
+    return torch.cat((packed & 0x0F, packed >> 4), dim=2)
+
+
+def bits(packed, count, width, groups=1):
+    """(n, groups·k) bytes -> (n, groups, count, k): field i holds bits [i·width, (i+1)·width) of each byte."""
+    packed = packed.reshape(packed.shape[0], groups, 1, -1)
+    shifts = torch.arange(0, count * width, width, dtype=torch.uint8, device=packed.device).reshape(1, 1, count, 1)
+    return (packed >> shifts) & ((1 << width) - 1)
+
+
+def low_high_bits(packed_u32, count):
+    """(n, 4) little-endian bytes of a 32-bit word -> (n, count) of its low `count` bits."""
+    word = packed_u32.contiguous().view(torch.int32)
+    shifts = torch.arange(count, dtype=torch.int32, device=word.device).reshape(1, count)
+    return ((word >> shifts) & 1).to(torch.uint8)
+
+
+def dequant_q4_0(blocks):
+    d = half(blocks, 0)
+    q = nibbles(blocks[:, 2:], 1).reshape(blocks.shape[0], 32).to(torch.int8) - 8
+    return d * q.float()
+
+
+def dequant_q4_1(blocks):
+    d, m = half(blocks, 0), half(blocks, 2)
+    q = nibbles(blocks[:, 4:], 1).reshape(blocks.shape[0], 32).float()
+    return d * q + m
+
+
+def q5_values(blocks, offset):
+    high = low_high_bits(blocks[:, offset: offset + 4], 32)
+    low = nibbles(blocks[:, offset + 4:], 1).reshape(blocks.shape[0], 32)
+    return low | (high << 4)
+
+
+def dequant_q5_0(blocks):
+    return half(blocks, 0) * (q5_values(blocks, 2).to(torch.int8) - 16).float()
+
+
+def dequant_q5_1(blocks):
+    return half(blocks, 0) * q5_values(blocks, 4).float() + half(blocks, 2)
+
+
+def dequant_q8_0(blocks):
+    return blocks[:, 2:].contiguous().view(torch.int8).float() * half(blocks, 0)
+
+
+def dequant_q2_k(blocks):
+    n = blocks.shape[0]
+    scales, qs = blocks[:, :16], blocks[:, 16:80]
+    d, dmin = half(blocks, 80), half(blocks, 82)
+    dl = (d * (scales & 0x0F).float()).reshape(n, 16, 1)
+    ml = (dmin * (scales >> 4).float()).reshape(n, 16, 1)
+    q = bits(qs, 4, 2, groups=2).reshape(n, 16, 16).float()
+    return (dl * q - ml).reshape(n, QK_K)
+
+
+def dequant_q3_k(blocks):
+    n = blocks.shape[0]
+    hmask, qs, packed_scales = blocks[:, :32], blocks[:, 32:96], blocks[:, 96:108]
+    d = half(blocks, 108)
+    low = torch.cat((packed_scales[:, :8] & 0x0F, packed_scales[:, :8] >> 4), dim=1)
+    high = bits(packed_scales[:, 8:], 4, 2).reshape(n, 16)
+    scales = ((low | (high << 4)).to(torch.int8) - 32).float()
+    dl = (d * scales).reshape(n, 16, 1)
+    low_q = bits(qs, 4, 2, groups=2).reshape(n, 16, 16)
+    high_q = bits(hmask, 8, 1).reshape(n, 16, 16) ^ 1  # a set mask bit means no -4 offset
+    q = (low_q.to(torch.int8) - (high_q << 2).to(torch.int8)).float()
+    return (dl * q).reshape(n, QK_K)
+
+
+def k_scales(packed):
+    """The 8 six-bit (scale, min) pairs of Q4_K / Q5_K from their 12 packed bytes."""
+    n = packed.shape[0]
+    d, m, m_d = packed.reshape(n, 3, 4).unbind(1)
+    scale = torch.cat((d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)), dim=1)
+    minimum = torch.cat((m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)), dim=1)
+    return scale.float(), minimum.float()
+
+
+def dequant_q4_k(blocks):
+    n = blocks.shape[0]
+    scale, minimum = k_scales(blocks[:, 4:16])
+    d = (half(blocks, 0) * scale).reshape(n, 8, 1)
+    dm = (half(blocks, 2) * minimum).reshape(n, 8, 1)
+    q = nibbles(blocks[:, 16:], 4).reshape(n, 8, 32).float()
+    return (d * q - dm).reshape(n, QK_K)
+
+
+def dequant_q5_k(blocks):
+    n = blocks.shape[0]
+    scale, minimum = k_scales(blocks[:, 4:16])
+    d = (half(blocks, 0) * scale).reshape(n, 8, 1)
+    dm = (half(blocks, 2) * minimum).reshape(n, 8, 1)
+    low = nibbles(blocks[:, 48:], 4).reshape(n, 8, 32)
+    high = bits(blocks[:, 16:48], 8, 1).reshape(n, 8, 32)
+    return (d * (low | (high << 4)).float() - dm).reshape(n, QK_K)
+
+
+def dequant_q6_k(blocks):
+    n = blocks.shape[0]
+    ql, qh = blocks[:, :128], blocks[:, 128:192]
+    scales = blocks[:, 192:208].contiguous().view(torch.int8).float()
+    d = (half(blocks, 208) * scales).reshape(n, 16, 1)
+    low = nibbles(ql, 2).reshape(n, 8, 32)
+    high = bits(qh, 4, 2, groups=2).reshape(n, 8, 32)
+    q = ((low | (high << 4)).to(torch.int8) - 32).reshape(n, 16, 16).float()
+    return (d * q).reshape(n, QK_K)
+
+
+def iq4_lookup(indices):
+    values = torch.tensor(IQ4_VALUES, dtype=torch.int8, device=indices.device)
+    return values[indices.long()].float()
+
+
+def dequant_iq4_nl(blocks):
+    q = nibbles(blocks[:, 2:], 1).reshape(blocks.shape[0], 32)
+    return half(blocks, 0) * iq4_lookup(q)
+
+
+def dequant_iq4_xs(blocks):
+    n = blocks.shape[0]
+    high_word = blocks[:, 2:4].contiguous().view(torch.int16).to(torch.int32)
+    shifts = torch.arange(0, 16, 2, dtype=torch.int32, device=blocks.device).reshape(1, 8)
+    high = ((high_word >> shifts) & 3).to(torch.uint8)
+    low = torch.stack((blocks[:, 4:8] & 0x0F, blocks[:, 4:8] >> 4), dim=2).reshape(n, 8)
+    scales = ((low | (high << 4)).to(torch.int8) - 32).float()
+    dl = (half(blocks, 0) * scales).reshape(n, 8, 1)
+    q = nibbles(blocks[:, 8:], 8).reshape(n, 8, 32)
+    return (dl * iq4_lookup(q)).reshape(n, QK_K)
+
+
+DEQUANTIZERS = {
+    "F32": lambda b: b.contiguous().view(torch.float32),
+    "F16": lambda b: b.contiguous().view(torch.float16).float(),
+    "BF16": lambda b: b.contiguous().view(torch.bfloat16).float(),
+    "Q4_0": dequant_q4_0, "Q4_1": dequant_q4_1, "Q5_0": dequant_q5_0, "Q5_1": dequant_q5_1, "Q8_0": dequant_q8_0,
+    "Q2_K": dequant_q2_k, "Q3_K": dequant_q3_k, "Q4_K": dequant_q4_k, "Q5_K": dequant_q5_k, "Q6_K": dequant_q6_k,
+    "IQ4_NL": dequant_iq4_nl, "IQ4_XS": dequant_iq4_xs,
+}
+
+
+def type_name(qtype):
+    """A GGMLQuantizationType, its name or its number -> the name, or a clear error for types we don't run."""
+    name = getattr(qtype, "name", qtype)
+    if isinstance(name, int):
+        import gguf
+
+        name = gguf.GGMLQuantizationType(name).name
+    if name not in DEQUANTIZERS:
+        raise KleinError(f"GGML type {name} is not supported (supported: {', '.join(DEQUANTIZERS)}); "
+                         "re-quantize the file to one of these (Q8_0, Q6_K, Q5_K, Q4_K are the usual choices)")
+    return name
+
+
+def dequantize(data, qtype, shape, dtype=torch.float32):
+    """Raw GGML blocks (uint8) -> a tensor of `shape` (torch order, last dim = the row) in `dtype`."""
+    name = type_name(qtype)
+    block_size, type_size = BLOCK_SIZES[name]
+    count = 1
+    for dim in shape:
+        count *= dim
+    if shape[-1] % block_size or data.numel() != count // block_size * type_size:
+        raise KleinError(f"{name} data of {data.numel()} bytes does not hold a {tuple(shape)} tensor "
+                         f"({block_size} values per {type_size}-byte block)")
+    blocks = data.reshape(-1, type_size)
+    return DEQUANTIZERS[name](blocks).reshape(shape).to(dtype)

@@ -1,0 +1,61 @@
+"""Dequantization is bit-exact with gguf-py's reference for every supported GGML type."""
+
+import numpy as np
+import pytest
+import torch
+
+import klein_nodes as kn
+from klein_nodes.quant import BLOCK_SIZES, dequantize
+
+gguf = pytest.importorskip("gguf")
+
+# byte offsets of the fp16 scale fields in each block: random bytes there could be inf/NaN
+HALF_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "IQ4_NL": (0,),
+               "IQ4_XS": (0,), "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_blocks(name, rows, row_blocks, seed=0):
+    block_size, type_size = BLOCK_SIZES[name]
+    rng = np.random.default_rng(seed)
+    if name in ("F32", "F16", "BF16"):
+        values = rng.standard_normal((rows, row_blocks)).astype(np.float32)
+        raw = {"F32": values, "F16": values.astype(np.float16)}.get(name)
+        return (raw if raw is not None else gguf.quants.quantize(values, gguf.GGMLQuantizationType.BF16)).view(np.uint8)
+    data = rng.integers(0, 256, (rows, row_blocks, type_size), dtype=np.uint8)
+    for offset in HALF_FIELDS[name]:
+        data[..., offset: offset + 2] = (rng.standard_normal((rows, row_blocks)) * 0.05).astype(np.float16)[..., None].view(np.uint8)
+    return data.reshape(rows, row_blocks * type_size)
+
+
+@pytest.mark.parametrize("name", list(BLOCK_SIZES))
+def test_bit_exact_with_gguf(name):
+    block_size, _ = BLOCK_SIZES[name]
+    row_blocks = 3 if block_size > 1 else 96
+    data = random_blocks(name, rows=5, row_blocks=row_blocks)
+    qtype = gguf.GGMLQuantizationType[name]
+    expected = gguf.quants.dequantize(data, qtype)
+    shape = (5, row_blocks * block_size)
+    for spelling in (qtype, name):
+        got = dequantize(torch.from_numpy(data.copy()), spelling, shape)
+        assert got.dtype == torch.float32 and got.shape == shape
+        assert np.array_equal(got.numpy().view(np.uint32), expected.astype(np.float32).view(np.uint32))
+
+
+def test_quantized_by_gguf_round_trip():
+    """Blocks gguf-py quantizes itself (real data, not random bytes) dequantize identically too."""
+    values = np.random.default_rng(1).standard_normal((8, 256)).astype(np.float32)
+    for name in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "BF16"):
+        qtype = gguf.GGMLQuantizationType[name]
+        packed = gguf.quants.quantize(values, qtype)
+        got = dequantize(torch.from_numpy(packed.copy()), name, (8, 256))
+        assert np.array_equal(got.numpy(), gguf.quants.dequantize(packed, qtype)), name
+
+
+def test_other_dtypes_and_errors():
+    data = random_blocks("Q4_K", 2, 1)
+    as_bf16 = dequantize(torch.from_numpy(data.copy()), "Q4_K", (2, 256), dtype=torch.bfloat16)
+    assert as_bf16.dtype == torch.bfloat16
+    with pytest.raises(kn.KleinError, match="GGML type IQ2_XXS is not supported"):
+        dequantize(torch.zeros(66, dtype=torch.uint8), gguf.GGMLQuantizationType.IQ2_XXS, (1, 256))
+    with pytest.raises(kn.KleinError, match="does not hold a"):
+        dequantize(torch.zeros(100, dtype=torch.uint8), "Q4_K", (1, 256))
