@@ -275,6 +275,76 @@ def write_tiny_model_set(folder, seed=0):
     transformer, _ = write_transformer(folder / "models" / "diffusion_models" / "flux-2-klein-tiny.safetensors", seed=seed)
     text_encoder, _ = write_text_encoder(folder / "models" / "text_encoders" / "qwen3-tiny.safetensors",
                                          Qwen3Params(**{**TINY_QWEN3.__dict__, "num_layers": 28}), seed=seed)
-    write_tokenizer(folder / "comfy" / "text_encoders" / "qwen25_tokenizer")
+    bundled = folder / "comfy" / "text_encoders" / "qwen25_tokenizer"
+    if not (bundled / "vocab.json").exists():  # a real ComfyUI already has the real one
+        write_tokenizer(bundled)
     vae = write_vae(folder / "models" / "vae" / "flux2-vae-tiny.safetensors", seed=seed)
     return transformer, text_encoder, vae
+
+
+# byte offsets of the fp16 scale fields per GGML block: random blocks get small finite scales there
+GGML_HALF_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "IQ4_NL": (0,),
+                    "IQ4_XS": (0,), "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+QWEN3_GGUF_NAMES = {  # Hugging Face name pattern (layer as {i}) -> llama.cpp name, as llama.cpp's converter writes them
+    "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+    "model.layers.{i}.input_layernorm.weight": "blk.{i}.attn_norm.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "blk.{i}.ffn_norm.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "blk.{i}.attn_q.weight",
+    "model.layers.{i}.self_attn.k_proj.weight": "blk.{i}.attn_k.weight",
+    "model.layers.{i}.self_attn.v_proj.weight": "blk.{i}.attn_v.weight",
+    "model.layers.{i}.self_attn.o_proj.weight": "blk.{i}.attn_output.weight",
+    "model.layers.{i}.self_attn.q_norm.weight": "blk.{i}.attn_q_norm.weight",
+    "model.layers.{i}.self_attn.k_norm.weight": "blk.{i}.attn_k_norm.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
+}
+
+
+def ggml_pack(tensor, qtype, seed=0):
+    """fp32 tensor -> GGML bytes of `qtype` (gguf-py quantizes what it can; other types get random blocks with
+    small scales, whose dequantized values then define the weight). Test dependency: gguf."""
+    import gguf
+    import numpy as np
+
+    values = tensor.float().numpy()
+    kind = gguf.GGMLQuantizationType[qtype]
+    try:
+        return gguf.quants.quantize(values, kind)
+    except NotImplementedError:
+        from .quant.dequant import BLOCK_SIZES
+
+        block_size, type_size = BLOCK_SIZES[qtype]
+        rng = np.random.default_rng(seed)
+        blocks = rng.integers(0, 256, (values.size // block_size, type_size), dtype=np.uint8)
+        for offset in GGML_HALF_FIELDS[qtype]:
+            blocks[:, offset: offset + 2] = (rng.standard_normal(len(blocks)) * 3e-4).astype(np.float16)[:, None].view(np.uint8)
+        return blocks.reshape(*values.shape[:-1], -1)
+
+
+def write_gguf(path, state, types, arch, rename=lambda name: name, metadata=None):
+    """Write `state` (fp32, our/HF names) as GGUF: `types(name, tensor)` gives each tensor's GGML type name.
+    Returns the dequantized fp32 twin (what the file holds), keyed like `state`. Test dependency: gguf."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    for key, value in (metadata or {}).items():
+        getattr(writer, f"add_{key}")(value)
+    twin = {}
+    for seed, (name, tensor) in enumerate(state.items()):
+        qtype = types(name, tensor)
+        kind = gguf.GGMLQuantizationType[qtype]
+        if qtype == "F32":
+            data = tensor.float().numpy()
+            writer.add_tensor(rename(name), data)
+        else:
+            data = ggml_pack(tensor, qtype, seed)
+            writer.add_tensor(rename(name), data, raw_dtype=kind)
+        twin[name] = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, kind)).astype(np.float32)
+                                      .reshape(tensor.shape))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return twin

@@ -66,8 +66,7 @@ def open_checkpoint(path, subfolder, weights_name, strip_prefixes=()):
     if path.suffix.lower() in PICKLE_SUFFIXES or sniff_format(path) == "pickle":
         refuse_pickle(path)
     if sniff_format(path) == "gguf":
-        raise CheckpointError(f"{path}: GGUF weights are not supported by this version yet; use the .safetensors "
-                              "release (bf16, fp16 or fp32) of this model.")
+        raise CheckpointError(f"{path}: GGUF files load as transformers and text encoders only (not as a VAE).")
     return Checkpoint([SafetensorsFile(path)], path, strip_prefixes)
 
 
@@ -101,6 +100,11 @@ def diffusers_shards(folder, subfolder, weights_name):
         f"{folder}: no {weights_name}.safetensors or {weights_name}.safetensors.index.json found "
         f"(expected a diffusers '{subfolder}/' folder or a single .safetensors file)."
     )
+
+
+def is_gguf(path):
+    path = Path(path)
+    return path.is_file() and sniff_format(path) == "gguf"
 
 
 def has_weights(folder, weights_name):

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import CheckpointError, WrongModelError
 from ..models.text_encoder import KLEIN_LAYERS, KleinTextEncoder, Qwen3, Qwen3Params
-from .checkpoint import check_state_dict, choose_dtype, open_checkpoint, require
+from .checkpoint import check_state_dict, choose_dtype, is_gguf, open_checkpoint, require
 from .detect import QWEN3_SIZES, identify
 from .tokenizer import find_tokenizer, load_tokenizer
 
@@ -50,6 +50,10 @@ def load_text_encoder(path, tokenizer=None, dtype=None, device="cpu", layers=KLE
     Accepts ComfyUI's `qwen_3_4b.safetensors`, a Hugging Face `text_encoder/` folder (sharded + index) or the
     diffusers repo root. Weights of deeper layers, the final norm and the LM head are never read.
     """
+    if is_gguf(path):
+        from .gguf import load_gguf_text_encoder
+
+        return load_gguf_text_encoder(path, tokenizer, dtype, device, layers)
     ckpt = open_checkpoint(path, "text_encoder", "model", ())
     kind = identify(ckpt.shapes())
     if kind.kind != "text_encoder" or kind.family != "qwen3":

@@ -6,7 +6,7 @@ import torch
 
 from ..errors import CheckpointError, WrongModelError
 from ..models.transformer import Flux2, Flux2Params
-from .checkpoint import MODEL_PREFIXES, check_state_dict, choose_dtype, open_checkpoint, require
+from .checkpoint import MODEL_PREFIXES, check_state_dict, choose_dtype, is_gguf, open_checkpoint, require
 from .detect import identify
 
 # diffusers name -> BFL name (klein-spec §2.2); `{}` is the block index.
@@ -143,6 +143,10 @@ def load_transformer(path, dtype=None, device="cpu"):
     Built on the meta device and filled with the file's own (memory-mapped) tensors, so the weights exist
     once. `dtype=None` keeps the file's dtype.
     """
+    if is_gguf(path):
+        from .gguf import load_gguf_transformer
+
+        return load_gguf_transformer(path, dtype, device)
     ckpt = open_checkpoint(path, "transformer", "diffusion_pytorch_model", MODEL_PREFIXES)
     kind = identify(ckpt.shapes())
     if kind.kind != "transformer" or kind.family != "flux2":

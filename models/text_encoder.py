@@ -35,7 +35,8 @@ class Qwen3(nn.Module):
 
     @property
     def dtype(self):
-        return self.embed_tokens.weight.dtype
+        """The compute dtype: that of the float parameters (quantized layers compute in it too)."""
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
 
     def forward(self, input_ids, attention_mask, layers):
         """Hidden states after the given layers (0 = embeddings, k = output of decoder layer k), as a list."""
@@ -169,7 +170,7 @@ class KleinTextEncoder:
         todo = list(dict.fromkeys(k for k in keys if k not in self._cache))
         if todo:
             tokens = [self.tokenize(k[0], max_length) for k in todo]
-            device = self.model.embed_tokens.weight.device
+            device = next(self.model.parameters()).device
             ids = torch.tensor([t[0] for t in tokens], device=device)
             mask = torch.tensor([t[1] for t in tokens], device=device)
             hidden = torch.stack(self.model(ids, mask, layers), dim=2)  # (B, L, layers, hidden)

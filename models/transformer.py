@@ -61,7 +61,8 @@ class Flux2(nn.Module):
 
     @property
     def dtype(self):
-        return self.img_in.weight.dtype
+        """The compute dtype: that of the float parameters (quantized layers compute in it too)."""
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
 
     def forward(self, x, x_ids, timesteps, ctx, ctx_ids, guidance=None):
         """x (B,L,C) tokens, x_ids (B,L,4), timesteps (B,) sigma in [0,1], ctx (B,Lt,Ctx), ctx_ids (B,Lt,4)."""

@@ -1,0 +1,64 @@
+"""Layers whose weights stay packed in memory and are dequantized only when the layer runs."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dequant import BLOCK_SIZES, dequantize, type_name
+
+_scratch = {}
+
+
+def scratch(numel, dtype, device):
+    """A buffer reused by every quantized layer on this device/dtype (layers run one at a time)."""
+    key = (torch.device(device), dtype)
+    buffer = _scratch.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _scratch[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel]
+
+
+class QuantizedLinear(nn.Module):
+    """nn.Linear (no bias) with GGML-packed weights: per forward, dequantize into a shared buffer, then matmul."""
+
+    def __init__(self, packed, qtype, in_features, out_features, compute_dtype=torch.bfloat16):
+        super().__init__()
+        self.qtype = type_name(qtype)
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        self.register_buffer("packed", packed)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}"
+
+    def dequantized(self, dtype=None):
+        dtype = dtype or self.compute_dtype
+        shape = (self.out_features, self.in_features)
+        weight = scratch(shape[0] * shape[1], dtype, self.packed.device).view(shape)
+        return weight.copy_(dequantize(self.packed, self.qtype, shape))
+
+    def forward(self, x):
+        return F.linear(x.to(self.compute_dtype), self.dequantized())
+
+
+class QuantizedEmbedding(nn.Module):
+    """nn.Embedding with GGML-packed rows: only the rows looked up are dequantized."""
+
+    def __init__(self, packed, qtype, num_embeddings, embedding_dim, compute_dtype=torch.bfloat16):
+        super().__init__()
+        self.qtype = type_name(qtype)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.compute_dtype = compute_dtype
+        block_size, type_size = BLOCK_SIZES[self.qtype]
+        self.register_buffer("packed", packed.reshape(num_embeddings, embedding_dim // block_size * type_size))
+
+    def forward(self, ids):
+        rows = self.packed[ids.reshape(-1)]
+        values = dequantize(rows, self.qtype, (rows.shape[0], self.embedding_dim), self.compute_dtype)
+        return values.reshape(*ids.shape, self.embedding_dim)
+
+
+def replace_module(root, name, module):
+    """Put `module` at dotted `name` inside `root` (e.g. 'double_blocks.0.img_attn.qkv')."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)

@@ -1,0 +1,150 @@
+"""GGUF transformers and Qwen3 encoders load with weights kept packed and match their dequantized twins."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import klein_nodes as kn
+from klein_nodes.models.transformer import Flux2Params
+from klein_nodes.quant.linear import QuantizedEmbedding, QuantizedLinear
+from klein_nodes.testing import (QWEN3_GGUF_NAMES, TINY_QWEN3, qwen3_config, qwen3_state_dict, transformer_state_dict,
+                                 write_gguf, write_tokenizer)
+
+gguf = pytest.importorskip("gguf")
+# rows of 256 so every K-quant fits; 2 heads of 128 as in klein
+PARAMS = Flux2Params(in_channels=128, out_channels=128, context_in_dim=96, hidden_size=256, num_heads=2, depth=1,
+                     depth_single_blocks=2, mlp_hidden_dim=512, axes_dim=(32, 32, 32, 32))
+CYCLE = ["Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q5_1", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "Q4_1", "Q5_0"]
+
+
+def transformer_types(name, tensor, counter=iter(range(10**6))):
+    """Norms F32, the small/sensitive matrices BF16 (as published files), every other linear a rotating GGML type."""
+    if tensor.ndim == 1:
+        return "F32"
+    if name.startswith(("img_in", "txt_in", "time_in", "final_layer")) or "modulation" in name:
+        return "BF16"
+    return CYCLE[next(counter) % len(CYCLE)]
+
+
+def run(model, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x, ctx = torch.randn(1, 12, 128, generator=generator), torch.randn(1, 7, 96, generator=generator)
+    ids = torch.cartesian_prod(torch.tensor([0]), torch.arange(3), torch.arange(4), torch.tensor([0]))
+    txt = torch.cartesian_prod(torch.tensor([0]), torch.tensor([0]), torch.tensor([0]), torch.arange(7))
+    with torch.inference_mode():
+        return model(x, ids[None], torch.tensor([0.6]), ctx, txt[None])
+
+
+@pytest.mark.parametrize("prefix,arch", [("", "flux"), ("model.diffusion_model.", "flux")])
+def test_transformer_gguf_matches_its_float_twin(tmp_path, prefix, arch):
+    state = transformer_state_dict(PARAMS, seed=4)
+    twin = write_gguf(tmp_path / "klein.gguf", state, transformer_types, arch, rename=lambda n: prefix + n)
+    save_file(twin, str(tmp_path / "twin.safetensors"))
+    quantized = kn.load_transformer(tmp_path / "klein.gguf", dtype=torch.float32)
+    reference = kn.load_transformer(tmp_path / "twin.safetensors")
+    used = {m.qtype for m in quantized.modules() if isinstance(m, QuantizedLinear)}
+    assert used == set(CYCLE)
+    assert "GGUF" in quantized.description
+    assert (run(quantized) - run(reference)).abs().max() <= 1e-5
+    packed = sum(m.packed.numel() for m in quantized.modules() if isinstance(m, QuantizedLinear))
+    assert packed < sum(v.numel() for k, v in state.items() if v.ndim == 2) * 0.6  # stayed packed (≤ ~4.5 bits here)
+
+
+def test_sd_cpp_file_without_architecture(tmp_path):
+    """stable-diffusion.cpp writes no general.architecture: the keys decide."""
+    state = transformer_state_dict(PARAMS, seed=5)
+    write_gguf(tmp_path / "sdcpp.gguf", state, lambda n, t: "F32" if t.ndim == 1 else "Q8_0", "")
+    assert kn.load_transformer(tmp_path / "sdcpp.gguf", dtype=torch.float32).params == PARAMS
+
+
+def test_bf16_compute_and_memory(tmp_path):
+    state = transformer_state_dict(PARAMS, seed=6)
+    write_gguf(tmp_path / "klein.gguf", state, lambda n, t: "F32" if t.ndim == 1 else "Q4_0", "flux")
+    model = kn.load_transformer(tmp_path / "klein.gguf")
+    assert model.dtype == torch.bfloat16
+    out = run(model)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_wrong_arch_and_unsupported_type(tmp_path):
+    state = transformer_state_dict(PARAMS, seed=7)
+    write_gguf(tmp_path / "qwen.gguf", {"x.weight": torch.zeros(4, 32)}, lambda n, t: "Q8_0", "qwen3")
+    with pytest.raises(kn.WrongModelError, match="'qwen3' model, not a FLUX.2 klein transformer"):
+        kn.load_transformer(tmp_path / "qwen.gguf")
+    path = tmp_path / "odd.gguf"
+    write_gguf(path, state, lambda n, t: "F32" if t.ndim == 1 else "Q8_0", "flux")
+    data = bytearray(path.read_bytes())
+    reader = gguf.GGUFReader(str(path))
+    target = next(t for t in reader.tensors if t.name == "single_blocks.0.linear1.weight")
+    # patch the tensor's type field in its info record to IQ2_XXS (a type we do not run)
+    info_offset = target.field.offset + sum(p.nbytes for p in target.field.parts[:-2])
+    data[info_offset: info_offset + 4] = np.uint32(gguf.GGMLQuantizationType.IQ2_XXS).tobytes()
+    (tmp_path / "iq2.gguf").write_bytes(bytes(data))
+    with pytest.raises(kn.KleinError, match="IQ2_XXS is not supported"):
+        kn.load_transformer(tmp_path / "iq2.gguf")
+    (tmp_path / "cut.gguf").write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(kn.CheckpointError, match="not a readable GGUF"):
+        kn.load_transformer(tmp_path / "cut.gguf")
+
+
+def qwen_name(name):
+    for hf, llama in QWEN3_GGUF_NAMES.items():
+        pattern = "^" + re.escape(hf).replace(r"\{i\}", r"(\d+)") + "$"
+        if re.match(pattern, name):
+            return re.sub(pattern, llama.replace("{i}", r"\1"), name)
+    raise KeyError(name)
+
+
+def write_qwen_gguf(path, tokenizer_dir, params=TINY_QWEN3):
+    import json
+
+    state = qwen3_state_dict(params, seed=8)
+    vocab = json.loads((tokenizer_dir / "vocab.json").read_text())
+    tokens = [None] * params.vocab_size  # padded to the embedding rows, as Qwen's GGUF files are
+    for token, index in vocab.items():
+        tokens[index] = token
+    tokens = [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)]
+    specials = {i for i in range(151643, 151669)}
+    merges = [line for line in (tokenizer_dir / "merges.txt").read_text().splitlines() if line and not line.startswith("#")]
+    metadata = {"block_count": params.num_layers, "context_length": 4096, "embedding_length": params.hidden_size,
+                "feed_forward_length": params.intermediate_size, "head_count": params.num_heads,
+                "head_count_kv": params.num_kv_heads, "key_length": params.head_dim, "value_length": params.head_dim,
+                "rope_freq_base": params.rope_theta, "layer_norm_rms_eps": params.rms_norm_eps,
+                "tokenizer_model": "gpt2", "tokenizer_pre": "qwen2", "token_list": tokens,
+                "token_types": [3 if i in specials else 1 for i in range(len(tokens))], "token_merges": merges}
+    types = lambda n, t: "F32" if t.ndim == 1 else ("Q8_0" if "embed" in n else ["Q4_0", "IQ4_NL", "BF16", "Q5_1"][hash(n) % 4])  # noqa: E731
+    return state, write_gguf(path, state, types, "qwen3", rename=qwen_name, metadata=metadata)
+
+
+def test_qwen3_gguf_matches_transformers_reading_the_same_file(tmp_path):
+    """transformers' own GGUF reader (its llama.cpp name map, gguf-py dequantization) is the oracle."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # transformers needs it to read GGUF
+    tokenizer_dir = write_tokenizer(tmp_path / "tok")
+    write_qwen_gguf(tmp_path / "qwen3.gguf", tokenizer_dir)
+    ours = kn.load_text_encoder(tmp_path / "qwen3.gguf", tokenizer=tokenizer_dir, dtype=torch.float32, layers=(1, 2, 3))
+    assert isinstance(ours.model.embed_tokens, QuantizedEmbedding)
+    reference = transformers.Qwen3ForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file="qwen3.gguf", config=transformers.Qwen3Config(**qwen3_config(TINY_QWEN3)),
+        dtype=torch.float32).eval()
+    ids = torch.randint(0, TINY_QWEN3.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    with torch.inference_mode():
+        expected = reference(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        got = ours.model(ids, mask, (0, 1, 2, 3))
+    for layer in range(4):
+        assert (got[layer] - expected[layer]).abs().max() <= 1e-5, layer
+
+
+def test_qwen3_gguf_rebuilds_its_tokenizer(tmp_path):
+    tokenizer_dir = write_tokenizer(tmp_path / "tok")
+    (tmp_path / "lonely").mkdir()
+    write_qwen_gguf(tmp_path / "lonely" / "qwen3.gguf", tokenizer_dir)
+    from_files = kn.load_text_encoder(tmp_path / "lonely" / "qwen3.gguf", tokenizer=tokenizer_dir, layers=(1, 2, 3))
+    from_metadata = kn.load_text_encoder(tmp_path / "lonely" / "qwen3.gguf", layers=(1, 2, 3))
+    for prompt in ("a cat", "the dog\n\n<think> ünï 🐱", ""):
+        assert from_metadata.tokenize(prompt, 64) == from_files.tokenize(prompt, 64)
