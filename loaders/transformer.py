@@ -8,6 +8,7 @@ from ..errors import CheckpointError, WrongModelError
 from ..models.transformer import Flux2, Flux2Params
 from .checkpoint import MODEL_PREFIXES, check_state_dict, choose_dtype, is_gguf, open_checkpoint, require
 from .detect import identify
+from .fp8 import find_fp8_layers, install_fp8_layers
 
 # diffusers name -> BFL name (klein-spec §2.2); `{}` is the block index.
 DIFFUSERS_GLOBAL = {
@@ -127,21 +128,21 @@ def params_from_shapes(shapes, path):
     )
 
 
-def check_dtypes(path, ckpt, sources):
-    for bfl_name, source in sources.items():
+def check_dtypes(path, ckpt, sources, fp8_weights=()):
+    for source in sources.values():
         for name in source.names:
             dtype = ckpt.dtype(name)
-            if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                raise CheckpointError(f"{path}: '{name}' is stored as {dtype} (an fp8 checkpoint); fp8 weights are not supported by this loader.")
-            if not dtype.is_floating_point:
-                raise CheckpointError(f"{path}: '{name}' has dtype {dtype}; transformer weights must be floating point (F32/F16/BF16).")
+            if dtype.is_floating_point and (dtype.itemsize > 1 or name in fp8_weights):
+                continue
+            raise CheckpointError(f"{path}: '{name}' has dtype {dtype}; transformer weights must be F32/F16/BF16, or fp8 "
+                                  "with a weight_scale.")
 
 
 def load_transformer(path, dtype=None, device="cpu"):
-    """Load a FLUX.2 [klein] transformer from a BFL/ComfyUI file or a diffusers folder.
+    """Load a FLUX.2 [klein] transformer from a BFL/ComfyUI file, a diffusers folder or a GGUF file.
 
     Built on the meta device and filled with the file's own (memory-mapped) tensors, so the weights exist
-    once. `dtype=None` keeps the file's dtype.
+    once. `dtype=None` keeps the file's dtype (for fp8 and GGUF files: bf16 compute).
     """
     if is_gguf(path):
         from .gguf import load_gguf_transformer
@@ -151,19 +152,25 @@ def load_transformer(path, dtype=None, device="cpu"):
     kind = identify(ckpt.shapes())
     if kind.kind != "transformer" or kind.family != "flux2":
         raise WrongModelError(f"{path}: this is {kind.description}, not a FLUX.2 klein transformer.{slot_hint(kind)}")
-    sources, unused = bfl_sources(ckpt.keys(), kind.layout)
+    fp8_layers, described = find_fp8_layers(ckpt)
+    if fp8_layers and kind.layout != "bfl":
+        raise CheckpointError(f"{path}: fp8 weights are read from BFL/ComfyUI single files, not diffusers folders.")
+    sources, unused = bfl_sources([k for k in ckpt.keys() if k not in described], kind.layout)
     shapes = {name: source.shape(ckpt) for name, source in sources.items()}
     params = params_from_shapes(shapes, path)
     with torch.device("meta"):
         model = Flux2(params)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     check_state_dict(path, "a FLUX.2 transformer", expected, shapes, unused)
-    check_dtypes(path, ckpt, sources)
-    dtype = choose_dtype(ckpt, [n for s in sources.values() for n in s.names], dtype)
-    state = {name: source.load(ckpt).to(device=device, dtype=dtype) for name, source in sources.items()}
-    model.load_state_dict(state, strict=True, assign=True)
+    fp8_weights = {weight for weight, _, _ in fp8_layers.values()}
+    check_dtypes(path, ckpt, sources, fp8_weights)
+    plain = {name: source for name, source in sources.items() if source.names[0] not in fp8_weights}
+    dtype = choose_dtype(ckpt, [n for s in plain.values() for n in s.names], dtype)
+    install_fp8_layers(model, fp8_layers, ckpt, lambda layer: layer, dtype, device)
+    state = {name: source.load(ckpt).to(device=device, dtype=dtype) for name, source in plain.items()}
+    model.load_state_dict(state, strict=False, assign=True)
     model.requires_grad_(False).eval()
-    model.description = kind.description
+    model.description = kind.description + (f" (fp8, {len(fp8_layers)} layers)" if fp8_layers else "")
     return model
 
 

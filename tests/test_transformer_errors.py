@@ -108,7 +108,7 @@ def test_integer_weights_refused(tmp_path, state):
     bad = dict(state)
     bad["img_in.weight"] = torch.zeros(state["img_in.weight"].shape, dtype=torch.int8)
     save_file(bad, str(tmp_path / "int.safetensors"))
-    expect_error(tmp_path / "int.safetensors", kn.CheckpointError, "img_in.weight", "floating point")
+    expect_error(tmp_path / "int.safetensors", kn.CheckpointError, "img_in.weight", "must be F32/F16/BF16, or fp8")
 
 
 def test_missing_keys_are_listed(tmp_path, state):
