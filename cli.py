@@ -1,4 +1,4 @@
-"""`python -m klein_nodes <command>`: generate, doctor, inspect."""
+"""`python -m klein_nodes <command>`: generate, quantize, doctor, inspect."""
 
 import argparse
 import os
@@ -221,6 +221,15 @@ def load_reference(path):
         return image
 
 
+def quantize(args):
+    from .quant.convert import quantize_file
+
+    output, kind = quantize_file(args.source, args.output, args.type, args.tokenizer)
+    size = Path(output).stat().st_size
+    print(f"{output}: {kind.replace('_', ' ')} as {args.type}, {size / 2**30:.2f} GiB")
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m klein_nodes", description="FLUX.2 [klein] tools.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -246,6 +255,12 @@ def main(argv=None):
                      help="weight dtype (auto: bf16 on CUDA, the file's own dtype on CPU)")
     gen.add_argument("--tiny-random", action="store_true", help="tiny random models: checks the wiring, no weights needed")
     gen.set_defaults(run=generate)
+    qua = commands.add_parser("quantize", help="write a GGUF (Q8_0, Q6_K, Q5_K, Q4_K, Q4_0 ...) or fp8 safetensors file")
+    qua.add_argument("source", help="transformer (BFL/ComfyUI safetensors) or Qwen3 text encoder (safetensors)")
+    qua.add_argument("output", help="OUT.gguf, or OUT.safetensors for fp8; never overwritten")
+    qua.add_argument("--type", default="Q8_0", help="Q8_0, Q6_K, Q5_K, Q4_K, Q5_1, Q5_0, Q4_1, Q4_0 or fp8")
+    qua.add_argument("--tokenizer", help="text encoders: tokenizer folder to embed in the GGUF (found automatically)")
+    qua.set_defaults(run=quantize)
     doc = commands.add_parser("doctor", help="report torch/CUDA/VRAM, native quantized paths and klein model files")
     doc.add_argument("--comfyui", help="ComfyUI install folder to scan for model files")
     doc.set_defaults(run=doctor)
