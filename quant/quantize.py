@@ -17,9 +17,8 @@ def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep):
     x, weights = x.astype(np.float32), weights.astype(np.float32)
     low = np.minimum(x.min(axis=1), 0).astype(np.float32)
     high = x.max(axis=1)
-    span = high - low
-    flat = span == 0
-    span = np.where(flat, 1, span).astype(np.float32)
+    flat = high == low
+    span = np.where(flat, 1, high - low).astype(np.float32)
     sum_w = weights.sum(axis=1)
     sum_x = (weights * x).sum(axis=1)
 
@@ -28,12 +27,14 @@ def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep):
         return (weights * diff * diff).sum(axis=1)
 
     iscale = (nmax / span).astype(np.float32)
-    levels = np.clip(nearest_int(iscale[:, None] * (x - low[:, None])), 0, nmax)
+    levels = np.clip(nearest_int(iscale[:, None] * (x - low[:, None])), 0, nmax).astype(np.float32)
     scale, minimum = (1 / iscale).astype(np.float32), low
     best = error(levels, scale, minimum)
     for step in range(nstep + 1):
-        iscale = ((rmin + rdelta * step + nmax) / span).astype(np.float32)
-        trial = np.clip(nearest_int(iscale[:, None] * (x - low[:, None])), 0, nmax).astype(np.float32)
+        # each candidate spans from the best minimum found so far, as the reference loop does
+        span = np.where(flat, 1, high - minimum).astype(np.float32)
+        iscale = ((np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax)) / span).astype(np.float32)
+        trial = np.clip(nearest_int(iscale[:, None] * (x - minimum[:, None])), 0, nmax).astype(np.float32)
         sum_l, sum_l2, sum_xl = (weights * trial).sum(1), (weights * trial * trial).sum(1), (weights * trial * x).sum(1)
         det = sum_w * sum_l2 - sum_l * sum_l
         ok = det > 0
@@ -68,7 +69,7 @@ def k_quant_levels(x, nmax, rmin, nstep):
     av_x = np.sqrt((sub * sub).sum(axis=1, keepdims=True) / 32).astype(np.float32)
     _, scales, mins = make_qkx2_quants(sub, av_x + np.abs(sub), nmax, rmin, 0.1, nstep)
     scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
-    max_scale, max_min = scales.max(axis=1), mins.max(axis=1)
+    max_scale, max_min = scales.max(axis=1), np.maximum(mins.max(axis=1), 0)  # no -0.0 dmin for flat blocks
     inv_scale = np.where(max_scale > 0, 63 / np.where(max_scale > 0, max_scale, 1), 0).astype(np.float32)
     inv_min = np.where(max_min > 0, 63 / np.where(max_min > 0, max_min, 1), 0).astype(np.float32)
     ls = np.minimum(63, nearest_int(inv_scale[:, None] * scales)).astype(np.uint8)
@@ -109,7 +110,7 @@ def make_qx_quants(x, nmax):
     weights = x * x
 
     def levels_for(iscale):
-        return np.clip(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+        return np.clip(nearest_int(iscale[:, None] * x), -nmax, nmax - 1).astype(np.float32)  # keep float32 sums
 
     iscale = (-nmax / peak).astype(np.float32)
     levels = levels_for(iscale)
@@ -140,7 +141,8 @@ def quantize_q6_k(x):
     dl = d.astype(np.float32)[:, None] * sc.astype(np.float32)
     safe = np.where(dl == 0, 1, dl)
     levels = np.clip(nearest_int(x.reshape(n, 16, 16) / safe[..., None]), -32, 31) + 32
-    levels = np.where(dl[..., None] == 0, 32, levels).reshape(n, 2, 4, 32).astype(np.uint8)  # per 128: four runs of 32
+    levels = np.where(dl[..., None] == 0, 32, levels)
+    levels = np.where(empty[:, None, None], 0, levels).reshape(n, 2, 4, 32).astype(np.uint8)  # per 128: 4 runs of 32
     low, high = levels & 0x0F, levels >> 4
     ql = np.concatenate([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], axis=2).reshape(n, 128)
     qh = (high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)).reshape(n, 64)

@@ -27,8 +27,9 @@ def test_k_quant_errors_order_and_bounds():
     values = np.random.default_rng(0).standard_normal((32, 1024)).astype(np.float32)
     errors = {t: relative_error(values, t) for t in ("Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0")}
     assert errors["Q8_0"] < errors["Q6_K"] < errors["Q5_K"] < errors["Q4_K"] < errors["Q4_0"]
-    # llama.cpp's reference quantizer on unit Gaussians: about 0.072 / 0.036 / 0.018 relative RMSE
-    assert errors["Q4_K"] < 0.075 and errors["Q5_K"] < 0.038 and errors["Q6_K"] < 0.019
+    # llama.cpp's reference quantizer (ggml d99724f) on unit Gaussians, 512x4096: 0.07131 / 0.03611 / 0.01773
+    # relative RMSE (bench/RESULTS.md); on this sample ours must stay within ~0.5% of that
+    assert errors["Q4_K"] < 0.0717 and errors["Q5_K"] < 0.0365 and errors["Q6_K"] < 0.0179
 
 
 def test_scale_search_beats_min_max():
