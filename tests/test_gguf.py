@@ -148,3 +148,17 @@ def test_qwen3_gguf_rebuilds_its_tokenizer(tmp_path):
     from_metadata = kn.load_text_encoder(tmp_path / "lonely" / "qwen3.gguf", layers=(1, 2, 3))
     for prompt in ("a cat", "the dog\n\n<think> ünï 🐱", ""):
         assert from_metadata.tokenize(prompt, 64) == from_files.tokenize(prompt, 64)
+
+
+def test_resident_weights_are_the_file_bytes(tmp_path):
+    """A quantized model holds about the file's tensor bytes in memory, not the float size."""
+    state = transformer_state_dict(PARAMS, seed=9)
+    path = tmp_path / "klein-q4.gguf"
+    write_gguf(path, state, lambda n, t: "F32" if t.ndim == 1 else ("BF16" if "modulation" in n else "Q4_K"
+                                                                    if t.shape[-1] % 256 == 0 else "Q8_0"), "flux")
+    model = kn.load_transformer(path, dtype=torch.float32)
+    resident = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    file_bytes = sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors)
+    bf16_to_f32 = sum(v.numel() * 2 for k, v in state.items() if "modulation" in k)  # BF16 tensors computed in fp32
+    assert abs(resident - (file_bytes + bf16_to_f32)) <= 0.01 * file_bytes
+    assert resident < 0.45 * sum(v.numel() * 4 for v in state.values())

@@ -1,0 +1,96 @@
+"""Dequantization throughput per GGML type: gguf-py (numpy), our torch kernels, and the same kernels fused by
+torch.compile, side by side on the same klein-sized matrix (3072 x 3072). Outputs are checked identical first.
+On a CUDA GPU it also times our kernels on the GPU and a quantized Linear against a bf16 Linear at klein shapes.
+
+    python bench/dequant.py [--repeats 5] [--no-compile]
+"""
+
+import argparse
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from klein_nodes.quant.dequant import BLOCK_SIZES, DEQUANTIZERS, dequantize
+from klein_nodes.quant.linear import QuantizedLinear
+from klein_nodes.quant.quantize import quantize
+from klein_nodes.testing import ggml_pack
+
+TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q4_0", "Q5_1", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "BF16")
+
+
+def timed(fn, repeats):
+    fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def packed_matrix(qtype, rows, cols):
+    values = np.random.default_rng(0).standard_normal((rows, cols)).astype(np.float32)
+    try:
+        return quantize(values, qtype)
+    except (NotImplementedError, KeyError):
+        return ggml_pack(torch.from_numpy(values), qtype)
+
+
+def main():
+    import gguf
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    args = parser.parse_args()
+    rows = cols = 3072
+    print(f"{rows}x{cols} weights, fp32 output, {torch.get_num_threads()} CPU threads; median of {args.repeats}")
+    print(f"{'type':<8}{'gguf-py ms':>11}{'torch ms':>10}{'x gguf':>8}{'compiled ms':>13}{'x gguf':>8}")
+    for qtype in TYPES:
+        packed = np.ascontiguousarray(packed_matrix(qtype, rows, cols))
+        kind = gguf.GGMLQuantizationType[qtype]
+        data = torch.from_numpy(packed.copy()).reshape(-1)
+        expected = gguf.quants.dequantize(packed, kind)
+        assert np.array_equal(dequantize(data, qtype, (rows, cols)).numpy(), expected)
+        reference = timed(lambda: gguf.quants.dequantize(packed, kind), args.repeats)
+        ours = timed(lambda: dequantize(data, qtype, (rows, cols)), args.repeats)
+        line = f"{qtype:<8}{reference * 1e3:>11.1f}{ours * 1e3:>10.1f}{reference / ours:>8.2f}"
+        if not args.no_compile:
+            blocks = data.reshape(-1, BLOCK_SIZES[qtype][1])
+            compiled = torch.compile(DEQUANTIZERS[qtype], dynamic=True)
+            assert np.array_equal(compiled(blocks).reshape(rows, cols).numpy(), expected)
+            fused = timed(lambda: compiled(blocks), args.repeats)
+            line += f"{fused * 1e3:>13.1f}{reference / fused:>8.2f}"
+        print(line)
+    print("goal: >= 3x gguf-py on CPU")
+    if torch.cuda.is_available():
+        gpu_report(args.repeats)
+    else:
+        print("no CUDA device: GPU dequant and quantized-Linear timings skipped")
+    return 0
+
+
+def gpu_report(repeats):
+    """Our kernels on the GPU, and a quantized Linear vs a bf16 Linear at klein's shapes (4096 image + 512 text tokens)."""
+    print(f"\nGPU: {torch.cuda.get_device_name()}")
+    x = torch.randn(4608, 3072, device="cuda", dtype=torch.bfloat16)
+    for out_features, in_features in ((9216, 3072), (3072, 12288), (27648, 3072)):
+        weight = torch.randn(out_features, in_features) * 0.02
+        dense = torch.nn.Linear(in_features, out_features, bias=False, device="cuda", dtype=torch.bfloat16)
+        dense.weight.data.copy_(weight)
+        x_in = x if in_features == 3072 else torch.randn(4608, in_features, device="cuda", dtype=torch.bfloat16)
+        base = timed(lambda: dense(x_in), repeats)
+        for qtype in ("Q8_0", "Q4_K", "Q6_K"):
+            packed = torch.from_numpy(np.ascontiguousarray(quantize(weight.numpy(), qtype))).reshape(-1).cuda()
+            layer = QuantizedLinear(packed, qtype, in_features, out_features)
+            print(f"({out_features}x{in_features}) {qtype}: quantized Linear {timed(lambda: layer(x_in), repeats) * 1e3:.2f} ms, "
+                  f"bf16 Linear {base * 1e3:.2f} ms")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
