@@ -94,9 +94,9 @@ class Graph:
                 "groups": [], "config": {}, "extra": {"title": self.title}, "version": 0.4}
 
 
-def loaders(graph, model="flux-2-klein-4b.safetensors"):
+def loaders(graph, model="flux-2-klein-4b.safetensors", text_encoder="qwen_3_4b.safetensors"):
     model = graph.add("KleinTransformerLoader", model_name=model, weight_dtype="default")
-    text_encoder = graph.add("KleinTextEncoderLoader", text_encoder_name="qwen_3_4b.safetensors", weight_dtype="default")
+    text_encoder = graph.add("KleinTextEncoderLoader", text_encoder_name=text_encoder, weight_dtype="default")
     vae = graph.add("KleinVAELoader", vae_name="flux2-vae.safetensors", weight_dtype="default")
     return model, text_encoder, vae
 
@@ -162,6 +162,16 @@ def inpainting():
     return graph
 
 
+def low_vram_gguf():
+    graph = Graph("FLUX.2 klein 4B on 8 GB cards: Q4_K GGUF transformer and text encoder, tiled VAE when needed")
+    model, text_encoder, vae = loaders(graph, "flux-2-klein-4b-Q4_K.gguf", "qwen_3_4b-Q4_K.gguf")
+    prompt = graph.add("KleinTextEncode", text_encoder=(text_encoder, 0),
+                       text="A cozy reading nook by a rainy window, warm lamp light, film grain")
+    latent = graph.add("KleinEmptyLatent", width=1024, height=1024, aspect="4:3", megapixels=1.0, batch_size=1)
+    finish(graph, vae, sampler(graph, model, prompt, latent), "klein_gguf")
+    return graph
+
+
 def one_node():
     graph = Graph("FLUX.2 klein 4B: everything in one node")
     model, text_encoder, vae = loaders(graph)
@@ -179,6 +189,7 @@ WORKFLOWS = {
     "klein_edit_single_reference": lambda: reference_edit(1),
     "klein_compose_four_references": lambda: reference_edit(4),
     "klein_inpainting": inpainting,
+    "klein_low_vram_gguf": low_vram_gguf,
     "klein_generate_one_node": one_node,
 }
 

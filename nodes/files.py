@@ -23,10 +23,11 @@ def list_model_files(key):
 
 
 def model_path(key, name):
-    """Full path of `name` in the `key` folders; names that escape their folder are refused."""
+    """Full path of `name` in the `key` folders; names that escape their folder are refused (checked on the
+    normalised name, so files symlinked into a model folder are fine)."""
     for folder in model_folders(key):
-        base = os.path.realpath(folder)
-        path = os.path.realpath(os.path.join(base, name))
+        base = os.path.abspath(folder)
+        path = os.path.normpath(os.path.join(base, name))
         if os.path.commonpath((base, path)) != base:
             raise ValueError(f"{name}: refers to a file outside the {key} folder.")
         if os.path.isfile(path):

@@ -52,6 +52,10 @@ def test_transformer_loader_node(comfyui):
     assert model.params == TINY_TRANSFORMER and model.dtype == torch.float32
     with pytest.raises(ValueError, match="outside"):
         node().load(model_name="../../../etc/passwd")
+    shared = comfyui.parent.parent / "shared-models" / "klein.safetensors"  # models shared between installs
+    write_transformer(shared)
+    (comfyui / "diffusion_models" / "linked.safetensors").symlink_to(shared)
+    assert node().load(model_name="linked.safetensors")[0].params == TINY_TRANSFORMER
 
 
 def test_doctor_lists_klein_files(comfyui, capsys):

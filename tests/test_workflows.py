@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from klein_nodes.quant.convert import quantize_file
 from klein_nodes.testing import (TINY_QWEN3, TINY_VAE16, diffusers_vae, vae_diffusers_to_bfl, write_text_encoder,
                                  write_tokenizer, write_transformer)
 
@@ -27,16 +28,29 @@ def test_files_are_up_to_date():
     assert listed == sorted(NAMES)  # only UI workflows at the level ComfyUI lists
 
 
-@pytest.fixture()
-def models(comfyui):
-    """Tiny models under the file names the workflows use, and ComfyUI's bundled tokenizer."""
-    write_transformer(comfyui / "diffusion_models" / "flux-2-klein-4b.safetensors")
-    write_transformer(comfyui / "diffusion_models" / "flux-2-klein-base-4b.safetensors", seed=1)
-    write_text_encoder(comfyui / "text_encoders" / "qwen_3_4b.safetensors",
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    """Tiny models under the file names the workflows use (built once), and ComfyUI's bundled tokenizer."""
+    root = tmp_path_factory.mktemp("comfy-models")
+    models = root / "models"
+    write_transformer(models / "diffusion_models" / "flux-2-klein-4b.safetensors")
+    write_transformer(models / "diffusion_models" / "flux-2-klein-base-4b.safetensors", seed=1)
+    write_text_encoder(models / "text_encoders" / "qwen_3_4b.safetensors",
                        params=TINY_QWEN3.__class__(**{**TINY_QWEN3.__dict__, "num_layers": 28}))
-    write_tokenizer(comfyui.parent / "comfy" / "text_encoders" / "qwen25_tokenizer")
+    write_tokenizer(root / "comfy" / "text_encoders" / "qwen25_tokenizer")
     state = vae_diffusers_to_bfl(diffusers_vae(TINY_VAE16).state_dict(), TINY_VAE16)  # the nodes assume 16 px/latent
-    save_file({k: v.contiguous() for k, v in state.items()}, str(comfyui / "vae" / "flux2-vae.safetensors"))
+    (models / "vae").mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(models / "vae" / "flux2-vae.safetensors"))
+    for folder, name in (("diffusion_models", "flux-2-klein-4b"), ("text_encoders", "qwen_3_4b")):  # our own quantizer
+        quantize_file(models / folder / f"{name}.safetensors", models / folder / f"{name}-Q4_K.gguf", "Q4_K")
+    return root
+
+
+@pytest.fixture()
+def models(comfyui, model_files):
+    for path in (model_files / "models").rglob("*.*"):
+        (comfyui / path.parent.name / path.name).symlink_to(path)
+    (comfyui.parent / "comfy").symlink_to(model_files / "comfy")
     return comfyui
 
 
