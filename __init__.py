@@ -9,12 +9,12 @@ from .errors import CheckpointError, KleinError, WrongModelError
 from .loaders.text_encoder import ensure_text_encoder_fits, load_text_encoder
 from .loaders.transformer import load_transformer
 from .loaders.vae import load_vae
+from .provenance.save import save_images, verify_image
 from .sampling.pipeline import KleinPipeline
 from .sampling.sampler import Cancelled
-
-__version__ = "0.1.0"
+from .version import __version__
 __all__ = ["Cancelled", "CheckpointError", "KleinError", "KleinPipeline", "WrongModelError", "ensure_text_encoder_fits",
-           "load_text_encoder", "load_transformer", "load_vae", "quant", "__version__"]
+           "load_text_encoder", "load_transformer", "load_vae", "quant", "save_images", "verify_image", "__version__"]
 
 try:
     import comfy.utils  # noqa: F401  (present only inside ComfyUI)

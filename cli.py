@@ -1,4 +1,4 @@
-"""`python -m klein_nodes <command>`: generate, quantize, doctor, inspect."""
+"""`python -m klein_nodes <command>`: generate, quantize, verify, doctor, inspect."""
 
 import argparse
 import os
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from .version import __version__
 from .errors import KleinError
 from .loaders.detect import describe_file
 from .sampling.schedule import ASPECT_RATIOS
@@ -230,6 +230,20 @@ def quantize(args):
     return 0
 
 
+def verify(args):
+    import json
+
+    from .provenance.save import verify_image
+
+    anchor = Path(args.trust).read_bytes() if args.trust else None
+    status = 0
+    for path in args.files:
+        report = verify_image(path, anchor)
+        print(f"{path}: " + json.dumps(report))
+        status = max(status, 0 if report["c2pa"] in ("Valid", "Trusted") else 1)
+    return status
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m klein_nodes", description="FLUX.2 [klein] tools.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -261,6 +275,10 @@ def main(argv=None):
     qua.add_argument("--type", default="Q8_0", help="Q8_0, Q6_K, Q5_K, Q4_K, Q5_1, Q5_0, Q4_1, Q4_0 or fp8")
     qua.add_argument("--tokenizer", help="text encoders: tokenizer folder to embed in the GGUF (found automatically)")
     qua.set_defaults(run=quantize)
+    ver = commands.add_parser("verify", help="C2PA state, FLUX watermark bits and embedded workflow of image files")
+    ver.add_argument("files", nargs="+")
+    ver.add_argument("--trust", help="root certificate (PEM) to trust; default: the pack's local root")
+    ver.set_defaults(run=verify)
     doc = commands.add_parser("doctor", help="report torch/CUDA/VRAM, native quantized paths and klein model files")
     doc.add_argument("--comfyui", help="ComfyUI install folder to scan for model files")
     doc.set_defaults(run=doctor)

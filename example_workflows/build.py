@@ -172,6 +172,18 @@ def low_vram_gguf():
     return graph
 
 
+def watermark_and_save():
+    graph = Graph("FLUX.2 klein 4B: watermark and save with signed Content Credentials (C2PA)")
+    model, text_encoder, vae = loaders(graph)
+    prompt = graph.add("KleinTextEncode", text_encoder=(text_encoder, 0),
+                       text="A botanical illustration of a fern, ink and watercolor on cream paper")
+    latent = graph.add("KleinEmptyLatent", width=1024, height=1024, aspect="custom", megapixels=1.0, batch_size=1)
+    image = graph.add("KleinVAEDecode", vae=(vae, 0), latent=(sampler(graph, model, prompt, latent), 0), tiled="auto")
+    graph.add("KleinSave", images=(image, 0), filename_prefix="klein/signed", format="png", quality=80, watermark=True,
+              c2pa=True, allow_unsigned=False)
+    return graph
+
+
 def one_node():
     graph = Graph("FLUX.2 klein 4B: everything in one node")
     model, text_encoder, vae = loaders(graph)
@@ -190,6 +202,7 @@ WORKFLOWS = {
     "klein_compose_four_references": lambda: reference_edit(4),
     "klein_inpainting": inpainting,
     "klein_low_vram_gguf": low_vram_gguf,
+    "klein_watermark_and_save": watermark_and_save,
     "klein_generate_one_node": one_node,
 }
 

@@ -2,6 +2,7 @@
 
 from .conditioning import KleinTextEncode
 from .loaders import KleinTextEncoderLoader, KleinTransformerLoader, KleinVAELoader
+from .save import KleinSave, KleinVerify
 from .sampling import KleinEmptyLatent, KleinGenerate, KleinReferences, KleinSampler, KleinVAEDecode, KleinVAEEncode
 
 NODE_CLASS_MAPPINGS = {
@@ -15,6 +16,8 @@ NODE_CLASS_MAPPINGS = {
     "KleinVAEEncode": KleinVAEEncode,
     "KleinVAEDecode": KleinVAEDecode,
     "KleinGenerate": KleinGenerate,
+    "KleinSave": KleinSave,
+    "KleinVerify": KleinVerify,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "KleinTransformerLoader": "Klein Load Transformer",
@@ -27,4 +30,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "KleinVAEEncode": "Klein VAE Encode",
     "KleinVAEDecode": "Klein VAE Decode",
     "KleinGenerate": "Klein Generate",
+    "KleinSave": "Klein Watermark & Save",
+    "KleinVerify": "Klein Verify Image",
 }

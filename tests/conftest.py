@@ -19,6 +19,8 @@ def comfyui(monkeypatch, tmp_path):
     comfy.utils = utils
     folder_paths = types.ModuleType("folder_paths")
     folder_paths.get_folder_paths = lambda key: [str(p) for p in folders[key]]
+    folder_paths.get_output_directory = lambda: str(models.parent / "output")
+    folder_paths.get_user_directory = lambda: str(models.parent / "user")
     for name, module in (("comfy", comfy), ("comfy.utils", utils), ("folder_paths", folder_paths)):
         monkeypatch.setitem(sys.modules, name, module)
     return models

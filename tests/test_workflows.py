@@ -109,7 +109,11 @@ def run_api(graph, inputs_dir):
                 results[node_id] = ()
             else:
                 cls = NODE_CLASS_MAPPINGS[node["class_type"]]
-                results[node_id] = getattr(cls(), cls.FUNCTION)(**args)
+                output = getattr(cls(), cls.FUNCTION)(**args)
+                if isinstance(output, dict):  # output nodes: {"ui": ..., "result": ...}
+                    saved.extend(args["images"] for _ in output["ui"].get("images", [])[:1])
+                    output = output["result"]
+                results[node_id] = output
     return saved
 
 
@@ -124,5 +128,11 @@ def test_api_twin_runs(models, tmp_path, name):
     Image.fromarray(rgba, "RGBA").save(tmp_path / "inpaint_source.png")
     graph = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
     (images,) = run_api(graph, tmp_path)
+    if name == "klein_watermark_and_save":
+        from klein_nodes.provenance import c2pa_sign
+
+        (written,) = (models.parent / "output" / "klein").glob("signed_*_.png")
+        anchor = (models.parent / "user" / "klein_nodes" / "c2pa" / "root.pem").read_bytes()
+        assert c2pa_sign.verify(written, anchor)["state"] == "Trusted"
     assert images.ndim == 4 and images.shape[-1] == 3 and images.dtype == torch.float32
     assert 0 <= images.min() and images.max() <= 1 and images.std() > 0

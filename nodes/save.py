@@ -1,0 +1,86 @@
+"""Watermark & Save and Verify nodes."""
+
+import json
+import os
+
+from ..provenance.save import FORMATS, save_image_records, verify_image
+
+
+def comfy_output_directory():
+    import folder_paths  # ComfyUI only
+
+    return folder_paths.get_output_directory()
+
+
+def credentials_directory():
+    """The pack's signing credentials live in ComfyUI's user directory, never in the output folder."""
+    import folder_paths
+
+    return os.path.join(folder_paths.get_user_directory(), "klein_nodes", "c2pa")
+
+
+def metadata_disabled():
+    try:
+        from comfy.cli_args import args
+    except ImportError:
+        return False
+    return bool(getattr(args, "disable_metadata", False))
+
+
+class KleinSave:
+    DESCRIPTION = ("Saves images with BFL's invisible FLUX watermark (self-checked), a signed C2PA manifest "
+                   "(trainedAlgorithmicMedia; the prompt stays out of it) and ComfyUI's workflow metadata.")
+    CATEGORY = "klein"
+    RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("The images, passed through.",)
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "images": ("IMAGE", {"tooltip": "Images to save."}),
+                "filename_prefix": ("STRING", {"default": "klein", "tooltip": "File name prefix; 'folder/name' saves "
+                                                                             "into a subfolder of the output folder."}),
+                "format": (list(FORMATS), {"default": "png", "tooltip": "PNG keeps the watermark and loads the workflow "
+                                                                       "on drop; JPEG is saved 4:4:4 so the mark survives."}),
+                "quality": ("INT", {"default": 80, "min": 1, "max": 100,
+                                    "tooltip": "JPEG/WebP quality (the hosted klein APIs use 80). Ignored for PNG."}),
+                "watermark": ("BOOLEAN", {"default": True, "tooltip": "Embed the invisible FLUX watermark."}),
+                "c2pa": ("BOOLEAN", {"default": True, "tooltip": "Sign Content Credentials (C2PA) with the local "
+                                                                 "credentials (created on first use in ComfyUI's user folder)."}),
+                "allow_unsigned": ("BOOLEAN", {"default": False, "tooltip": "If signing is impossible, save unsigned "
+                                                                            "instead of failing."}),
+            },
+            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
+        }
+
+    def save(self, images, filename_prefix="klein", format="png", quality=80, watermark=True, c2pa=True,
+             allow_unsigned=False, prompt=None, extra_pnginfo=None):
+        records = save_image_records(images, comfy_output_directory(), filename_prefix, format, quality, watermark, c2pa,
+                                     prompt=prompt, extra_pnginfo=extra_pnginfo, credentials=credentials_directory(),
+                                     allow_unsigned=allow_unsigned, metadata_enabled=not metadata_disabled())
+        ui = [{"filename": r.path.name, "subfolder": r.subfolder, "type": "output"} for r in records]
+        return {"ui": {"images": ui}, "result": (images,)}
+
+
+class KleinVerify:
+    DESCRIPTION = "Reports an image file's C2PA state (Trusted/Valid/Invalid/None), FLUX watermark bits and embedded workflow."
+    CATEGORY = "klein"
+    RETURN_TYPES = ("STRING",)
+    OUTPUT_TOOLTIPS = ("The report as JSON.",)
+    FUNCTION = "verify"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"path": ("STRING", {"default": "", "tooltip": "Image file, absolute or relative to "
+                                                                           "ComfyUI's output folder."})}}
+
+    def verify(self, path):
+        full = path if os.path.isabs(path) else os.path.join(comfy_output_directory(), path)
+        anchor = os.path.join(credentials_directory(), "root.pem")
+        report = verify_image(full, open(anchor, "rb").read() if os.path.exists(anchor) else None)
+        text = json.dumps(report, indent=2)
+        return {"ui": {"text": [text]}, "result": (text,)}

@@ -1,0 +1,68 @@
+"""Encode an image with ComfyUI's workflow metadata: PNG tEXt chunks, or EXIF IFD0 for WebP and JPEG.
+
+PNG: tEXt `prompt` and one chunk per extra_pnginfo key (`workflow`). WebP/JPEG: ComfyUI's EXIF convention,
+0x0110 Model = "prompt:<json>", 0x010F Make = "workflow:<json>" (then 0x010E ... for further keys).
+"""
+
+import io
+import json
+import warnings
+
+from PIL import Image, PngImagePlugin
+
+MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+JPEG_EXIF_LIMIT = 65533  # one APP1 segment
+
+
+def metadata_items(prompt, extra_pnginfo):
+    items = [] if prompt is None else [("prompt", json.dumps(prompt))]
+    return items + [(key, json.dumps(value)) for key, value in (extra_pnginfo or {}).items()]
+
+
+def exif_for(image, items):
+    exif = image.getexif()
+    tag = 0x010F
+    for key, text in items:
+        if key == "prompt":
+            exif[0x0110] = f"prompt:{text}"
+        else:
+            exif[tag] = f"{key}:{text}"
+            tag -= 1
+    return exif
+
+
+def encode(rgb, fmt, quality=80, items=(), lossless_webp=False, jpeg_full_chroma=True):
+    """uint8 RGB array -> encoded bytes with the metadata items embedded (the file is signed after this)."""
+    image = Image.fromarray(rgb)
+    buffer = io.BytesIO()
+    if fmt == "png":
+        info = PngImagePlugin.PngInfo()
+        for key, text in items:
+            info.add_text(key, text)
+        image.save(buffer, "PNG", pnginfo=info, compress_level=4)
+    elif fmt == "webp":
+        image.save(buffer, "WEBP", quality=quality, lossless=lossless_webp, method=4, exif=exif_for(image, items))
+    elif fmt == "jpeg":
+        items = list(items)
+        while items and len(exif_for(image, items).tobytes()) > JPEG_EXIF_LIMIT:
+            dropped = items.pop(0)  # the prompt goes first, then the workflow
+            warnings.warn(f"JPEG EXIF is limited to 64 KB: the {dropped[0]} was not embedded (save PNG or WebP to keep it)",
+                          stacklevel=3)
+        image.save(buffer, "JPEG", quality=quality, subsampling=0 if jpeg_full_chroma else 2, exif=exif_for(image, items))
+    else:
+        raise ValueError(f"unknown format {fmt!r}; choose png, jpeg or webp")
+    return buffer.getvalue()
+
+
+def read_workflow(path):
+    """(prompt, workflow) JSON strings embedded by `encode`, or None where absent."""
+    with Image.open(path) as image:
+        if image.format == "PNG":
+            return image.info.get("prompt"), image.info.get("workflow")
+        found = {}
+        for value in image.getexif().values():
+            if isinstance(value, str) and ":" in value:
+                key, text = value.split(":", 1)
+                found.setdefault(key.lower(), text)
+        return found.get("prompt"), found.get("workflow")

@@ -1,0 +1,172 @@
+"""Watermark & save: uint8 -> watermark -> encode with ComfyUI metadata -> C2PA-sign -> atomic write.
+
+Nothing touches a file after it is signed (any later byte change invalidates the manifest).
+"""
+
+import io
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import KleinError
+from ..version import __version__
+from . import c2pa_sign, metadata, watermark
+
+log = logging.getLogger("klein_nodes")
+FORMATS = ("png", "jpeg", "webp")
+
+
+@dataclass
+class Saved:
+    path: Path
+    subfolder: str
+    watermark_bits: int | None  # matched bits in the written file, None when not watermarked
+    signed: bool
+    notes: list = field(default_factory=list)
+
+
+def to_uint8(image):
+    """An IMAGE tensor/array (H, W, 3) in [0, 1] -> uint8, as ComfyUI's SaveImage converts (truncating)."""
+    array = image.cpu().numpy() if hasattr(image, "cpu") else np.asarray(image)
+    return np.clip(255.0 * array, 0, 255).astype(np.uint8)
+
+
+def output_folder(directory, prefix):
+    """(folder, base name, subfolder) for a prefix like "klein" or "portraits/klein"; no escaping `directory`."""
+    directory = os.path.abspath(directory)
+    folder = os.path.normpath(os.path.join(directory, os.path.dirname(os.path.normpath(prefix))))
+    name = os.path.basename(os.path.normpath(prefix))
+    if os.path.commonpath((directory, folder)) != directory or not name or name in (".", ".."):
+        raise KleinError(f"filename prefix {prefix!r} points outside the output folder {directory}")
+    return folder, name, os.path.relpath(folder, directory) if folder != directory else ""
+
+
+def next_counter(folder, name):
+    """One past the largest counter of `<name>_<digits>_...` files in `folder`, whatever their extension."""
+    pattern = re.compile(rf"^{re.escape(name)}_(\d+)_")
+    counters = [int(m.group(1)) for f in (os.listdir(folder) if os.path.isdir(folder) else []) if (m := pattern.match(f))]
+    return max(counters, default=0) + 1
+
+
+def write_new(folder, name, counter, extension, data):
+    """Write `data` as `<name>_<counter:05>_.<ext>` without ever replacing a file: temp file, then a hard link
+    (atomic, fails if the name exists: then the next counter is tried)."""
+    os.makedirs(folder, exist_ok=True)
+    temp = Path(folder) / f".{name}.{os.getpid()}.tmp"
+    temp.write_bytes(data)
+    try:
+        while True:
+            target = Path(folder) / f"{name}_{counter:05}_.{extension}"
+            try:
+                os.link(temp, target)
+                return target, counter
+            except FileExistsError:
+                counter += 1
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def prepare(image, fmt, quality, do_watermark, items):
+    """Watermarked (when asked and large enough) and encoded bytes, the matched bits read back, and notes."""
+    rgb, notes = to_uint8(image), []
+    marked = False
+    if do_watermark:
+        if rgb.shape[0] * rgb.shape[1] < watermark.MIN_PIXELS:
+            notes.append(f"watermark skipped: {rgb.shape[1]}x{rgb.shape[0]} is below the 256x256 minimum")
+        else:
+            rgb, marked = watermark.embed(rgb), True
+    data = metadata.encode(rgb, fmt, quality, items)
+    bits = None
+    if marked:  # self-check on what is actually written: lossy formats and dark content can erase the mark
+        bits = watermark.matched_bits(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+        if bits < watermark.DETECTED_AT:
+            notes.append(f"watermark embedded but only {bits}/{len(watermark.FLUX_BITS)} bits read back "
+                         f"({'lossy ' + fmt if fmt != 'png' else 'dark or flat content'}); it will not be detected")
+    return data, bits, notes
+
+
+def save_images(images, directory, prefix="klein", format="png", quality=80, watermark=True, c2pa=True, prompt=None,
+                workflow=None, credentials=None, allow_unsigned=False, metadata_enabled=True, extra_pnginfo=None):
+    """Save (B, H, W, 3) images in [0, 1]; returns the written paths. See `save_image_records` for details."""
+    return [record.path for record in save_image_records(
+        images, directory, prefix, format, quality, watermark, c2pa, prompt, workflow, credentials, allow_unsigned,
+        metadata_enabled, extra_pnginfo)]
+
+
+def save_image_records(images, directory, prefix="klein", format="png", quality=80, watermark=True, c2pa=True,
+                       prompt=None, workflow=None, credentials=None, allow_unsigned=False, metadata_enabled=True,
+                       extra_pnginfo=None):
+    """Save images as `<prefix>_<counter:05>_.<ext>`: optional FLUX watermark (self-checked), ComfyUI metadata
+    (prompt/workflow; none when `metadata_enabled` is False, as with --disable-metadata), a signed C2PA manifest.
+    If signing is impossible and `allow_unsigned` is False, nothing is written and KleinError is raised."""
+    fmt = {"jpg": "jpeg"}.get(format.lower(), format.lower())
+    if fmt not in FORMATS:
+        raise KleinError(f"format {format!r} is not supported; choose png, jpeg or webp")
+    if not 1 <= int(quality) <= 100:
+        raise KleinError(f"quality must be 1-100, got {quality}")
+    extra = dict(extra_pnginfo or {})
+    if workflow is not None:
+        extra["workflow"] = workflow
+    items = metadata.metadata_items(prompt, extra) if metadata_enabled else []
+    folder, name, subfolder = output_folder(directory, prefix)
+    signer = signing_credentials(c2pa, credentials, allow_unsigned)
+    prepared = [prepare(image, fmt, quality, watermark, items) for image in images]
+    records, counter = [], next_counter(folder, name)
+    for data, bits, notes in prepared:
+        signed = False
+        if signer is not None:
+            try:
+                data = c2pa_sign.sign(data, metadata.MIME[fmt], f"{name}_{counter:05}_.{metadata.EXTENSIONS[fmt]}", signer,
+                                      __version__)
+                signed = True
+            except Exception as e:  # c2pa raises its own error types; the message is what the user needs
+                if not allow_unsigned:
+                    raise KleinError(f"C2PA signing failed ({e}); nothing was written for this image. Allow unsigned "
+                                     "saving to write it without Content Credentials.") from None
+                notes.append(f"saved unsigned: C2PA signing failed ({e})")
+        path, counter = write_new(folder, name, counter, metadata.EXTENSIONS[fmt], data)
+        counter += 1
+        for note in notes:
+            log.warning("klein save: %s: %s", path.name, note)
+        records.append(Saved(path, subfolder, bits, signed, notes))
+    return records
+
+
+def signing_credentials(enabled, credentials, allow_unsigned):
+    if not enabled:
+        return None
+    try:
+        import c2pa  # noqa: F401
+        return c2pa_sign.load_credentials(credentials)
+    except (ImportError, OSError, KleinError, ValueError) as e:
+        if allow_unsigned:
+            log.warning("klein save: saving without C2PA (%s)", e)
+            return None
+        raise KleinError(f"C2PA signing is not available ({e}). Install c2pa-python, fix the credentials, or allow "
+                         "unsigned saving.") from None
+
+
+def verify_image(path, trust_anchor=None):
+    """{"c2pa": Trusted/Valid/Invalid/None, "c2pa_codes": [...], "watermark_bits": n of 46 (or None when too small),
+    "watermark_detected": bool, "workflow": bool, "prompt": bool}. The pack's local root is the default trust anchor."""
+    if trust_anchor is None:
+        root = c2pa_sign.default_credentials_dir() / "root.pem"
+        trust_anchor = root.read_bytes() if root.exists() else None
+    try:
+        report = c2pa_sign.verify(path, trust_anchor)
+    except ImportError:
+        report = {"state": "unknown (c2pa-python is not installed)", "codes": []}
+    try:
+        rgb = np.asarray(Image.open(path).convert("RGB"))
+        bits = watermark.matched_bits(rgb) if rgb.shape[0] * rgb.shape[1] >= watermark.MIN_PIXELS else None
+        prompt, workflow = metadata.read_workflow(path)
+    except OSError:  # pixels that cannot be decoded (truncated or damaged file)
+        bits, prompt, workflow = None, None, None
+    return {"c2pa": report["state"], "c2pa_codes": report["codes"], "watermark_bits": bits,
+            "watermark_total": len(watermark.FLUX_BITS), "watermark_detected": bits is not None and bits >= watermark.DETECTED_AT,
+            "workflow": workflow is not None, "prompt": prompt is not None}

@@ -1,0 +1,165 @@
+"""Watermark & save: naming, metadata, C2PA signing and verification, failure handling, never overwriting."""
+
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import klein_nodes as kn
+from klein_nodes.provenance import c2pa_sign, metadata, watermark
+from klein_nodes.provenance.save import save_image_records
+
+c2pa = pytest.importorskip("c2pa")
+PROMPT = {"3": {"class_type": "KleinSampler", "inputs": {"seed": 42}}}
+WORKFLOW = {"nodes": [{"id": 3, "type": "KleinSampler"}], "links": []}
+
+
+def pictures(batch=2, size=(320, 384), seed=0):
+    rng = np.random.default_rng(seed)
+    coarse = torch.from_numpy(rng.random((batch, 3, 10, 12)).astype(np.float32))
+    return torch.nn.functional.interpolate(coarse, size=size, mode="bicubic").clamp(0, 1).permute(0, 2, 3, 1)
+
+
+@pytest.fixture()
+def credentials(tmp_path):
+    return tmp_path / "credentials"
+
+
+@pytest.mark.parametrize("fmt,extension", [("png", "png"), ("jpeg", "jpg"), ("webp", "webp")])
+def test_saved_files_are_signed_watermarked_and_carry_the_workflow(tmp_path, credentials, fmt, extension):
+    paths = kn.save_images(pictures(), tmp_path / "out", prefix="portraits/klein", format=fmt, quality=95,
+                           prompt=PROMPT, workflow=WORKFLOW, credentials=credentials)
+    assert [p.name for p in paths] == [f"klein_00001_.{extension}", f"klein_00002_.{extension}"]
+    assert all(p.parent == tmp_path / "out" / "portraits" for p in paths)
+    root = (credentials / "root.pem").read_bytes()
+    for path in paths:
+        report = kn.verify_image(path, trust_anchor=root)
+        assert report["c2pa"] == "Trusted" and report["c2pa_codes"] == []
+        assert report["workflow"] and report["prompt"]
+        assert json.loads(metadata.read_workflow(path)[1]) == WORKFLOW
+        if fmt != "webp":  # lossy WebP erases the mark (the save reports it); PNG and JPEG 4:4:4 q95 keep it
+            assert report["watermark_detected"]
+        untrusted = c2pa_sign.verify(path)
+        assert untrusted["state"] == "Valid" and untrusted["codes"] == ["signingCredential.untrusted"]
+        assert untrusted["manifest"]["assertions"][0]["data"]["actions"][0]["digitalSourceType"].endswith(
+            "trainedAlgorithmicMedia")
+        assert "prompt" not in json.dumps(untrusted["manifest"])  # the manifest keeps the workflow private
+
+
+def test_metadata_written_before_signing_and_any_later_change_is_detected(tmp_path, credentials):
+    (path,) = kn.save_images(pictures(1), tmp_path, credentials=credentials, prompt=PROMPT)
+    data = path.read_bytes()
+    assert b'"seed": 42' in data
+    path.write_bytes(data.replace(b'"seed": 42', b'"seed": 43'))  # edit the embedded prompt after signing
+    report = kn.verify_image(path, trust_anchor=(credentials / "root.pem").read_bytes())
+    assert report["c2pa"] == "Invalid" and "assertion.dataHash.mismatch" in report["c2pa_codes"]
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(data[: len(data) // 2])
+    assert kn.verify_image(truncated)["watermark_bits"] is None
+
+
+def test_counter_continues_across_formats_and_never_overwrites(tmp_path, credentials):
+    (tmp_path / "klein_00007_.webp").write_bytes(b"someone else's file")
+    (first,) = kn.save_images(pictures(1), tmp_path, format="png", credentials=credentials)
+    assert first.name == "klein_00008_.png"
+    assert (tmp_path / "klein_00007_.webp").read_bytes() == b"someone else's file"
+    (second,) = kn.save_images(pictures(1), tmp_path, format="jpeg", credentials=credentials)
+    assert second.name == "klein_00009_.jpg"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_path_traversal_and_bad_options_are_refused(tmp_path):
+    for prefix in ("../escape", "/etc/klein", "a/../../b"):
+        with pytest.raises(kn.KleinError, match="outside the output folder"):
+            kn.save_images(pictures(1), tmp_path / "out", prefix=prefix, c2pa=False)
+    with pytest.raises(kn.KleinError, match="quality must be 1-100"):
+        kn.save_images(pictures(1), tmp_path, quality=0, c2pa=False)
+    with pytest.raises(kn.KleinError, match="format 'gif'"):
+        kn.save_images(pictures(1), tmp_path, format="gif", c2pa=False)
+
+
+def test_without_c2pa_nothing_is_written_unless_allowed(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "c2pa", None)  # import c2pa now fails
+    with pytest.raises(kn.KleinError, match="C2PA signing is not available"):
+        kn.save_images(pictures(1), tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    (path,) = kn.save_images(pictures(1), tmp_path / "out", allow_unsigned=True)
+    assert path.exists()
+
+
+def test_signing_failure_writes_nothing(tmp_path, credentials, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("the certificate is invalid")
+    monkeypatch.setattr(c2pa_sign, "sign", broken)
+    with pytest.raises(kn.KleinError, match="signing failed .the certificate is invalid.; nothing was written"):
+        kn.save_images(pictures(1), tmp_path / "out", credentials=credentials)
+    assert not list((tmp_path / "out").glob("*.png"))
+    (record,) = save_image_records(pictures(1), tmp_path / "out", credentials=credentials, allow_unsigned=True)
+    assert not record.signed and "saved unsigned" in record.notes[0]
+
+
+def test_disable_metadata_and_small_images(tmp_path, credentials):
+    (record,) = save_image_records(pictures(1, size=(128, 160)), tmp_path, prompt=PROMPT, workflow=WORKFLOW,
+                                   credentials=credentials, metadata_enabled=False)
+    assert metadata.read_workflow(record.path) == (None, None)
+    assert record.watermark_bits is None and "watermark skipped" in record.notes[0]
+    assert kn.verify_image(record.path)["watermark_bits"] is None
+
+
+def test_lossy_format_reports_a_lost_watermark(tmp_path, credentials):
+    (record,) = save_image_records(pictures(1, size=(512, 512)), tmp_path, format="webp", quality=60,
+                                   credentials=credentials)
+    assert record.watermark_bits < watermark.DETECTED_AT and "will not be detected" in record.notes[0]
+
+
+def test_user_credentials_and_private_key_permissions(tmp_path):
+    folder = c2pa_sign.create_credentials(tmp_path / "mine")
+    assert (folder / "signer.key").stat().st_mode & 0o077 == 0
+    own = {"chain": folder / "chain.pem", "key": folder / "signer.key"}
+    (path,) = kn.save_images(pictures(1), tmp_path / "out", credentials=own)
+    assert c2pa_sign.verify(path, (folder / "root.pem").read_bytes())["state"] == "Trusted"
+    with pytest.raises(kn.KleinError, match="readable 'chain' and 'key'"):
+        kn.save_images(pictures(1), tmp_path / "out", credentials={"chain": tmp_path / "missing.pem"})
+
+
+def test_unsigned_file_verifies_as_none(tmp_path):
+    path = tmp_path / "plain.png"
+    Image.fromarray(np.zeros((300, 300, 3), dtype=np.uint8)).save(path)
+    report = kn.verify_image(path)
+    assert report["c2pa"] == "None" and not report["workflow"] and not report["watermark_detected"]
+
+
+def test_save_and_verify_nodes(comfyui, monkeypatch):
+    from klein_nodes.nodes import NODE_CLASS_MAPPINGS
+
+    save, verify = NODE_CLASS_MAPPINGS["KleinSave"], NODE_CLASS_MAPPINGS["KleinVerify"]
+    assert all("tooltip" in options for _, options in save.INPUT_TYPES()["required"].values())
+    out = save().save(pictures(1), "batch/klein", "png", 80, True, True, False, prompt=PROMPT,
+                      extra_pnginfo={"workflow": WORKFLOW})
+    (entry,) = out["ui"]["images"]
+    assert entry == {"filename": "klein_00001_.png", "subfolder": "batch", "type": "output"}
+    assert out["result"][0].shape == (1, 320, 384, 3)
+    assert (comfyui.parent / "user" / "klein_nodes" / "c2pa" / "signer.key").exists()  # credentials: user folder
+    assert not list((comfyui.parent / "output").rglob("*.pem")) and not list((comfyui.parent / "output").rglob("*.key"))
+    report = json.loads(verify().verify("batch/klein_00001_.png")["result"][0])
+    assert report["c2pa"] == "Trusted" and report["workflow"] and report["prompt"]
+    cli_args = types.ModuleType("comfy.cli_args")
+    cli_args.args = types.SimpleNamespace(disable_metadata=True)
+    monkeypatch.setitem(sys.modules, "comfy.cli_args", cli_args)
+    save().save(pictures(1), "batch/klein", prompt=PROMPT, extra_pnginfo={"workflow": WORKFLOW})
+    assert metadata.read_workflow(comfyui.parent / "output" / "batch" / "klein_00002_.png") == (None, None)
+
+
+def test_verify_command(tmp_path, credentials, capsys):
+    from klein_nodes.cli import main
+
+    (path,) = kn.save_images(pictures(1), tmp_path, credentials=credentials, workflow=WORKFLOW)
+    assert main(["verify", str(path), "--trust", str(credentials / "root.pem")]) == 0
+    assert '"c2pa": "Trusted"' in capsys.readouterr().out
+    plain = tmp_path / "plain.png"
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(plain)
+    assert main(["verify", str(plain)]) == 1
