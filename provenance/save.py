@@ -30,9 +30,19 @@ class Saved:
     notes: list = field(default_factory=list)
 
 
-def to_uint8(image):
-    """An IMAGE tensor/array (H, W, 3) in [0, 1] -> uint8, as ComfyUI's SaveImage converts (truncating)."""
-    array = image.cpu().numpy() if hasattr(image, "cpu") else np.asarray(image)
+def to_uint8(image, notes):
+    """An IMAGE tensor/array (H, W, C) in [0, 1] -> uint8 RGB, as ComfyUI's SaveImage converts (truncating).
+    Grey is replicated; an alpha channel is composited on white (noted), as references are."""
+    array = image.float().cpu().numpy() if hasattr(image, "cpu") else np.asarray(image, dtype=np.float32)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.shape[-1] in (2, 4):
+        array = array[..., :-1] * array[..., -1:] + (1 - array[..., -1:])
+        notes.append("alpha channel composited on white")
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] != 3:
+        raise KleinError(f"images must be (H, W, 1-4 channels); got shape {array.shape}")
     return np.clip(255.0 * array, 0, 255).astype(np.uint8)
 
 
@@ -56,9 +66,12 @@ def next_counter(folder, name):
 def write_new(folder, name, counter, extension, data):
     """Write `data` as `<name>_<counter:05>_.<ext>` without ever replacing a file: temp file, then a hard link
     (atomic, fails if the name exists: then the next counter is tried)."""
-    os.makedirs(folder, exist_ok=True)
     temp = Path(folder) / f".{name}.{os.getpid()}.tmp"
-    temp.write_bytes(data)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        temp.write_bytes(data)
+    except OSError as e:
+        raise KleinError(f"cannot write to {folder}: {e.strerror or e}") from None
     try:
         while True:
             target = Path(folder) / f"{name}_{counter:05}_.{extension}"
@@ -73,8 +86,8 @@ def write_new(folder, name, counter, extension, data):
 
 def prepare(image, fmt, quality, do_watermark, items):
     """Watermarked (when asked and large enough) and encoded bytes, the matched bits read back, and notes."""
-    rgb, notes = to_uint8(image), []
-    marked = False
+    notes = []
+    rgb, marked = to_uint8(image, notes), False
     if do_watermark:
         if rgb.shape[0] * rgb.shape[1] < watermark.MIN_PIXELS:
             notes.append(f"watermark skipped: {rgb.shape[1]}x{rgb.shape[0]} is below the 256x256 minimum")

@@ -163,3 +163,81 @@ def test_verify_command(tmp_path, credentials, capsys):
     plain = tmp_path / "plain.png"
     Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(plain)
     assert main(["verify", str(plain)]) == 1
+
+
+def natural(size=1024, seed=3):
+    """A natural-looking test image: soft shapes, edges and fine texture (not flat, not pure noise)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    image = np.stack([0.5 + 0.3 * np.sin(6 * x + 2 * c) * np.cos(4 * y - c) for c in range(3)], -1)
+    for _ in range(12):
+        cy, cx, r = rng.random(3) * [1, 1, 0.2]
+        image[(y - cy) ** 2 + (x - cx) ** 2 < r * r] = rng.random(3)
+    image += rng.normal(0, 0.04, image.shape)
+    return torch.from_numpy(np.clip(image, 0, 1).astype(np.float32))[None]
+
+
+def test_png_watermark_reads_back_with_imwatermark(tmp_path, credentials):
+    imwatermark = pytest.importorskip("imwatermark")
+    decoder = imwatermark.WatermarkDecoder("bits", len(watermark.FLUX_BITS))
+    for seed in (3, 4):
+        (path,) = kn.save_images(natural(seed=seed), tmp_path, credentials=credentials)
+        bgr = np.asarray(Image.open(path).convert("RGB"))[..., ::-1].copy()
+        matched = sum(int(a) == b for a, b in zip(decoder.decode(bgr, "dwtDct"), watermark.FLUX_BITS))
+        assert matched >= 44, (seed, matched)
+
+
+def test_odd_inputs(tmp_path, credentials):
+    (tiny,) = save_image_records(torch.rand(1, 1, 1, 3), tmp_path, credentials=credentials)
+    assert Image.open(tiny.path).size == (1, 1) and "watermark skipped" in tiny.notes[0] and tiny.signed
+    rgba = torch.rand(1, 300, 300, 4)
+    rgba[..., 3] = 0  # fully transparent: white
+    (record,) = save_image_records(rgba, tmp_path, credentials=credentials, watermark=False)
+    assert "alpha channel composited on white" in record.notes
+    assert np.asarray(Image.open(record.path)).min() == 255
+    huge = torch.rand(1, 4320, 7680, 3) * 0.2 + 0.4
+    (big,) = save_image_records(huge, tmp_path, format="jpeg", quality=90, credentials=credentials)
+    assert Image.open(big.path).size == (7680, 4320) and big.signed and big.watermark_bits is not None
+
+
+def test_unwritable_folder(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(kn.KleinError, match="cannot write to"):
+        kn.save_images(pictures(1), blocker / "out", c2pa=False)
+
+
+def expired_credentials(folder):
+    """Credentials whose signing certificate expired yesterday."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    c2pa_sign.create_credentials(folder)
+    leaf = x509.load_pem_x509_certificate((folder / "chain.pem").read_bytes())
+    key = serialization.load_pem_private_key((folder / "signer.key").read_bytes(), None)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = x509.CertificateBuilder().subject_name(leaf.subject).issuer_name(leaf.subject).public_key(key.public_key())
+    builder = builder.serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=30))
+    builder = builder.not_valid_after(now - datetime.timedelta(days=1))
+    for extension in leaf.extensions:
+        if not isinstance(extension.value, x509.AuthorityKeyIdentifier):
+            builder = builder.add_extension(extension.value, extension.critical)
+    builder = builder.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), False)
+    (folder / "chain.pem").write_bytes(builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    return folder
+
+
+@pytest.mark.parametrize("damage", ["corrupt key", "corrupt certificate", "expired certificate"])
+def test_bad_credentials_fail_cleanly(tmp_path, damage):
+    folder = tmp_path / "creds"
+    if damage == "expired certificate":
+        expired_credentials(folder)
+    else:
+        c2pa_sign.create_credentials(folder)
+        target = folder / ("signer.key" if damage == "corrupt key" else "chain.pem")
+        target.write_bytes(target.read_bytes()[:60] + b"garbage" + target.read_bytes()[90:])
+    with pytest.raises(kn.KleinError, match="nothing was written"):
+        kn.save_images(pictures(1), tmp_path / "out", credentials=folder)
+    assert not list((tmp_path / "out").glob("*.png")) if (tmp_path / "out").exists() else True
