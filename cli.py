@@ -171,16 +171,6 @@ def output_paths(output, count):
     return paths
 
 
-def save_image(image, path):
-    """Write atomically (temp file + rename) so an interrupted run leaves no partial image."""
-    from PIL import Image
-
-    array = (image.clamp(0, 1).numpy() * 255).round().astype("uint8")
-    temp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(temp, format={".jpg": "JPEG", ".jpeg": "JPEG"}.get(path.suffix.lower(), path.suffix[1:].upper()))
-    os.replace(temp, path)
-
-
 def generate(args):
     from .loaders.text_encoder import load_text_encoder
     from .loaders.transformer import load_transformer
@@ -206,8 +196,13 @@ def generate(args):
                       batch_size=args.batch, callback=progress)
     for note in pipeline.notes:
         print(f"note: {note}", file=sys.stderr)
+    from .provenance.save import save_file
+
     for image, path in zip(images, paths):
-        save_image(image, path)
+        record = save_file(image, path, quality=args.quality, watermark=not args.no_watermark, c2pa=not args.no_c2pa,
+                           prompt={"prompt": args.prompt, "seed": pipeline.last_seed}, allow_unsigned=args.allow_unsigned)
+        for note in record.notes:
+            print(f"note: {path.name}: {note}", file=sys.stderr)
         print(path)
     print(f"seed {pipeline.last_seed}", file=sys.stderr)
     return 0
@@ -268,6 +263,10 @@ def main(argv=None):
     gen.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                      help="weight dtype (auto: bf16 on CUDA, the file's own dtype on CPU)")
     gen.add_argument("--tiny-random", action="store_true", help="tiny random models: checks the wiring, no weights needed")
+    gen.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality 1-100")
+    gen.add_argument("--no-watermark", action="store_true", help="skip the invisible FLUX watermark")
+    gen.add_argument("--no-c2pa", action="store_true", help="skip the signed C2PA manifest")
+    gen.add_argument("--allow-unsigned", action="store_true", help="save unsigned if C2PA signing is impossible")
     gen.set_defaults(run=generate)
     qua = commands.add_parser("quantize", help="write a GGUF (Q8_0, Q6_K, Q5_K, Q4_K, Q4_0 ...) or fp8 safetensors file")
     qua.add_argument("source", help="transformer (BFL/ComfyUI safetensors) or Qwen3 text encoder (safetensors)")

@@ -131,23 +131,51 @@ def save_image_records(images, directory, prefix="klein", format="png", quality=
     prepared = [prepare(image, fmt, quality, watermark, items) for image in images]
     records, counter = [], next_counter(folder, name)
     for data, bits, notes in prepared:
-        signed = False
-        if signer is not None:
-            try:
-                data = c2pa_sign.sign(data, metadata.MIME[fmt], f"{name}_{counter:05}_.{metadata.EXTENSIONS[fmt]}", signer,
-                                      __version__)
-                signed = True
-            except Exception as e:  # c2pa raises its own error types; the message is what the user needs
-                if not allow_unsigned:
-                    raise KleinError(f"C2PA signing failed ({e}); nothing was written for this image. Allow unsigned "
-                                     "saving to write it without Content Credentials.") from None
-                notes.append(f"saved unsigned: C2PA signing failed ({e})")
+        data, signed = sign_or_note(data, fmt, f"{name}_{counter:05}_.{metadata.EXTENSIONS[fmt]}", signer, allow_unsigned,
+                                    notes)
         path, counter = write_new(folder, name, counter, metadata.EXTENSIONS[fmt], data)
         counter += 1
         for note in notes:
             log.warning("klein save: %s: %s", path.name, note)
         records.append(Saved(path, subfolder, bits, signed, notes))
     return records
+
+
+def sign_or_note(data, fmt, title, signer, allow_unsigned, notes):
+    """(bytes, signed): C2PA-signed bytes, or the unsigned bytes with a note when that is allowed."""
+    if signer is None:
+        return data, False
+    try:
+        return c2pa_sign.sign(data, metadata.MIME[fmt], title, signer, __version__), True
+    except Exception as e:  # c2pa raises its own error types; the message is what the user needs
+        if not allow_unsigned:
+            raise KleinError(f"C2PA signing failed ({e}); nothing was written for this image. Allow unsigned "
+                             "saving to write it without Content Credentials.") from None
+        notes.append(f"saved unsigned: C2PA signing failed ({e})")
+        return data, False
+
+
+def save_file(image, path, quality=90, watermark=True, c2pa=True, prompt=None, credentials=None, allow_unsigned=False):
+    """One image to exactly `path` (format from the extension), same steps as `save_image_records`; an existing
+    file is never replaced. Returns the Saved record."""
+    path = Path(path)
+    fmt = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(path.suffix.lower())
+    if fmt is None:
+        raise KleinError(f"{path}: the output must end in .png, .jpg or .webp")
+    signer = signing_credentials(c2pa, credentials, allow_unsigned)
+    data, bits, notes = prepare(image, fmt, quality, watermark, metadata.metadata_items(prompt, {}))
+    data, signed = sign_or_note(data, fmt, path.name, signer, allow_unsigned, notes)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temp.write_bytes(data)
+        os.link(temp, path)
+    except FileExistsError:
+        raise KleinError(f"{path} already exists; choose another output name") from None
+    except OSError as e:
+        raise KleinError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        temp.unlink(missing_ok=True)
+    return Saved(path, "", bits, signed, notes)
 
 
 def signing_credentials(enabled, credentials, allow_unsigned):

@@ -24,3 +24,9 @@ def comfyui(monkeypatch, tmp_path):
     for name, module in (("comfy", comfy), ("comfy.utils", utils), ("folder_paths", folder_paths)):
         monkeypatch.setitem(sys.modules, name, module)
     return models
+
+
+@pytest.fixture(autouse=True)
+def private_config(monkeypatch, tmp_path_factory):
+    """Signing credentials created by tests go to a temporary folder, never to the real ~/.config."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config")))

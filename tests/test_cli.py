@@ -1,5 +1,6 @@
 """`python -m klein_nodes generate`: tiny random models, models found in a ComfyUI install, bad outputs."""
 
+import os
 import subprocess
 import sys
 
@@ -12,19 +13,27 @@ from klein_nodes.testing import write_tiny_model_set
 
 def test_generate_tiny_random_in_a_fresh_process(tmp_path):
     out = tmp_path / "fox.png"
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
     proc = subprocess.run([sys.executable, "-m", "klein_nodes", "generate", "a red fox", "-o", str(out), "--tiny-random",
-                           "--aspect", "4:3", "--megapixels", "0.1", "--seed", "5"], capture_output=True, text=True)
+                           "--aspect", "4:3", "--megapixels", "0.1", "--seed", "5"], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "seed 5" in proc.stderr and "step 4/4" in proc.stderr
     assert Image.open(out).size == (368, 272)
+    assert (tmp_path / "config" / "klein_nodes" / "c2pa" / "signer.key").exists()
+    from klein_nodes.provenance.save import verify_image
+
+    anchor = (tmp_path / "config" / "klein_nodes" / "c2pa" / "root.pem").read_bytes()
+    report = verify_image(out, anchor)
+    assert report["c2pa"] == "Trusted" and report["prompt"] and report["watermark_bits"] is not None
 
 
-def test_generate_finds_models_in_comfyui_and_never_overwrites(tmp_path, capsys, recwarn):
+def test_generate_finds_models_in_comfyui_and_never_overwrites(tmp_path, capsys, recwarn, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     write_tiny_model_set(tmp_path / "ComfyUI")
     reference = tmp_path / "ref.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(reference)
     args = ["generate", "a cat", "-o", str(tmp_path / "cat.png"), "--comfyui", str(tmp_path / "ComfyUI"),
-            "--width", "100", "--height", "64", "--batch", "2", "--seed", "1", "--ref", str(reference)]
+            "--width", "100", "--height", "64", "--batch", "2", "--seed", "1", "--ref", str(reference), "--no-c2pa"]
     assert main(args) == 0
     assert "rounded to 96x64" in str(recwarn.pop(UserWarning).message)
     captured = capsys.readouterr()
