@@ -348,3 +348,15 @@ def write_gguf(path, state, types, arch, rename=lambda name: name, metadata=None
     writer.write_tensors_to_file()
     writer.close()
     return twin
+
+
+def sample_forward(model, height=2, width=3, text_tokens=5, sigma=0.5, seed=0):
+    """One transformer forward on seeded random tokens (image grid height x width, `text_tokens` of context)."""
+    from .sampling.packing import image_ids, text_ids
+
+    generator = torch.Generator().manual_seed(seed)
+    params = model.params
+    x = torch.randn(1, height * width, params.in_channels, generator=generator)
+    ctx = torch.randn(1, text_tokens, params.context_in_dim, generator=generator)
+    with torch.inference_mode():
+        return model(x, image_ids(height, width)[None], torch.tensor([sigma]), ctx, text_ids(text_tokens)[None])

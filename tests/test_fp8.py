@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 
 import klein_nodes as kn
 from klein_nodes.quant.fp8 import Fp8Linear, native_fp8
-from klein_nodes.testing import TINY_QWEN3, TINY_TRANSFORMER, qwen3_state_dict, transformer_state_dict, write_tokenizer
+from klein_nodes.testing import (TINY_QWEN3, TINY_TRANSFORMER, qwen3_state_dict, sample_forward, transformer_state_dict,
+                                 write_tokenizer)
 
 
 def is_block_linear(name, tensor):
@@ -42,15 +43,6 @@ def to_fp8(state, select, style):
     return tensors, metadata, twin
 
 
-def run(model):
-    generator = torch.Generator().manual_seed(0)
-    x, ctx = torch.randn(1, 6, 128, generator=generator), torch.randn(1, 5, 96, generator=generator)
-    ids = torch.cartesian_prod(torch.tensor([0]), torch.arange(2), torch.arange(3), torch.tensor([0]))
-    txt = torch.cartesian_prod(torch.tensor([0]), torch.tensor([0]), torch.tensor([0]), torch.arange(5))
-    with torch.inference_mode():
-        return model(x, ids[None], torch.tensor([0.5]), ctx, txt[None]).float()
-
-
 @pytest.mark.parametrize("style", ["bfl", "comfy_quant", "header", "scaled_fp8"])
 def test_fp8_transformer_matches_its_twin(tmp_path, style):
     tensors, metadata, twin = to_fp8(transformer_state_dict(TINY_TRANSFORMER, seed=2), is_block_linear, style)
@@ -61,7 +53,7 @@ def test_fp8_transformer_matches_its_twin(tmp_path, style):
     layers = [m for m in fp8.modules() if isinstance(m, Fp8Linear)]
     assert len(layers) == 2 * 8 + 2 * 2 and all(m.weight.dtype == torch.float8_e4m3fn for m in layers)
     assert "fp8, 20 layers" in fp8.description
-    assert (run(fp8) - run(reference)).abs().max() <= 1e-5
+    assert (sample_forward(fp8) - sample_forward(reference)).abs().max() <= 1e-5
 
 
 def test_fp8_without_scale_is_refused(tmp_path):

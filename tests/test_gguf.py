@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 import klein_nodes as kn
 from klein_nodes.models.transformer import Flux2Params
 from klein_nodes.quant.linear import QuantizedEmbedding, QuantizedLinear
-from klein_nodes.testing import (QWEN3_GGUF_NAMES, TINY_QWEN3, qwen3_config, qwen3_state_dict, transformer_state_dict,
-                                 write_gguf, write_tokenizer)
+from klein_nodes.testing import (QWEN3_GGUF_NAMES, TINY_QWEN3, qwen3_config, qwen3_state_dict, sample_forward,
+                                 transformer_state_dict, write_gguf, write_tokenizer)
 
 gguf = pytest.importorskip("gguf")
 # rows of 256 so every K-quant fits; 2 heads of 128 as in klein
@@ -29,15 +29,6 @@ def transformer_types(name, tensor, counter=iter(range(10**6))):
     return CYCLE[next(counter) % len(CYCLE)]
 
 
-def run(model, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    x, ctx = torch.randn(1, 12, 128, generator=generator), torch.randn(1, 7, 96, generator=generator)
-    ids = torch.cartesian_prod(torch.tensor([0]), torch.arange(3), torch.arange(4), torch.tensor([0]))
-    txt = torch.cartesian_prod(torch.tensor([0]), torch.tensor([0]), torch.tensor([0]), torch.arange(7))
-    with torch.inference_mode():
-        return model(x, ids[None], torch.tensor([0.6]), ctx, txt[None])
-
-
 @pytest.mark.parametrize("prefix,arch", [("", "flux"), ("model.diffusion_model.", "flux")])
 def test_transformer_gguf_matches_its_float_twin(tmp_path, prefix, arch):
     state = transformer_state_dict(PARAMS, seed=4)
@@ -48,7 +39,7 @@ def test_transformer_gguf_matches_its_float_twin(tmp_path, prefix, arch):
     used = {m.qtype for m in quantized.modules() if isinstance(m, QuantizedLinear)}
     assert used == set(CYCLE)
     assert "GGUF" in quantized.description
-    assert (run(quantized) - run(reference)).abs().max() <= 1e-5
+    assert (sample_forward(quantized, 3, 4, 7, 0.6) - sample_forward(reference, 3, 4, 7, 0.6)).abs().max() <= 1e-5
     packed = sum(m.packed.numel() for m in quantized.modules() if isinstance(m, QuantizedLinear))
     assert packed < sum(v.numel() for k, v in state.items() if v.ndim == 2) * 0.6  # stayed packed (≤ ~4.5 bits here)
 
@@ -65,7 +56,7 @@ def test_bf16_compute_and_memory(tmp_path):
     write_gguf(tmp_path / "klein.gguf", state, lambda n, t: "F32" if t.ndim == 1 else "Q4_0", "flux")
     model = kn.load_transformer(tmp_path / "klein.gguf")
     assert model.dtype == torch.bfloat16
-    out = run(model)
+    out = sample_forward(model, 3, 4, 7, 0.6)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 

@@ -10,7 +10,7 @@ from klein_nodes.models.transformer import Flux2Params
 from klein_nodes.quant.fp8 import Fp8Linear
 from klein_nodes.quant.linear import QuantizedLinear
 from klein_nodes.quant.quantize import make_qkx2_quants, quantize
-from klein_nodes.testing import write_text_encoder, write_tokenizer, write_transformer
+from klein_nodes.testing import sample_forward, write_text_encoder, write_tokenizer, write_transformer
 
 gguf = pytest.importorskip("gguf")
 PARAMS = Flux2Params(in_channels=128, out_channels=128, context_in_dim=96, hidden_size=256, num_heads=2, depth=1,
@@ -51,15 +51,6 @@ def test_flat_and_zero_blocks():
         assert np.abs(back - values).max() < 0.01, qtype
 
 
-def run(model):
-    generator = torch.Generator().manual_seed(0)
-    x, ctx = torch.randn(1, 6, 128, generator=generator), torch.randn(1, 5, 96, generator=generator)
-    ids = torch.cartesian_prod(torch.tensor([0]), torch.arange(2), torch.arange(3), torch.tensor([0]))
-    txt = torch.cartesian_prod(torch.tensor([0]), torch.tensor([0]), torch.tensor([0]), torch.arange(5))
-    with torch.inference_mode():
-        return model(x, ids[None], torch.tensor([0.5]), ctx, txt[None]).float()
-
-
 @pytest.mark.parametrize("qtype,suffix,tolerance", [("Q4_K", "gguf", 0.2), ("Q6_K", "gguf", 0.05), ("Q8_0", "gguf", 0.02),
                                                     ("fp8", "safetensors", 0.1)])
 def test_transformer_round_trip(tmp_path, qtype, suffix, tolerance, capsys):
@@ -74,8 +65,8 @@ def test_transformer_round_trip(tmp_path, qtype, suffix, tolerance, capsys):
     if qtype != "fp8":
         assert {m.qtype for m in layers} == {qtype}
         assert len(gguf.GGUFReader(str(output)).tensors) == len(kn.load_transformer(source).state_dict())
-    reference = run(kn.load_transformer(source))
-    error = ((run(quantized) - reference).norm() / reference.norm()).item()
+    reference = sample_forward(kn.load_transformer(source))
+    error = ((sample_forward(quantized) - reference).norm() / reference.norm()).item()
     assert error < tolerance
     assert main(["quantize", str(source), str(output), "--type", qtype]) == 2  # never overwritten
 
