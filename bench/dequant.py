@@ -50,7 +50,8 @@ def main():
     args = parser.parse_args()
     rows = cols = 3072
     print(f"{rows}x{cols} weights, fp32 output, {torch.get_num_threads()} CPU threads; median of {args.repeats}")
-    print(f"{'type':<8}{'gguf-py ms':>11}{'torch ms':>10}{'x gguf':>8}{'compiled ms':>13}{'x gguf':>8}")
+    header = f"{'type':<8}{'gguf-py ms':>11}{'torch ms':>10}{'x gguf':>8}"
+    print(header + ("" if args.no_compile else f"{'compiled ms':>13}{'x gguf':>8}"))
     for qtype in TYPES:
         packed = np.ascontiguousarray(packed_matrix(qtype, rows, cols))
         kind = gguf.GGMLQuantizationType[qtype]

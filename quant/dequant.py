@@ -2,7 +2,8 @@
 
 Each function takes the packed blocks as a (n_blocks, type_size) uint8 tensor and returns (n_blocks, block_size)
 float32. The float32 operations and their order are those of the GGML reference (gguf-py), so results are
-bit-identical to `gguf.quants.dequantize`.
+bit-identical to `gguf.quants.dequantize`; the final scale/offset steps run in place on the freshly made values
+(allocating and faulting in a new full-size tensor per step costs as much as the arithmetic).
 """
 
 import torch
@@ -48,13 +49,13 @@ def low_high_bits(packed_u32, count):
 def dequant_q4_0(blocks):
     d = half(blocks, 0)
     q = nibbles(blocks[:, 2:], 1).reshape(blocks.shape[0], 32).to(torch.int8) - 8
-    return d * q.float()
+    return q.float().mul_(d)
 
 
 def dequant_q4_1(blocks):
     d, m = half(blocks, 0), half(blocks, 2)
     q = nibbles(blocks[:, 4:], 1).reshape(blocks.shape[0], 32).float()
-    return d * q + m
+    return q.mul_(d).add_(m)
 
 
 def q5_values(blocks, offset):
@@ -64,15 +65,15 @@ def q5_values(blocks, offset):
 
 
 def dequant_q5_0(blocks):
-    return half(blocks, 0) * (q5_values(blocks, 2).to(torch.int8) - 16).float()
+    return (q5_values(blocks, 2).to(torch.int8) - 16).float().mul_(half(blocks, 0))
 
 
 def dequant_q5_1(blocks):
-    return half(blocks, 0) * q5_values(blocks, 4).float() + half(blocks, 2)
+    return q5_values(blocks, 4).float().mul_(half(blocks, 0)).add_(half(blocks, 2))
 
 
 def dequant_q8_0(blocks):
-    return blocks[:, 2:].contiguous().view(torch.int8).float() * half(blocks, 0)
+    return blocks[:, 2:].view(torch.int8).float().mul_(half(blocks, 0))
 
 
 def dequant_q2_k(blocks):
@@ -82,7 +83,7 @@ def dequant_q2_k(blocks):
     dl = (d * (scales & 0x0F).float()).reshape(n, 16, 1)
     ml = (dmin * (scales >> 4).float()).reshape(n, 16, 1)
     q = bits(qs, 4, 2, groups=2).reshape(n, 16, 16).float()
-    return (dl * q - ml).reshape(n, QK_K)
+    return q.mul_(dl).sub_(ml).reshape(n, QK_K)
 
 
 def dequant_q3_k(blocks):
@@ -96,7 +97,7 @@ def dequant_q3_k(blocks):
     low_q = bits(qs, 4, 2, groups=2).reshape(n, 16, 16)
     high_q = bits(hmask, 8, 1).reshape(n, 16, 16) ^ 1  # a set mask bit means no -4 offset
     q = (low_q.to(torch.int8) - (high_q << 2).to(torch.int8)).float()
-    return (dl * q).reshape(n, QK_K)
+    return q.mul_(dl).reshape(n, QK_K)
 
 
 def k_scales(packed):
@@ -114,7 +115,7 @@ def dequant_q4_k(blocks):
     d = (half(blocks, 0) * scale).reshape(n, 8, 1)
     dm = (half(blocks, 2) * minimum).reshape(n, 8, 1)
     q = nibbles(blocks[:, 16:], 4).reshape(n, 8, 32).float()
-    return (d * q - dm).reshape(n, QK_K)
+    return q.mul_(d).sub_(dm).reshape(n, QK_K)
 
 
 def dequant_q5_k(blocks):
@@ -124,7 +125,7 @@ def dequant_q5_k(blocks):
     dm = (half(blocks, 2) * minimum).reshape(n, 8, 1)
     low = nibbles(blocks[:, 48:], 4).reshape(n, 8, 32)
     high = bits(blocks[:, 16:48], 8, 1).reshape(n, 8, 32)
-    return (d * (low | (high << 4)).float() - dm).reshape(n, QK_K)
+    return (low | (high << 4)).float().mul_(d).sub_(dm).reshape(n, QK_K)
 
 
 def dequant_q6_k(blocks):
@@ -135,7 +136,7 @@ def dequant_q6_k(blocks):
     low = nibbles(ql, 2).reshape(n, 8, 32)
     high = bits(qh, 4, 2, groups=2).reshape(n, 8, 32)
     q = ((low | (high << 4)).to(torch.int8) - 32).reshape(n, 16, 16).float()
-    return (d * q).reshape(n, QK_K)
+    return q.mul_(d).reshape(n, QK_K)
 
 
 def iq4_lookup(indices):
@@ -145,7 +146,7 @@ def iq4_lookup(indices):
 
 def dequant_iq4_nl(blocks):
     q = nibbles(blocks[:, 2:], 1).reshape(blocks.shape[0], 32)
-    return half(blocks, 0) * iq4_lookup(q)
+    return iq4_lookup(q).mul_(half(blocks, 0))
 
 
 def dequant_iq4_xs(blocks):
@@ -157,7 +158,7 @@ def dequant_iq4_xs(blocks):
     scales = ((low | (high << 4)).to(torch.int8) - 32).float()
     dl = (half(blocks, 0) * scales).reshape(n, 8, 1)
     q = nibbles(blocks[:, 8:], 8).reshape(n, 8, 32)
-    return (dl * iq4_lookup(q)).reshape(n, QK_K)
+    return iq4_lookup(q).mul_(dl).reshape(n, QK_K)
 
 
 DEQUANTIZERS = {
