@@ -1,0 +1,100 @@
+"""The memory planner's decisions (fake budgets) and block streaming's numerical identity."""
+
+import pytest
+import torch
+
+from klein_nodes.models.transformer import Flux2
+from klein_nodes.sampling.memory import module_bytes, plan, transformer_activation_bytes
+from klein_nodes.sampling.streaming import BlockStreamer
+from klein_nodes.testing import TINY_TRANSFORMER, sample_forward, transformer_state_dict
+
+GIB = 2**30
+BLOCKS = [0.25 * GIB] * 25  # klein 4B bf16: 5 double (0.49 GB) + 20 single (0.25 GB) blocks, simplified
+
+
+def klein_plan(free, device="cuda", transformer=7.75 * GIB, activations=1.2 * GIB, decode=3.0 * GIB):
+    return plan(free * GIB, 8.05 * GIB, transformer, BLOCKS if transformer > 3 * GIB else [0.09 * GIB] * 25,
+                0.17 * GIB, activations, decode, device)
+
+
+def test_everything_resident_on_a_big_card():
+    decision = klein_plan(80)
+    assert (decision.text_encoder, decision.transformer, decision.vae, decision.vae_tiled) == (
+        "resident", "resident", "resident", False)
+
+
+def test_one_component_at_a_time_on_a_mid_card():
+    decision = klein_plan(12)
+    assert (decision.text_encoder, decision.transformer, decision.vae) == ("offload", "offload", "offload")
+    assert not decision.vae_tiled and "one component at a time" in decision.describe()
+
+
+def test_streaming_on_an_8gb_card_with_bf16_weights():
+    decision = klein_plan(7.5)
+    assert decision.transformer == "stream" and 0 < decision.resident_blocks < len(BLOCKS)
+    assert "streams" in decision.describe()
+    more = klein_plan(7.9)
+    assert more.resident_blocks >= decision.resident_blocks  # more memory, more blocks stay
+
+
+def test_quantized_transformer_fits_an_8gb_card_without_streaming():
+    decision = klein_plan(7.5, transformer=2.3 * GIB)  # Q4_K
+    assert decision.transformer == "offload"
+
+
+def test_tiled_vae_when_decode_does_not_fit():
+    assert klein_plan(4, transformer=2.3 * GIB, activations=0.5 * GIB, decode=4.5 * GIB).vae_tiled
+    assert not klein_plan(12).vae_tiled
+
+
+def test_impossible_budget_explains():
+    with pytest.raises(MemoryError, match="lower the resolution or use a smaller quantization"):
+        klein_plan(1.0)
+
+
+def test_cpu_never_streams_and_tiles_only_when_ram_is_short():
+    assert klein_plan(64, device="cpu").describe().startswith("text encoder resident, transformer resident")
+    assert klein_plan(2, device="cpu", decode=3 * GIB).vae_tiled
+
+
+def test_activation_estimate_grows_with_tokens_and_cfg():
+    small = transformer_activation_bytes(TINY_TRANSFORMER, 1024)
+    assert transformer_activation_bytes(TINY_TRANSFORMER, 4096) > small
+    assert transformer_activation_bytes(TINY_TRANSFORMER, 1024, cfg=True) == 2 * small
+
+
+def model():
+    with torch.device("meta"):
+        module = Flux2(TINY_TRANSFORMER)
+    module.load_state_dict(transformer_state_dict(TINY_TRANSFORMER, seed=2), assign=True)
+    return module.eval()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("resident", [0, 1, 3])
+def test_streaming_is_numerically_identical(device, resident):
+    reference = model().to(device)
+    expected = [sample_forward(reference, seed=s).cpu() for s in range(2)]  # two "steps"
+    streamed = model()
+    weights_before = {n: p.data_ptr() for n, p in streamed.named_parameters()}
+    with BlockStreamer(streamed, device, resident_blocks=resident):
+        got = [sample_forward(streamed, seed=s).cpu() for s in range(2)]
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    if device == "cpu":
+        assert {n: p.data_ptr() for n, p in streamed.named_parameters()} == weights_before  # restored in place
+    assert module_bytes(streamed) == module_bytes(reference)
+
+
+def test_prefetch_order_follows_the_blocks_and_wraps_between_steps(monkeypatch):
+    order = []
+    original = BlockStreamer.prefetch
+    monkeypatch.setattr(BlockStreamer, "prefetch", lambda self, index: order.append(index % len(self.streamed))
+                        or original(self, index))
+    streamed = model()  # 2 double + 2 single blocks; 1 resident -> 3 streamed
+    with BlockStreamer(streamed, "cpu", resident_blocks=1) as running:
+        for step in range(2):
+            sample_forward(running, seed=step)
+    # enter: 0; each block: arrive (already in flight: the same index again) then leave -> the next one
+    assert [i for n, i in enumerate(order) if n == 0 or order[n - 1] != i] == [0, 1, 2, 0, 1, 2, 0]
