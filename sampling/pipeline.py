@@ -1,12 +1,13 @@
 """`KleinPipeline`: prompt (+ references) -> images, on the engine's own components."""
 
+import contextlib
 import logging
 
 import torch
 
 from ..errors import KleinError, WrongModelError
 from ..models.text_encoder import KLEIN_LAYERS
-from . import tiling
+from . import memory, tiling
 from .references import DEFAULT_MAX_PIXELS, image_size, prepare_image, prepare_references
 from .sampler import Conditioning, sample
 from .schedule import fit_size, get_schedule, initial_noise, resolve_seed
@@ -22,8 +23,17 @@ class KleinPipeline:
     change that was made.
     """
 
-    def __init__(self, transformer, text_encoder=None, vae=None, text_layers=KLEIN_LAYERS):
+    def __init__(self, transformer, text_encoder=None, vae=None, text_layers=KLEIN_LAYERS, device=None, memory="auto",
+                 resident_blocks=None):
+        """device: where to compute (components move there for their turn, as the memory plan says); None keeps
+        every component where it is. memory: "auto" plans from free memory, or force "resident", "offload" or
+        "stream" (with `resident_blocks` transformer blocks kept on the device)."""
         self.transformer, self.text_encoder, self.vae = transformer, text_encoder, vae
+        self.device = None if device is None else torch.device(device)
+        if memory not in ("auto", "resident", "offload", "stream"):
+            raise KleinError(f"memory must be auto, resident, offload or stream, not {memory!r}")
+        self.memory, self.resident_blocks = memory, resident_blocks
+        self.plan = None
         self.text_layers = tuple(text_layers)
         if text_encoder is not None:
             from ..loaders.text_encoder import ensure_text_encoder_fits
@@ -43,13 +53,15 @@ class KleinPipeline:
     def encode_prompt(self, prompts, max_length=512):
         if self.text_encoder is None:
             raise KleinError("no text encoder: pass prompt_embeds, or build the pipeline with text_encoder=")
-        return self.text_encoder.encode(prompts, max_length=max_length, layers=self.text_layers)
+        with self._turn(self.text_encoder.model, self.plan.text_encoder if self.plan else None):
+            return self.text_encoder.encode(prompts, max_length=max_length, layers=self.text_layers)
 
     def encode_images(self, images, max_pixels=DEFAULT_MAX_PIXELS, tiled="auto"):
         """Reference images -> ([(1, 128, h, w) latents], notes)."""
         if self.vae is None:
             raise KleinError("references need a VAE: build the pipeline with vae=")
-        return encode_references(self.vae, images, max_pixels, tiled)
+        with self._turn(self.vae, self.plan.vae if self.plan else None):
+            return encode_references(self.vae, images, max_pixels, tiled)
 
     def __call__(self, prompt=None, width=None, height=None, steps=4, guidance=1.0, seed=-1, negative_prompt="",
                  references=None, noise=None, prompt_embeds=None, negative_prompt_embeds=None, batch_size=1,
@@ -61,6 +73,7 @@ class KleinPipeline:
         `seed` (-1: random). image (+ mask, 1 = repaint) with denoise < 1: img2img / inpainting.
         """
         self.notes = []
+        self.plan = self._plan(width, height, noise, references, guidance > 1.0, batch_size)
         positive = self._conditioning(prompt, prompt_embeds)
         negative = None
         if guidance > 1.0:
@@ -85,9 +98,10 @@ class KleinPipeline:
         sigmas = get_schedule(steps, noise.shape[-2] * noise.shape[-1], denoise)
         references = tuple(reference_latents)
         per_prompt = lambda embeds: Conditioning(embeds.repeat_interleave(batch // embeds.shape[0], 0), references)  # noqa: E731
-        latents = sample(self.transformer, noise, per_prompt(positive), sigmas,
-                         negative=None if negative is None else per_prompt(negative), guidance=guidance,
-                         init_latents=init_latents, mask=latent_mask, callback=callback)
+        with self._turn(self.transformer, self.plan.transformer if self.plan else None):
+            latents = sample(self.transformer, noise, per_prompt(positive), sigmas,
+                             negative=None if negative is None else per_prompt(negative), guidance=guidance,
+                             init_latents=init_latents, mask=latent_mask, callback=callback)
         if output_type == "latent":
             return latents
         return self.decode(latents, tiled)
@@ -96,7 +110,62 @@ class KleinPipeline:
         """fp32 latents -> (B, H, W, 3) images in [0, 1]."""
         if self.vae is None:
             raise KleinError("decoding needs a VAE: build the pipeline with vae=")
-        return decode_images(self.vae, latents, tiled)
+        if tiled == "auto" and self.plan is not None and self.plan.vae_tiled:
+            tiled = True
+        with self._turn(self.vae, self.plan.vae if self.plan else None):
+            return decode_images(self.vae, latents, tiled)
+
+    def _plan(self, width, height, noise, references, cfg, batch_size):
+        """The memory plan for this call (None when the pipeline computes where its components already are)."""
+        if self.device is None:
+            return None
+        scale = self.pixels_per_latent
+        latent_h, latent_w = noise.shape[-2:] if noise is not None else ((height or 1024) // scale, (width or 1024) // scale)
+        blocks = list(self.transformer.double_blocks) + list(self.transformer.single_blocks)
+        text_encoder_bytes = memory.module_bytes(self.text_encoder.model) if self.text_encoder else 0
+        transformer_bytes = memory.module_bytes(self.transformer)
+        vae_bytes = memory.module_bytes(self.vae) if self.vae else 0
+        if self.memory != "auto":
+            offload = "resident" if self.memory == "resident" else "offload"
+            decision = memory.Plan(offload, self.memory, offload, False,
+                                   resident_blocks=self.resident_blocks if self.resident_blocks is not None else len(blocks) // 2)
+        else:
+            free = tiling.free_bytes(self.device)
+            if self.device.type == "cuda" and self._on_device():  # our own weights already hold part of the device
+                free += text_encoder_bytes + transformer_bytes + vae_bytes
+            tokens = latent_h * latent_w
+            activations = memory.transformer_activation_bytes(self.transformer.params, tokens, len(references or ()) * tokens,
+                                                              batch=batch_size, cfg=cfg, dtype_bytes=self.transformer.dtype.itemsize)
+            decode = tiling.decode_bytes(self.vae, torch.empty(batch_size, 128, latent_h, latent_w, device="meta")) if self.vae else 0
+            decision = memory.plan(free, text_encoder_bytes, transformer_bytes, [memory.module_bytes(b) for b in blocks],
+                                   vae_bytes, activations, decode, self.device.type)
+        log.info("klein memory plan: %s", decision.describe())
+        return decision
+
+    def _on_device(self):
+        return next(self.transformer.parameters()).device == self.device
+
+    @contextlib.contextmanager
+    def _turn(self, module, role):
+        """Run `module` on the pipeline's device for one step of the work, then offload it if the plan says so."""
+        if role is None:
+            yield
+            return
+        if role == "stream":
+            from .streaming import BlockStreamer
+
+            with BlockStreamer(module, self.device, self.plan.resident_blocks):
+                yield
+            module.to("cpu")
+            return
+        module.to(self.device)
+        try:
+            yield
+        finally:
+            if role == "offload":
+                module.to("cpu")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
 
     def _conditioning(self, prompt, embeds):
         if embeds is not None:

@@ -157,3 +157,21 @@ def test_cfg_needs_a_negative_and_fits_checks(repo, ours):
         wrong_vae = AutoEncoder(AutoEncoderParams(**{**TINY_VAE.__dict__, "z_channels": 16}))
     with pytest.raises(kn.WrongModelError, match="64-channel latents"):
         kn.KleinPipeline(ours.transformer, vae=wrong_vae)
+
+
+@pytest.mark.parametrize("memory", ["auto", "resident", "offload", "stream"])
+def test_memory_plans_give_the_same_images(repo, ours, memory):
+    """The planned paths (component turns, offloading, block streaming) change where weights live, not the maths."""
+    planned = kn.KleinPipeline(kn.load_transformer(repo), kn.load_text_encoder(repo, layers=LAYERS), kn.load_vae(repo),
+                               text_layers=LAYERS, device="cpu", memory=memory, resident_blocks=1)
+    expected = ours("a fox", width=48, height=32, seed=2, steps=2)
+    got = planned("a fox", width=48, height=32, seed=2, steps=2)
+    assert torch.equal(got, expected)
+    assert planned.plan.transformer == ("resident" if memory == "auto" else memory)
+    if memory == "auto":
+        assert "CPU: no offloading or streaming" in planned.plan.describe()
+
+
+def test_unknown_memory_mode(ours):
+    with pytest.raises(kn.KleinError, match="memory must be"):
+        kn.KleinPipeline(ours.transformer, memory="sometimes")
