@@ -183,9 +183,9 @@ def generate(args):
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else None, "bf16": torch.bfloat16,
              "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     model_path, text_encoder_path, vae_path = resolve_models(args)
-    pipeline = KleinPipeline(load_transformer(model_path, dtype=dtype, device=device),
-                             load_text_encoder(text_encoder_path, dtype=dtype, device=device),
-                             load_vae(vae_path, device=device))
+    # weights load (memory-mapped) on the CPU; the memory plan moves each component to the device for its turn
+    pipeline = KleinPipeline(load_transformer(model_path, dtype=dtype), load_text_encoder(text_encoder_path, dtype=dtype),
+                             load_vae(vae_path), device=device, memory=args.memory)
     width, height = (preset_size(args.aspect, args.megapixels) if args.aspect else (args.width, args.height))
 
     def progress(step):
@@ -196,6 +196,7 @@ def generate(args):
                       batch_size=args.batch, callback=progress)
     for note in pipeline.notes:
         print(f"note: {note}", file=sys.stderr)
+    print(f"memory plan: {pipeline.plan.describe()}", file=sys.stderr)
     from .provenance.save import save_file
 
     for image, path in zip(images, paths):
@@ -260,6 +261,9 @@ def main(argv=None):
     gen.add_argument("--vae", help="FLUX.2 VAE file or folder")
     gen.add_argument("--comfyui", help="ComfyUI install to find models in (or set COMFYUI_PATH)")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    gen.add_argument("--memory", default="auto", choices=("auto", "resident", "offload", "stream"),
+                     help="auto plans from free memory; or keep everything resident, offload each component after its "
+                          "turn, or stream transformer blocks")
     gen.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                      help="weight dtype (auto: bf16 on CUDA, the file's own dtype on CPU)")
     gen.add_argument("--tiny-random", action="store_true", help="tiny random models: checks the wiring, no weights needed")

@@ -18,6 +18,7 @@ def test_generate_tiny_random_in_a_fresh_process(tmp_path):
                            "--aspect", "4:3", "--megapixels", "0.1", "--seed", "5"], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "seed 5" in proc.stderr and "step 4/4" in proc.stderr
+    assert "memory plan: text encoder resident, transformer resident" in proc.stderr
     assert Image.open(out).size == (368, 272)
     assert (tmp_path / "config" / "klein_nodes" / "c2pa" / "signer.key").exists()
     from klein_nodes.provenance.save import verify_image
