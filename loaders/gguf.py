@@ -14,17 +14,39 @@ from .detect import identify
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 TRANSFORMER_ARCHS = ("flux", "")  # ComfyUI-GGUF writes "flux"; stable-diffusion.cpp writes none
-# llama.cpp tensor names -> Hugging Face Qwen3 names (without "model.")
-QWEN3_NAMES = [
-    (r"^token_embd\.weight$", "embed_tokens.weight"),
-    (r"^output_norm\.weight$", "norm.weight"),
-    (r"^blk\.(\d+)\.attn_norm\.weight$", r"layers.\1.input_layernorm.weight"),
-    (r"^blk\.(\d+)\.ffn_norm\.weight$", r"layers.\1.post_attention_layernorm.weight"),
-    (r"^blk\.(\d+)\.attn_(q|k|v)\.weight$", r"layers.\1.self_attn.\2_proj.weight"),
-    (r"^blk\.(\d+)\.attn_output\.weight$", r"layers.\1.self_attn.o_proj.weight"),
-    (r"^blk\.(\d+)\.attn_(q|k)_norm\.weight$", r"layers.\1.self_attn.\2_norm.weight"),
-    (r"^blk\.(\d+)\.ffn_(gate|up|down)\.weight$", r"layers.\1.mlp.\2_proj.weight"),
-]
+# llama.cpp tensor names <-> Hugging Face Qwen3 names; {i} is the layer
+QWEN3_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+    "blk.{i}.attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+
+
+def rename(name, table):
+    """Map a name through a {pattern: pattern} table whose patterns may hold a {i} layer index; None if unknown."""
+    for source, target in table.items():
+        match = re.fullmatch(re.escape(source).replace(r"\{i\}", r"(\d+)"), name)
+        if match:
+            return target.replace("{i}", match.group(1)) if match.groups() else target
+    return None
+
+
+def llama_to_hf(name):
+    return rename(name, QWEN3_NAMES)
+
+
+def hf_to_llama(name):
+    return rename(name, {hf: llama for llama, hf in QWEN3_NAMES.items()})
 
 
 class GGUFFile:
@@ -120,7 +142,7 @@ def load_gguf_transformer(path, dtype=None, device="cpu"):
 
 def load_gguf_text_encoder(path, tokenizer=None, dtype=None, device="cpu", layers=None):
     from ..models.text_encoder import KLEIN_LAYERS, KleinTextEncoder, Qwen3
-    from .text_encoder import params_from_shapes
+    from .text_encoder import params_from_shapes, strip
     from .tokenizer import find_tokenizer, load_tokenizer
 
     layers = layers or KLEIN_LAYERS
@@ -128,12 +150,7 @@ def load_gguf_text_encoder(path, tokenizer=None, dtype=None, device="cpu", layer
     arch = file.field("general.architecture", "")
     if not str(arch).startswith("qwen3"):
         raise WrongModelError(f"{path}: this GGUF holds a '{arch}' model, not a Qwen3 text encoder.")
-    names = {}
-    for name in file.tensors:
-        for pattern, replacement in QWEN3_NAMES:
-            if re.match(pattern, name):
-                names[re.sub(pattern, replacement, name)] = name
-                break
+    names = {strip(hf): name for name in file.tensors if (hf := llama_to_hf(name))}
     shapes = {new: file.tensors[old][1] for new, old in names.items()}
     available = 1 + max((int(m.group(1)) for k in shapes if (m := re.match(r"^layers\.(\d+)\.", k))), default=-1)
     if max(layers) > available:

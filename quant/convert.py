@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import KleinError
+from ..loaders.gguf import hf_to_llama
 from .dequant import BLOCK_SIZES
 from .quantize import quantize
 
@@ -16,16 +17,6 @@ GGUF_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
 OUTPUT_TYPES = GGUF_TYPES + ("fp8",)
 KEEP_BF16 = ("img_in.", "txt_in.", "time_in.", "guidance_in.", "final_layer.", "double_stream_modulation",
              "single_stream_modulation")
-QWEN3_TO_LLAMA = [  # Hugging Face -> llama.cpp tensor names (the inverse of loaders/gguf.py's table)
-    ("model.embed_tokens.weight", "token_embd.weight"), ("model.norm.weight", "output_norm.weight"),
-    (".input_layernorm.", ".attn_norm."), (".post_attention_layernorm.", ".ffn_norm."),
-    (".self_attn.q_proj.", ".attn_q."), (".self_attn.k_proj.", ".attn_k."), (".self_attn.v_proj.", ".attn_v."),
-    (".self_attn.o_proj.", ".attn_output."), (".self_attn.q_norm.", ".attn_q_norm."),
-    (".self_attn.k_norm.", ".attn_k_norm."), (".mlp.gate_proj.", ".ffn_gate."), (".mlp.up_proj.", ".ffn_up."),
-    (".mlp.down_proj.", ".ffn_down."), ("model.layers.", "blk."),
-]
-
-
 def tensor_type(name, tensor, qtype, text_encoder):
     """The GGML type a tensor is written in."""
     if tensor.ndim == 1:
@@ -53,12 +44,6 @@ def read_model(path):
         return "text_encoder", {name: ckpt.get(name) for name in ckpt.keys() if name != "lm_head.weight"}
     raise KleinError(f"{path}: this is {kind.description}; the quantizer takes a FLUX.2 transformer in the BFL/ComfyUI "
                      "layout or a Qwen3 text encoder (safetensors)")
-
-
-def llama_name(name):
-    for old, new in QWEN3_TO_LLAMA:
-        name = name.replace(old, new)
-    return name
 
 
 def text_encoder_metadata(writer, tensors, tokenizer_dir):
@@ -106,7 +91,10 @@ def write_gguf(path, kind, tensors, qtype, tokenizer_dir):
         kind_type = tensor_type(name, tensor, qtype, kind == "text_encoder")
         values = tensor.float().numpy()
         data = values if kind_type == "F32" else quantize(values, kind_type)
-        writer.add_tensor(llama_name(name) if kind == "text_encoder" else name, data,
+        target = hf_to_llama(name) if kind == "text_encoder" else name
+        if target is None:
+            raise KleinError(f"'{name}' has no llama.cpp name; is this a plain Qwen3 text encoder?")
+        writer.add_tensor(target, data,
                           raw_dtype=None if kind_type == "F32" else gguf.GGMLQuantizationType[kind_type])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

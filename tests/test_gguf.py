@@ -1,6 +1,5 @@
 """GGUF transformers and Qwen3 encoders load with weights kept packed and match their dequantized twins."""
 
-import re
 
 import numpy as np
 import pytest
@@ -10,7 +9,8 @@ from safetensors.torch import save_file
 import klein_nodes as kn
 from klein_nodes.models.transformer import Flux2Params
 from klein_nodes.quant.linear import QuantizedEmbedding, QuantizedLinear
-from klein_nodes.testing import (QWEN3_GGUF_NAMES, TINY_QWEN3, qwen3_config, qwen3_state_dict, sample_forward,
+from klein_nodes.loaders.gguf import hf_to_llama
+from klein_nodes.testing import (TINY_QWEN3, qwen3_config, qwen3_state_dict, sample_forward,
                                  transformer_state_dict, write_gguf, write_tokenizer)
 
 gguf = pytest.importorskip("gguf")
@@ -81,14 +81,6 @@ def test_wrong_arch_and_unsupported_type(tmp_path):
         kn.load_transformer(tmp_path / "cut.gguf")
 
 
-def qwen_name(name):
-    for hf, llama in QWEN3_GGUF_NAMES.items():
-        pattern = "^" + re.escape(hf).replace(r"\{i\}", r"(\d+)") + "$"
-        if re.match(pattern, name):
-            return re.sub(pattern, llama.replace("{i}", r"\1"), name)
-    raise KeyError(name)
-
-
 def write_qwen_gguf(path, tokenizer_dir, params=TINY_QWEN3):
     import json
 
@@ -107,7 +99,7 @@ def write_qwen_gguf(path, tokenizer_dir, params=TINY_QWEN3):
                 "tokenizer_model": "gpt2", "tokenizer_pre": "qwen2", "token_list": tokens,
                 "token_types": [3 if i in specials else 1 for i in range(len(tokens))], "token_merges": merges}
     types = lambda n, t: "F32" if t.ndim == 1 else ("Q8_0" if "embed" in n else ["Q4_0", "IQ4_NL", "BF16", "Q5_1"][hash(n) % 4])  # noqa: E731
-    return state, write_gguf(path, state, types, "qwen3", rename=qwen_name, metadata=metadata)
+    return state, write_gguf(path, state, types, "qwen3", rename=hf_to_llama, metadata=metadata)
 
 
 def test_qwen3_gguf_matches_transformers_reading_the_same_file(tmp_path):
