@@ -34,6 +34,7 @@ def test_pack_loads_under_its_folder_name_inside_comfyui(comfyui, tmp_path):
         assert set(module.NODE_CLASS_MAPPINGS) == set(module.NODE_DISPLAY_NAME_MAPPINGS)
         assert "KleinTransformerLoader" in module.NODE_CLASS_MAPPINGS
         assert module.load_transformer.__module__ == f"{folder.name}.loaders.transformer"
+        assert (folder / module.WEB_DIRECTORY / "klein_drop_jpeg.js").is_file()
     finally:
         for name in [n for n in sys.modules if n == folder.name or n.startswith(folder.name + ".")]:
             del sys.modules[name]

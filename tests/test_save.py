@@ -241,3 +241,22 @@ def test_bad_credentials_fail_cleanly(tmp_path, damage):
     with pytest.raises(kn.KleinError, match="nothing was written"):
         kn.save_images(pictures(1), tmp_path / "out", credentials=folder)
     assert not list((tmp_path / "out").glob("*.png")) if (tmp_path / "out").exists() else True
+
+
+@pytest.mark.skipif(__import__("shutil").which("node") is None, reason="needs Node.js")
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_frontend_reads_the_workflow_from_a_signed_jpeg(tmp_path, credentials, size):
+    """js/klein_exif.js (the drop handler's parser) finds the workflow and prompt in our signed JPEG's EXIF."""
+    import subprocess
+    from pathlib import Path
+
+    workflow = WORKFLOW if size == "small" else {"nodes": [{"id": i, "widgets_values": ["é" * 50]} for i in range(100)]}
+    (path,) = kn.save_images(pictures(1), tmp_path, format="jpeg", prompt=PROMPT, workflow=workflow,
+                             credentials=credentials)
+    module = Path(kn.__file__).parent / "js" / "klein_exif.js"
+    script = (f"import {{ readJpegMetadata }} from {json.dumps(module.as_uri())};"
+              f"import {{ readFileSync }} from 'node:fs';"
+              f"process.stdout.write(JSON.stringify(readJpegMetadata(readFileSync({json.dumps(str(path))}))));")
+    found = json.loads(subprocess.run(["node", "--input-type=module", "-e", script], capture_output=True, text=True,
+                                      check=True).stdout)
+    assert json.loads(found["workflow"]) == workflow and json.loads(found["prompt"]) == PROMPT
