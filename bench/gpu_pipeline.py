@@ -152,6 +152,9 @@ def budget_rows(fmt, tokenizer_dir):
     noise = torch.randn(1, 128, 64, 64, generator=torch.Generator().manual_seed(0))
     resident = kn.KleinPipeline(transformer, text_encoder, vae, device="cuda", memory="resident")
     resident_s = timed(lambda: resident(PROMPT, width=1024, height=1024, noise=noise), 1)
+    for module in (transformer, text_encoder.model, vae):  # back to CPU memory: the budgeted runs start from there
+        module.to("cpu")
+    text_encoder._cache.clear()
     for budget_gib in (12, 8):
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(budget_gib * GIB / total)
