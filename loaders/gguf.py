@@ -174,10 +174,9 @@ def load_gguf_text_encoder(path, tokenizer=None, dtype=None, device="cpu", layer
 
 def tokenizer_from_gguf(file):
     """A byte-level BPE tokenizer from the GGUF metadata (tokens, merges, control tokens)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
-    from tokenizers.models import BPE
+    from tokenizers import AddedToken
 
-    from .tokenizer import PRETOKENIZE_REGEX
+    from .tokenizer import qwen_bpe
 
     tokens = file.field("tokenizer.ggml.tokens")
     merges = file.field("tokenizer.ggml.merges")
@@ -185,14 +184,7 @@ def tokenizer_from_gguf(file):
         raise CheckpointError(f"{file.path}: no tokenizer files were found and the GGUF has no tokenizer metadata; "
                               "pass tokenizer=<folder with vocab.json + merges.txt>")
     types = file.field("tokenizer.ggml.token_type") or [1] * len(tokens)
-    vocab = {token: i for i, token in enumerate(tokens)}
-    tokenizer = Tokenizer(BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], dropout=None, unk_token=None,
-                              continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
-    tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer = qwen_bpe({token: i for i, token in enumerate(tokens)}, merges)
     # control (3) and user-defined (4) tokens such as <|im_start|> and <think> are matched whole, at their own ids
     tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)
                                   for token, kind in zip(tokens, types) if kind in (3, 4)])

@@ -59,10 +59,25 @@ def find_tokenizer(weights_path, tokenizer=None):
     )
 
 
+def qwen_bpe(vocab, merges):
+    """Qwen's byte-level BPE: NFC, the Qwen2 split regex, byte-level pre-tokenizer and decoder."""
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+
+    tokenizer = Tokenizer(BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], dropout=None, unk_token=None,
+                              continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
 def load_tokenizer(path):
     """A `tokenizers.Tokenizer` with the Qwen2 pre-tokenizer and every added token of the folder."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
-    from tokenizers.models import BPE
+    from tokenizers import AddedToken, Tokenizer
 
     path = Path(path)
     if path.is_file():
@@ -70,16 +85,9 @@ def load_tokenizer(path):
     if (path / "tokenizer.json").is_file():
         return Tokenizer.from_file(str(path / "tokenizer.json"))
     vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
-    merges = [tuple(line.split(" ")) for line in (path / "merges.txt").read_text(encoding="utf-8").splitlines()
+    merges = [line for line in (path / "merges.txt").read_text(encoding="utf-8").splitlines()
               if line and not line.startswith("#version")]
-    tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, continuing_subword_prefix="",
-                              end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
-    tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer = qwen_bpe(vocab, merges)
     config_path = path / "tokenizer_config.json"
     added = json.loads(config_path.read_text(encoding="utf-8")).get("added_tokens_decoder", {}) if config_path.is_file() else {}
     for token_id, token in sorted(added.items(), key=lambda item: int(item[0])):
