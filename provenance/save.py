@@ -4,9 +4,11 @@ Nothing touches a file after it is signed (any later byte change invalidates the
 """
 
 import io
+import itertools
 import logging
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,25 +65,34 @@ def next_counter(folder, name):
     return max(counters, default=0) + 1
 
 
-def write_new(folder, name, counter, extension, data):
-    """Write `data` as `<name>_<counter:05>_.<ext>` without ever replacing a file: temp file, then a hard link
-    (atomic, fails if the name exists: then the next counter is tried)."""
-    temp = Path(folder) / f".{name}.{os.getpid()}.tmp"
+def write_exclusive(folder, data, candidates):
+    """Write `data` to the first free path of `candidates` ((key, path) pairs) without ever replacing a file: a
+    temporary file, then a hard link (atomic, fails if the name exists). Returns (key, path), or None if none is free."""
     try:
         os.makedirs(folder, exist_ok=True)
-        temp.write_bytes(data)
+        handle, temp = tempfile.mkstemp(dir=folder, prefix=".klein-", suffix=".tmp")
+        temp = Path(temp)
+        with os.fdopen(handle, "wb") as f:
+            f.write(data)
     except OSError as e:
         raise KleinError(f"cannot write to {folder}: {e.strerror or e}") from None
     try:
-        while True:
-            target = Path(folder) / f"{name}_{counter:05}_.{extension}"
+        for key, path in candidates:
             try:
-                os.link(temp, target)
-                return target, counter
+                os.link(temp, path)
+                return key, path
             except FileExistsError:
-                counter += 1
+                continue
+        return None
     finally:
         temp.unlink(missing_ok=True)
+
+
+def write_new(folder, name, counter, extension, data):
+    """Write `data` as `<name>_<counter:05>_.<ext>`, taking the next counter while the name is in use."""
+    candidates = ((n, Path(folder) / f"{name}_{n:05}_.{extension}") for n in itertools.count(counter))
+    counter, target = write_exclusive(folder, data, candidates)
+    return target, counter
 
 
 def prepare(image, fmt, quality, do_watermark, items):
@@ -165,16 +176,8 @@ def save_file(image, path, quality=90, watermark=True, c2pa=True, prompt=None, c
     signer = signing_credentials(c2pa, credentials, allow_unsigned)
     data, bits, notes = prepare(image, fmt, quality, watermark, metadata.metadata_items(prompt, {}))
     data, signed = sign_or_note(data, fmt, path.name, signer, allow_unsigned, notes)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temp.write_bytes(data)
-        os.link(temp, path)
-    except FileExistsError:
-        raise KleinError(f"{path} already exists; choose another output name") from None
-    except OSError as e:
-        raise KleinError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        temp.unlink(missing_ok=True)
+    if write_exclusive(path.parent, data, [(None, path)]) is None:
+        raise KleinError(f"{path} already exists; choose another output name")
     return Saved(path, "", bits, signed, notes)
 
 
