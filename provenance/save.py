@@ -8,7 +8,7 @@ import itertools
 import logging
 import os
 import re
-import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,10 +70,8 @@ def write_exclusive(folder, data, candidates):
     temporary file, then a hard link (atomic, fails if the name exists). Returns (key, path), or None if none is free."""
     try:
         os.makedirs(folder, exist_ok=True)
-        handle, temp = tempfile.mkstemp(dir=folder, prefix=".klein-", suffix=".tmp")
-        temp = Path(temp)
-        with os.fdopen(handle, "wb") as f:
-            f.write(data)
+        temp = Path(folder) / f".klein-{uuid.uuid4().hex}.tmp"  # unique; created with the usual (umask) permissions
+        temp.write_bytes(data)
     except OSError as e:
         raise KleinError(f"cannot write to {folder}: {e.strerror or e}") from None
     try:

@@ -260,3 +260,14 @@ def test_frontend_reads_the_workflow_from_a_signed_jpeg(tmp_path, credentials, s
     found = json.loads(subprocess.run(["node", "--input-type=module", "-e", script], capture_output=True, text=True,
                                       check=True).stdout)
     assert json.loads(found["workflow"]) == workflow and json.loads(found["prompt"]) == PROMPT
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path, credentials):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        (path,) = kn.save_images(pictures(1), tmp_path, credentials=credentials)
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
