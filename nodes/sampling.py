@@ -113,8 +113,6 @@ class KleinSampler:
         batch, _, height, width = samples.shape
         mask = latent.get("noise_mask")
         init = samples if denoise < 1.0 or mask is not None else None
-        if mask is not None:
-            mask = F.interpolate(mask.float().reshape(-1, 1, *mask.shape[-2:]), size=(height, width), mode="bilinear")
         if guidance > 1.0 and negative is None:
             raise KleinError("guidance > 1 needs a negative conditioning: connect a Klein Text Encode (an empty prompt "
                              "for the base models), or set guidance to 1.0 for the distilled models")

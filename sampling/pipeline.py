@@ -92,9 +92,8 @@ class KleinPipeline:
             self.last_seed = resolve_seed(seed)
             log.info("klein: seed %d", self.last_seed)
             noise = initial_noise(self.last_seed, batch, self.transformer.params.in_channels, height // scale, width // scale)
-        init_latents = latent_mask = None
-        if image is not None:
-            init_latents, latent_mask = self._init(image, mask, width, height, tiled)
+        init_latents = None if image is None else self._init(image, width, height, tiled)
+        latent_mask = None if image is None else mask
         sigmas = get_schedule(steps, noise.shape[-2] * noise.shape[-1], denoise)
         references = tuple(reference_latents)
         per_prompt = lambda embeds: Conditioning(embeds.repeat_interleave(batch // embeds.shape[0], 0), references)  # noqa: E731
@@ -184,17 +183,12 @@ class KleinPipeline:
         self.notes += notes
         return width, height
 
-    def _init(self, image, mask, width, height, tiled):
-        """img2img / inpainting inputs: the image encoded at the output size and the mask at latent size."""
+    def _init(self, image, width, height, tiled):
+        """The img2img / inpainting source encoded at the output size."""
         pixels, notes = prepare_image(image, width, height)
         self.notes += notes
         device = next(self.vae.parameters()).device
-        latents = tiling.encode(self.vae, pixels.to(device), tiled)
-        if mask is None:
-            return latents, None
-        mask = torch.as_tensor(mask, dtype=torch.float32)
-        mask = mask.reshape(-1, 1, *mask.shape[-2:])
-        return latents, torch.nn.functional.interpolate(mask, size=latents.shape[-2:], mode="bilinear", align_corners=False)
+        return tiling.encode(self.vae, pixels.to(device), tiled)
 
 
 def encode_references(vae, images, max_pixels=DEFAULT_MAX_PIXELS, tiled="auto"):

@@ -4,6 +4,7 @@ img2img start and inpainting blend (klein-spec §6-7)."""
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import KleinError
 from .packing import image_ids, pack, pack_references, text_ids, unpack
@@ -42,7 +43,8 @@ def sample(transformer, noise, positive, sigmas, negative=None, guidance=1.0, in
     """Denoise `noise` (B, 128, h, w) along `sigmas` and return fp32 latents (B, 128, h, w).
 
     guidance > 1 runs true CFG against `negative` (required then). `init_latents` (img2img / inpainting) start the
-    run at sigmas[0] mixed with the noise; `mask` (B or 1, 1, h, w), 1 = repaint, keeps the rest of
+    run at sigmas[0] mixed with the noise; `mask` ((B,) H, W at any resolution, bilinearly resized to the latent
+    grid; 1 = repaint) keeps the rest of
     `init_latents` by blending after every step.
     """
     batch, _, height, width = noise.shape
@@ -54,7 +56,10 @@ def sample(transformer, noise, positive, sigmas, negative=None, guidance=1.0, in
     noise_tokens = pack(noise.float()).to(device)
     ids = image_ids(height, width).to(device)
     x0_tokens = None if init_latents is None else pack(init_latents.float().expand(batch, -1, -1, -1)).to(device)
-    mask_tokens = None if mask is None else pack(mask.float().expand(batch, 1, height, width)).to(device)
+    if mask is not None:
+        mask = torch.as_tensor(mask, dtype=torch.float32)
+        mask = F.interpolate(mask.reshape(-1, 1, *mask.shape[-2:]), size=(height, width), mode="bilinear")
+    mask_tokens = None if mask is None else pack(mask.expand(batch, 1, height, width)).to(device)
     if mask_tokens is not None and x0_tokens is None:
         raise KleinError("an inpainting mask needs the image latents to keep (init_latents)")
     x = noise_tokens if x0_tokens is None else sigmas[0] * noise_tokens + (1 - sigmas[0]) * x0_tokens
