@@ -10,10 +10,9 @@ import torch
 
 from .version import __version__
 from .errors import KleinError
-from .loaders.detect import describe_file
+from .loaders.detect import WEIGHT_SUFFIXES, describe_file
 from .sampling.schedule import ASPECT_RATIOS
 
-WEIGHT_SUFFIXES = (".safetensors", ".sft", ".gguf")
 MODEL_FOLDERS = {  # ComfyUI key -> folder names under models/
     "diffusion_models": ("diffusion_models", "unet"),
     "text_encoders": ("text_encoders", "clip"),

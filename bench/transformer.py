@@ -30,6 +30,7 @@ import torch
 
 import klein_nodes as kn
 from klein_nodes.models.transformer import Flux2, Flux2Params
+from klein_nodes.sampling.packing import image_ids, text_ids
 from klein_nodes.testing import bfl_to_diffusers, diffusers_config, random_state_dict, write_transformer
 
 SPEED_GOAL = 1.0
@@ -45,20 +46,6 @@ RSS_PARAMS = Flux2Params(
     in_channels=128, out_channels=128, context_in_dim=7680, hidden_size=2048, num_heads=16,
     depth=4, depth_single_blocks=9, mlp_hidden_dim=6144, axes_dim=(32, 32, 32, 32),
 )
-
-
-def image_ids(height, width):
-    """(t=0, h, w, l=0) for a height x width latent grid, row-major."""
-    hw = torch.cartesian_prod(torch.arange(height), torch.arange(width))
-    zeros = torch.zeros(len(hw), 1, dtype=hw.dtype)
-    return torch.cat((zeros, hw, zeros), dim=1)
-
-
-def text_ids(length):
-    """(0, 0, 0, l) for l in 0..length-1."""
-    ids = torch.zeros(length, 4, dtype=torch.long)
-    ids[:, 3] = torch.arange(length)
-    return ids
 
 
 def make_inputs(params, text_tokens, height, width, seed=1):

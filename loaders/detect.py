@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+WEIGHT_SUFFIXES = (".safetensors", ".sft", ".gguf")
 FLUX2_CONTEXT_DIMS = {7680: "klein 4B", 12288: "klein 9B", 15360: "FLUX.2 dev"}
 QWEN3_SIZES = {2560: "Qwen3-4B", 4096: "Qwen3-8B", 5120: "Qwen3-14B"}
 LATENT_CHANNELS = {4: "SD1.x/SDXL", 16: "FLUX.1/SD3", 32: "FLUX.2"}

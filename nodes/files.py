@@ -2,7 +2,7 @@
 
 import os
 
-WEIGHT_SUFFIXES = (".safetensors", ".sft", ".gguf")
+from ..loaders.detect import WEIGHT_SUFFIXES
 
 
 def model_folders(key):

@@ -7,6 +7,7 @@ import torch
 
 import klein_nodes as kn
 from klein_nodes.models.transformer import Flux2Params
+from klein_nodes.sampling.packing import image_ids, text_ids
 from klein_nodes.testing import TINY_TRANSFORMER, bfl_to_diffusers, diffusers_config, transformer_state_dict
 
 diffusers = pytest.importorskip("diffusers")
@@ -18,14 +19,6 @@ def diffusers_model(params, state):
     model = diffusers.Flux2Transformer2DModel(**config)
     model.load_state_dict(bfl_to_diffusers(state), strict=True)
     return model.eval()
-
-
-def image_ids(h, w, t=0):
-    return torch.cartesian_prod(torch.tensor([t]), torch.arange(h), torch.arange(w), torch.tensor([0]))
-
-
-def text_ids(length):
-    return torch.cartesian_prod(torch.tensor([0]), torch.tensor([0]), torch.tensor([0]), torch.arange(length))
 
 
 def compare(ours, reference, ids, batch, txt_len=7, timesteps=None, guidance=None, params=TINY_TRANSFORMER):
