@@ -301,8 +301,10 @@ def ggml_pack(tensor, qtype, seed=0):
         block_size, type_size = BLOCK_SIZES[qtype]
         rng = np.random.default_rng(seed)
         blocks = rng.integers(0, 256, (values.size // block_size, type_size), dtype=np.uint8)
-        for offset in GGML_HALF_FIELDS[qtype]:
+        for offset in GGML_HALF_FIELDS.get(qtype, ()):
             blocks[:, offset: offset + 2] = (rng.standard_normal(len(blocks)) * 3e-4).astype(np.float16)[:, None].view(np.uint8)
+        if qtype == "NVFP4":  # small unsigned e4m3 sub-scales (2^-6 .. 2^-5)
+            blocks[:, :4] = rng.integers(0x08, 0x10, (len(blocks), 4), dtype=np.uint8)
         return blocks.reshape(*values.shape[:-1], -1)
 
 

@@ -18,7 +18,7 @@ from klein_nodes.quant.linear import QuantizedLinear
 from klein_nodes.quant.quantize import quantize
 from klein_nodes.testing import ggml_pack
 
-TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q4_0", "Q5_1", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "BF16")
+TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q4_0", "Q5_1", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "MXFP4", "NVFP4", "BF16")
 
 
 def timed(fn, repeats):

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from .scaled import nvfp4_shapes
 from .safetensors_io import PICKLE_SUFFIXES, SafetensorsFile, refuse_pickle, sniff_format
 
 MODEL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -18,10 +19,12 @@ class Checkpoint:
     def __init__(self, files, path, strip_prefixes=()):
         self.path = str(path)
         self.files = files
+        self.prefixes = strip_prefixes
+        self.unpacked_shapes = {}  # logical shapes of packed weights (nvfp4: two values per stored byte)
         self.index = {}
         for file in files:
             for name in file.keys():
-                self.index[strip_prefix(name, strip_prefixes)] = (file, name)
+                self.index[self.strip(name)] = (file, name)
 
     def keys(self):
         return self.index.keys()
@@ -30,8 +33,14 @@ class Checkpoint:
         return name in self.index
 
     def shape(self, name):
+        return self.unpacked_shapes.get(name) or self.file_shape(name)
+
+    def file_shape(self, name):
         file, raw = self.index[name]
         return file.shape(raw)
+
+    def strip(self, name):
+        return strip_prefix(name, self.prefixes)
 
     def dtype(self, name):
         file, raw = self.index[name]
@@ -67,7 +76,9 @@ def open_checkpoint(path, subfolder, weights_name, strip_prefixes=()):
         refuse_pickle(path)
     if sniff_format(path) == "gguf":
         raise CheckpointError(f"{path}: GGUF files load as transformers and text encoders only (not as a VAE).")
-    return Checkpoint([SafetensorsFile(path)], path, strip_prefixes)
+    ckpt = Checkpoint([SafetensorsFile(path)], path, strip_prefixes)
+    ckpt.unpacked_shapes = nvfp4_shapes(ckpt)
+    return ckpt
 
 
 def diffusers_shards(folder, subfolder, weights_name):

@@ -10,7 +10,7 @@ from ..errors import CheckpointError, WrongModelError
 from ..models.text_encoder import KLEIN_LAYERS, KleinTextEncoder, Qwen3, Qwen3Params
 from .checkpoint import check_state_dict, choose_dtype, is_gguf, open_checkpoint, require
 from .detect import QWEN3_SIZES, identify
-from .fp8 import find_fp8_layers, install_fp8_layers
+from .scaled import find_quantized_layers, install_quantized_layers
 from .tokenizer import find_tokenizer, load_tokenizer
 
 TEXT_ENCODER_PREFIXES = ("model.", "text_encoders.qwen3_4b.transformer.model.", "text_encoders.qwen3_8b.transformer.model.")
@@ -73,12 +73,12 @@ def load_text_encoder(path, tokenizer=None, dtype=None, device="cpu", layers=KLE
     # deeper layers, the final norm and an LM head are expected extras: only the needed tensors are checked
     check_state_dict(path, "a Qwen3 text encoder", {k: v.shape for k, v in expected.items()},
                      {k: shapes[k] for k in expected if k in shapes})
-    fp8_layers, _ = find_fp8_layers(ckpt)
-    fp8_layers = {layer: keys for layer, keys in fp8_layers.items() if strip(layer) + ".weight" in expected}
-    fp8_weights = {weight for weight, _, _ in fp8_layers.values()}
-    plain = [k for k in expected if names[k] not in fp8_weights]
+    quantized, _ = find_quantized_layers(ckpt)
+    quantized = {layer: found for layer, found in quantized.items() if strip(layer) + ".weight" in expected}
+    quantized_weights = {roles["weight"] for _, roles in quantized.values()}
+    plain = [k for k in expected if names[k] not in quantized_weights]
     dtype = choose_dtype(ckpt, [names[k] for k in plain], dtype)
-    install_fp8_layers(model, fp8_layers, ckpt, strip, dtype, device)
+    install_quantized_layers(model, quantized, ckpt, strip, dtype, device)
     model.load_state_dict({k: ckpt.get(names[k]).to(device=device, dtype=dtype) for k in plain}, strict=False, assign=True)
     model.requires_grad_(False).eval()
     tokenizer_path = find_tokenizer(path, tokenizer)

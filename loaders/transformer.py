@@ -8,7 +8,7 @@ from ..errors import CheckpointError, WrongModelError
 from ..models.transformer import Flux2, Flux2Params
 from .checkpoint import MODEL_PREFIXES, check_state_dict, choose_dtype, is_gguf, open_checkpoint, require
 from .detect import identify
-from .fp8 import find_fp8_layers, install_fp8_layers
+from .scaled import describe, find_quantized_layers, install_quantized_layers
 
 # diffusers name -> BFL name (klein-spec §2.2); `{}` is the block index.
 DIFFUSERS_GLOBAL = {
@@ -128,14 +128,14 @@ def params_from_shapes(shapes, path):
     )
 
 
-def check_dtypes(path, ckpt, sources, fp8_weights=()):
+def check_dtypes(path, ckpt, sources, quantized_weights=()):
     for source in sources.values():
         for name in source.names:
             dtype = ckpt.dtype(name)
-            if dtype.is_floating_point and (dtype.itemsize > 1 or name in fp8_weights):
+            if name in quantized_weights or (dtype.is_floating_point and dtype.itemsize > 1):
                 continue
             raise CheckpointError(f"{path}: '{name}' has dtype {dtype}; transformer weights must be F32/F16/BF16, or fp8 "
-                                  "with a weight_scale.")
+                                  "with a weight_scale, or nvfp4 with its comfy_quant marker.")
 
 
 def load_transformer(path, dtype=None, device="cpu"):
@@ -152,9 +152,9 @@ def load_transformer(path, dtype=None, device="cpu"):
     kind = identify(ckpt.shapes())
     if kind.kind != "transformer" or kind.family != "flux2":
         raise WrongModelError(f"{path}: this is {kind.description}, not a FLUX.2 klein transformer.{slot_hint(kind)}")
-    fp8_layers, described = find_fp8_layers(ckpt)
-    if fp8_layers and kind.layout != "bfl":
-        raise CheckpointError(f"{path}: fp8 weights are read from BFL/ComfyUI single files, not diffusers folders.")
+    quantized, described = find_quantized_layers(ckpt)
+    if quantized and kind.layout != "bfl":
+        raise CheckpointError(f"{path}: fp8/nvfp4 weights are read from BFL/ComfyUI single files, not diffusers folders.")
     sources, unused = bfl_sources([k for k in ckpt.keys() if k not in described], kind.layout)
     shapes = {name: source.shape(ckpt) for name, source in sources.items()}
     params = params_from_shapes(shapes, path)
@@ -162,15 +162,15 @@ def load_transformer(path, dtype=None, device="cpu"):
         model = Flux2(params)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     check_state_dict(path, "a FLUX.2 transformer", expected, shapes, unused)
-    fp8_weights = {weight for weight, _, _ in fp8_layers.values()}
-    check_dtypes(path, ckpt, sources, fp8_weights)
-    plain = {name: source for name, source in sources.items() if source.names[0] not in fp8_weights}
+    quantized_weights = {roles["weight"] for _, roles in quantized.values()}
+    check_dtypes(path, ckpt, sources, quantized_weights)
+    plain = {name: source for name, source in sources.items() if source.names[0] not in quantized_weights}
     dtype = choose_dtype(ckpt, [n for s in plain.values() for n in s.names], dtype)
-    install_fp8_layers(model, fp8_layers, ckpt, lambda layer: layer, dtype, device)
+    install_quantized_layers(model, quantized, ckpt, lambda layer: layer, dtype, device)
     state = {name: source.load(ckpt).to(device=device, dtype=dtype) for name, source in plain.items()}
     model.load_state_dict(state, strict=False, assign=True)
     model.requires_grad_(False).eval()
-    model.description = kind.description + (f" (fp8, {len(fp8_layers)} layers)" if fp8_layers else "")
+    model.description = kind.description + describe(quantized)
     return model
 
 

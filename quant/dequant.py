@@ -16,9 +16,10 @@ BLOCK_SIZES = {
     "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
     "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
     "Q2_K": (QK_K, 84), "Q3_K": (QK_K, 110), "Q4_K": (QK_K, 144), "Q5_K": (QK_K, 176), "Q6_K": (QK_K, 210),
-    "IQ4_NL": (32, 18), "IQ4_XS": (QK_K, 136),
+    "IQ4_NL": (32, 18), "IQ4_XS": (QK_K, 136), "MXFP4": (32, 17), "NVFP4": (64, 36),
 }
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+E2M1_DOUBLED = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # GGML's fp4 codes, paired with half scales
 
 
 def half(blocks, start):
@@ -161,13 +162,38 @@ def dequant_iq4_xs(blocks):
     return iq4_lookup(q).mul_(dl).reshape(n, QK_K)
 
 
+def e2m1_lookup(indices):
+    values = torch.tensor(E2M1_DOUBLED, dtype=torch.int8, device=indices.device)
+    return values[indices.long()].float()
+
+
+def dequant_mxfp4(blocks):
+    """E8M0 exponent byte (decoded as half the power of two, as GGML does), then 16 bytes of e2m1 pairs."""
+    e = blocks[:, :1].to(torch.int32)
+    half_scale = torch.where(e < 2, 0x00200000 << e, (e - 1) << 23).view(torch.float32)
+    q = nibbles(blocks[:, 1:], 1).reshape(blocks.shape[0], 32)
+    return e2m1_lookup(q).mul_(half_scale)
+
+
+def dequant_nvfp4(blocks):
+    """4 unsigned e4m3 scales (bit 7 ignored; the byte 0x7F reads as 0, 0xFF as 480 as in GGML), each for 16 values
+    stored as 8 bytes: low nibbles, then high."""
+    n = blocks.shape[0]
+    raw = blocks[:, :4]
+    codes = raw & 0x7F
+    scales = torch.where(codes == 0x7F, 0, codes).view(torch.float8_e4m3fn).float()
+    scales = torch.where((codes == 0x7F) & (raw != 0x7F), 480.0, scales).mul_(0.5).reshape(n, 4, 1)
+    q = nibbles(blocks[:, 4:], 4).reshape(n, 4, 16)
+    return e2m1_lookup(q).mul_(scales).reshape(n, 64)
+
+
 DEQUANTIZERS = {
     "F32": lambda b: b.contiguous().view(torch.float32),
     "F16": lambda b: b.contiguous().view(torch.float16).float(),
     "BF16": lambda b: b.contiguous().view(torch.bfloat16).float(),
     "Q4_0": dequant_q4_0, "Q4_1": dequant_q4_1, "Q5_0": dequant_q5_0, "Q5_1": dequant_q5_1, "Q8_0": dequant_q8_0,
     "Q2_K": dequant_q2_k, "Q3_K": dequant_q3_k, "Q4_K": dequant_q4_k, "Q5_K": dequant_q5_k, "Q6_K": dequant_q6_k,
-    "IQ4_NL": dequant_iq4_nl, "IQ4_XS": dequant_iq4_xs,
+    "IQ4_NL": dequant_iq4_nl, "IQ4_XS": dequant_iq4_xs, "MXFP4": dequant_mxfp4, "NVFP4": dequant_nvfp4,
 }
 
 

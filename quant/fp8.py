@@ -1,8 +1,8 @@
 """fp8 weights with a per-tensor scale (BFL fp8 klein, ComfyUI's float8 formats): W = q · scale."""
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+
+from .linear import DequantizingLinear
 
 FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 
@@ -14,20 +14,15 @@ def native_fp8(device):
             and torch.cuda.get_device_capability(device) >= (8, 9))
 
 
-class Fp8Linear(nn.Module):
+class Fp8Linear(DequantizingLinear):
     """nn.Linear (no bias) with an fp8 weight and a scalar scale. With `input_scale` the activations are quantized
     with it (static, as the checkpoint was calibrated), otherwise per call from their absolute maximum."""
 
     def __init__(self, weight, scale, input_scale=None, compute_dtype=torch.bfloat16):
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.compute_dtype = compute_dtype
+        super().__init__(weight.shape[1], weight.shape[0], compute_dtype)
         self.register_buffer("weight", weight)
         self.register_buffer("weight_scale", scale.float().reshape(()))
         self.register_buffer("input_scale", None if input_scale is None else input_scale.float().reshape(()))
-
-    def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.weight.dtype}"
 
     def dequantized(self, dtype=None):
         return (self.weight.float() * self.weight_scale).to(dtype or self.compute_dtype)
@@ -36,7 +31,7 @@ class Fp8Linear(nn.Module):
         x = x.to(self.compute_dtype)
         if native_fp8(x.device) and x.shape[-1] % 16 == 0 and self.out_features % 16 == 0:
             return self.scaled_mm(x)
-        return F.linear(x, self.dequantized())
+        return super().forward(x)
 
     def scaled_mm(self, x):
         rows = x.reshape(-1, x.shape[-1])

@@ -18,27 +18,43 @@ def scratch(numel, dtype, device):
     return buffer[:numel]
 
 
-class QuantizedLinear(nn.Module):
-    """nn.Linear (no bias) with GGML-packed weights: per forward, dequantize into a shared buffer, then matmul."""
+class DequantizingLinear(nn.Module):
+    """nn.Linear (no bias) whose weight is stored quantized: `dequantized()` rebuilds it each time the layer runs."""
 
-    def __init__(self, packed, qtype, in_features, out_features, compute_dtype=torch.bfloat16):
+    def __init__(self, in_features, out_features, compute_dtype):
         super().__init__()
-        self.qtype = type_name(qtype)
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = compute_dtype
-        self.register_buffer("packed", packed)
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.storage()}"
+
+    def storage(self):
+        return f"dtype={self.weight.dtype}"
+
+    def dequantized(self, dtype=None):
+        raise NotImplementedError
+
+    def forward(self, x):
+        return F.linear(x.to(self.compute_dtype), self.dequantized())
+
+
+class QuantizedLinear(DequantizingLinear):
+    """GGML-packed weights: per forward, dequantize into a shared buffer, then matmul."""
+
+    def __init__(self, packed, qtype, in_features, out_features, compute_dtype=torch.bfloat16):
+        super().__init__(in_features, out_features, compute_dtype)
+        self.qtype = type_name(qtype)
+        self.register_buffer("packed", packed)
+
+    def storage(self):
+        return f"qtype={self.qtype}"
 
     def dequantized(self, dtype=None):
         dtype = dtype or self.compute_dtype
         shape = (self.out_features, self.in_features)
         weight = scratch(shape[0] * shape[1], dtype, self.packed.device).view(shape)
         return weight.copy_(dequantize(self.packed, self.qtype, shape))
-
-    def forward(self, x):
-        return F.linear(x.to(self.compute_dtype), self.dequantized())
 
 
 class QuantizedEmbedding(nn.Module):

@@ -22,7 +22,7 @@ def random_blocks(name, rows, row_blocks, seed=0):
         raw = {"F32": values, "F16": values.astype(np.float16)}.get(name)
         return (raw if raw is not None else gguf.quants.quantize(values, gguf.GGMLQuantizationType.BF16)).view(np.uint8)
     data = rng.integers(0, 256, (rows, row_blocks, type_size), dtype=np.uint8)
-    for offset in HALF_FIELDS[name]:
+    for offset in HALF_FIELDS.get(name, ()):  # MXFP4/NVFP4 scales: any byte is a number
         data[..., offset: offset + 2] = (rng.standard_normal((rows, row_blocks)) * 0.05).astype(np.float16)[..., None].view(np.uint8)
     return data.reshape(rows, row_blocks * type_size)
 
@@ -44,11 +44,23 @@ def test_bit_exact_with_gguf(name):
 def test_quantized_by_gguf_round_trip():
     """Blocks gguf-py quantizes itself (real data, not random bytes) dequantize identically too."""
     values = np.random.default_rng(1).standard_normal((8, 256)).astype(np.float32)
-    for name in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "BF16"):
+    for name in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "MXFP4", "BF16"):
         qtype = gguf.GGMLQuantizationType[name]
         packed = gguf.quants.quantize(values, qtype)
         got = dequantize(torch.from_numpy(packed.copy()), name, (8, 256))
         assert np.array_equal(got.numpy(), gguf.quants.dequantize(packed, qtype)), name
+
+
+@pytest.mark.parametrize("name", ["MXFP4", "NVFP4"])
+def test_every_fp4_scale_byte(name):
+    """All 256 values of the E8M0 / UE4M3 scale byte, edge encodings (0, 0x7F, 0xFF, overflow) included."""
+    _, type_size = BLOCK_SIZES[name]
+    data = np.full((256, type_size), 0x7A, dtype=np.uint8)
+    data[:, : 4 if name == "NVFP4" else 1] = np.arange(256, dtype=np.uint8)[:, None]
+    with np.errstate(over="ignore"):
+        expected = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[name])
+    got = dequantize(torch.from_numpy(data.copy()), name, expected.shape)
+    assert np.array_equal(got.numpy().view(np.uint32), expected.astype(np.float32).view(np.uint32))
 
 
 def test_other_dtypes_and_errors():

@@ -14,10 +14,11 @@ from klein_nodes.testing import (TINY_QWEN3, qwen3_config, qwen3_state_dict, sam
                                  transformer_state_dict, write_gguf, write_tokenizer)
 
 gguf = pytest.importorskip("gguf")
-# rows of 256 so every K-quant fits; 2 heads of 128 as in klein
+# rows of 256 so every K-quant fits; 2 heads of 128 as in klein; 14 block linears, one per type in CYCLE
 PARAMS = Flux2Params(in_channels=128, out_channels=128, context_in_dim=96, hidden_size=256, num_heads=2, depth=1,
-                     depth_single_blocks=2, mlp_hidden_dim=512, axes_dim=(32, 32, 32, 32))
-CYCLE = ["Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q5_1", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "Q4_1", "Q5_0"]
+                     depth_single_blocks=3, mlp_hidden_dim=512, axes_dim=(32, 32, 32, 32))
+CYCLE = ["Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q5_1", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "Q4_1", "Q5_0", "MXFP4",
+         "NVFP4"]
 
 
 def transformer_types(name, tensor, counter=iter(range(10**6))):
