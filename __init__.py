@@ -6,6 +6,7 @@ the same package also registers its nodes.
 
 from . import quant
 from .errors import CheckpointError, KleinError, WrongModelError
+from .loaders.lora import apply_lora
 from .loaders.text_encoder import ensure_text_encoder_fits, load_text_encoder
 from .loaders.transformer import load_transformer
 from .loaders.vae import load_vae
@@ -13,7 +14,8 @@ from .provenance.save import save_images, verify_image
 from .sampling.pipeline import KleinPipeline
 from .sampling.sampler import Cancelled
 from .version import __version__
-__all__ = ["Cancelled", "CheckpointError", "KleinError", "KleinPipeline", "WrongModelError", "ensure_text_encoder_fits",
+__all__ = ["Cancelled", "CheckpointError", "KleinError", "KleinPipeline", "WrongModelError", "apply_lora",
+           "ensure_text_encoder_fits",
            "load_text_encoder", "load_transformer", "load_vae", "quant", "save_images", "verify_image", "__version__"]
 
 try:

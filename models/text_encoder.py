@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapters import Linear, adapting
+
 
 @dataclass(frozen=True)
 class Qwen3Params:
@@ -38,6 +40,7 @@ class Qwen3(nn.Module):
         """The compute dtype: that of the float parameters (quantized layers compute in it too)."""
         return next(p.dtype for p in self.parameters() if p.is_floating_point())
 
+    @adapting
     def forward(self, input_ids, attention_mask, layers):
         """Hidden states after the given layers (0 = embeddings, k = output of decoder layer k), as a list."""
         deepest = max(layers)
@@ -73,10 +76,10 @@ class Attention(nn.Module):
     def __init__(self, params):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = params.num_heads, params.num_kv_heads, params.head_dim
-        self.q_proj = nn.Linear(params.hidden_size, params.num_heads * params.head_dim, bias=False)
-        self.k_proj = nn.Linear(params.hidden_size, params.num_kv_heads * params.head_dim, bias=False)
-        self.v_proj = nn.Linear(params.hidden_size, params.num_kv_heads * params.head_dim, bias=False)
-        self.o_proj = nn.Linear(params.num_heads * params.head_dim, params.hidden_size, bias=False)
+        self.q_proj = Linear(params.hidden_size, params.num_heads * params.head_dim, bias=False)
+        self.k_proj = Linear(params.hidden_size, params.num_kv_heads * params.head_dim, bias=False)
+        self.v_proj = Linear(params.hidden_size, params.num_kv_heads * params.head_dim, bias=False)
+        self.o_proj = Linear(params.num_heads * params.head_dim, params.hidden_size, bias=False)
         self.q_norm = RMSNorm(params.head_dim, params.rms_norm_eps)
         self.k_norm = RMSNorm(params.head_dim, params.rms_norm_eps)
 
@@ -95,9 +98,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, hidden_size, intermediate_size):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapters import Linear, adapting
+
 FP16_MAX = 65504.0
 
 
@@ -44,10 +46,10 @@ class Flux2(nn.Module):
         self.params = params
         hidden, mlp = params.hidden_size, params.mlp_hidden_dim
         self.pe_embedder = EmbedND(params.theta, params.axes_dim)
-        self.img_in = nn.Linear(params.in_channels, hidden, bias=False)
+        self.img_in = Linear(params.in_channels, hidden, bias=False)
         self.time_in = MLPEmbedder(params.time_dim, hidden)
         self.guidance_in = MLPEmbedder(params.time_dim, hidden) if params.use_guidance_embed else None
-        self.txt_in = nn.Linear(params.context_in_dim, hidden, bias=False)
+        self.txt_in = Linear(params.context_in_dim, hidden, bias=False)
         self.double_blocks = nn.ModuleList(
             DoubleStreamBlock(hidden, params.num_heads, mlp) for _ in range(params.depth)
         )
@@ -64,6 +66,7 @@ class Flux2(nn.Module):
         """The compute dtype: that of the float parameters (quantized layers compute in it too)."""
         return next(p.dtype for p in self.parameters() if p.is_floating_point())
 
+    @adapting
     def forward(self, x, x_ids, timesteps, ctx, ctx_ids, guidance=None):
         """x (B,L,C) tokens, x_ids (B,L,4), timesteps (B,) sigma in [0,1], ctx (B,Lt,Ctx), ctx_ids (B,Lt,4)."""
         dtype = self.dtype
@@ -95,16 +98,16 @@ class SelfAttention(nn.Module):
     def __init__(self, dim, num_heads):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.qkv = Linear(dim, dim * 3, bias=False)
         self.norm = QKNorm(dim // num_heads)
-        self.proj = nn.Linear(dim, dim, bias=False)
+        self.proj = Linear(dim, dim, bias=False)
 
 
 class Modulation(nn.Module):
     def __init__(self, dim, double):
         super().__init__()
         self.multiplier = 6 if double else 3
-        self.lin = nn.Linear(dim, self.multiplier * dim, bias=False)
+        self.lin = Linear(dim, self.multiplier * dim, bias=False)
 
     def forward(self, vec):
         """(shift, scale, gate) triples, each (B,1,D): two for double blocks, one for single blocks."""
@@ -116,8 +119,8 @@ class LastLayer(nn.Module):
     def __init__(self, hidden_size, out_channels):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, out_channels, bias=False)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=False))
+        self.linear = Linear(hidden_size, out_channels, bias=False)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(hidden_size, 2 * hidden_size, bias=False))
 
     def forward(self, x, vec):
         shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)
@@ -140,8 +143,8 @@ class SingleStreamBlock(nn.Module):
         self.num_heads = num_heads
         self.hidden_size = hidden_size
         self.mlp_hidden_dim = mlp_hidden_dim
-        self.linear1 = nn.Linear(hidden_size, hidden_size * 3 + mlp_hidden_dim * 2, bias=False)
-        self.linear2 = nn.Linear(hidden_size + mlp_hidden_dim, hidden_size, bias=False)
+        self.linear1 = Linear(hidden_size, hidden_size * 3 + mlp_hidden_dim * 2, bias=False)
+        self.linear2 = Linear(hidden_size + mlp_hidden_dim, hidden_size, bias=False)
         self.norm = QKNorm(hidden_size // num_heads)
         self.pre_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp_act = SiLUActivation()
@@ -164,17 +167,17 @@ class DoubleStreamBlock(nn.Module):
         self.img_attn = SelfAttention(hidden_size, num_heads)
         self.img_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.img_mlp = nn.Sequential(
-            nn.Linear(hidden_size, mlp_hidden_dim * 2, bias=False),
+            Linear(hidden_size, mlp_hidden_dim * 2, bias=False),
             SiLUActivation(),
-            nn.Linear(mlp_hidden_dim, hidden_size, bias=False),
+            Linear(mlp_hidden_dim, hidden_size, bias=False),
         )
         self.txt_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.txt_attn = SelfAttention(hidden_size, num_heads)
         self.txt_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.txt_mlp = nn.Sequential(
-            nn.Linear(hidden_size, mlp_hidden_dim * 2, bias=False),
+            Linear(hidden_size, mlp_hidden_dim * 2, bias=False),
             SiLUActivation(),
-            nn.Linear(mlp_hidden_dim, hidden_size, bias=False),
+            Linear(mlp_hidden_dim, hidden_size, bias=False),
         )
 
     def forward(self, img, txt, pe, mod_img, mod_txt):
@@ -200,9 +203,9 @@ class DoubleStreamBlock(nn.Module):
 class MLPEmbedder(nn.Module):
     def __init__(self, in_dim, hidden_dim):
         super().__init__()
-        self.in_layer = nn.Linear(in_dim, hidden_dim, bias=False)
+        self.in_layer = Linear(in_dim, hidden_dim, bias=False)
         self.silu = nn.SiLU()
-        self.out_layer = nn.Linear(hidden_dim, hidden_dim, bias=False)
+        self.out_layer = Linear(hidden_dim, hidden_dim, bias=False)
 
     def forward(self, x):
         return self.out_layer(self.silu(self.in_layer(x)))

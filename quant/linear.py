@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.adapters import linear_with_adapters
 from .dequant import BLOCK_SIZES, dequantize, type_name
 
 _scratch = {}
@@ -19,7 +20,10 @@ def scratch(numel, dtype, device):
 
 
 class DequantizingLinear(nn.Module):
-    """nn.Linear (no bias) whose weight is stored quantized: `dequantized()` rebuilds it each time the layer runs."""
+    """nn.Linear (no bias) whose weight is stored quantized: `dequantized()` rebuilds it each time the layer runs.
+    Adapters (LoRA ...) attached for a forward apply to the dequantized weight; the packed data never changes."""
+
+    adapters = ()
 
     def __init__(self, in_features, out_features, compute_dtype):
         super().__init__()
@@ -36,6 +40,9 @@ class DequantizingLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x):
+        return linear_with_adapters(self, x, self.forward_base) if self.adapters else self.forward_base(x)
+
+    def forward_base(self, x):
         return F.linear(x.to(self.compute_dtype), self.dequantized())
 
 

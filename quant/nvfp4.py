@@ -30,7 +30,8 @@ def dequantize_nvfp4(packed, block_scale, global_scale, dtype=torch.float32):
 
 
 class Nvfp4Linear(DequantizingLinear):
-    """nn.Linear (no bias) over an NVFP4 weight; `pre_quant_scale` (ModelOpt AWQ smoothing) multiplies the input."""
+    """nn.Linear (no bias) over an NVFP4 weight. `pre_quant_scale` (ModelOpt AWQ smoothing) multiplies the input,
+    so the layer's effective weight, which `dequantized()` returns, is W · diag(pre_quant_scale)."""
 
     def __init__(self, weight, block_scale, global_scale, shape, pre_quant_scale=None, compute_dtype=torch.bfloat16):
         super().__init__(*reversed(shape), compute_dtype)
@@ -48,9 +49,7 @@ class Nvfp4Linear(DequantizingLinear):
 
     def dequantized(self, dtype=None):
         weight = dequantize_nvfp4(self.weight, self.weight_scale, self.weight_scale_2)
-        return weight[: self.out_features, : self.in_features].to(dtype or self.compute_dtype)
-
-    def forward(self, x):
+        weight = weight[: self.out_features, : self.in_features]
         if self.pre_quant_scale is not None:
-            x = x * self.pre_quant_scale.to(x.dtype)
-        return super().forward(x)
+            weight = weight * self.pre_quant_scale.float()
+        return weight.to(dtype or self.compute_dtype)

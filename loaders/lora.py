@@ -1,0 +1,237 @@
+"""LoRA files -> adapters on klein's layers, for every published naming: BFL/ComfyUI (`diffusion_model.double_blocks
+.0.img_attn.qkv.lora_A/B`, `lora_down/up`, `alpha`), diffusers/PEFT (`transformer.transformer_blocks.0.attn.to_q
+.lora_A.weight`: split q/k/v land on row ranges of our fused qkv), kohya (`lora_unet_double_blocks_0_img_attn_qkv`),
+LyCORIS LoKr/LoHa (`lycoris_transformer_blocks_0_attn_to_q.lokr_w1`), and Qwen3 text-encoder LoRAs
+(`text_encoders.qwen3_4b.transformer.model.layers.0.self_attn.q_proj`, `text_encoder.`, `lora_te_`)."""
+
+import copy
+import json
+import logging
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, WrongModelError
+from ..models.adapters import Adapter, with_adapters
+from ..models.transformer import Flux2
+from .safetensors_io import PICKLE_SUFFIXES, SafetensorsFile, refuse_pickle, sniff_format
+from .transformer import BFL_FINAL_MOD, DIFFUSERS_DOUBLE, DIFFUSERS_FUSED_QKV, DIFFUSERS_GLOBAL, DIFFUSERS_SINGLE
+
+log = logging.getLogger("klein_nodes")
+
+# key ending -> (adapter kind, tensor role); "alpha" belongs to whichever kind the layer has
+SUFFIXES = {
+    "lora_A.weight": ("lora", "down"), "lora_B.weight": ("lora", "up"),
+    "lora_down.weight": ("lora", "down"), "lora_up.weight": ("lora", "up"),
+    **{f"lokr_{n}": ("lokr", n) for n in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")},
+    **{f"hada_{n}": ("loha", n) for n in ("w1_a", "w1_b", "w2_a", "w2_b")},
+    "diff": ("diff", "diff"),
+    "alpha": (None, "alpha"),
+}
+COMPLETE = {"lora": {"up", "down"}, "loha": {"w1_a", "w1_b", "w2_a", "w2_b"}, "diff": {"diff"}}
+TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "unet.",
+                        "lora_unet_", "lycoris_", "lora_transformer_")
+TEXT_ENCODER_PREFIXES = ("text_encoders.qwen3_4b.transformer.", "text_encoders.qwen3_8b.transformer.",
+                         "text_encoders.qwen3_4b.", "text_encoders.qwen3_8b.", "text_encoder.", "lora_te1_",
+                         "lora_te_", "lycoris_te_")
+
+
+def read_lora(path):
+    """(tensors, header metadata) of a .safetensors LoRA file; pickles are refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such LoRA file.")
+    if path.suffix.lower() in PICKLE_SUFFIXES or sniff_format(path) == "pickle":
+        refuse_pickle(path)
+    file = SafetensorsFile(path)
+    return {name: file.get(name) for name in file.keys()}, file.metadata
+
+
+def transformer_aliases(model):
+    """{module path as LoRA files name it: (our layer, rows)} for a Flux2: BFL and diffusers names."""
+    h, linears = model.params.hidden_size, linear_names(model)
+    renames = {k: v for k, v in DIFFUSERS_GLOBAL.items()}
+    for i in range(model.params.depth):
+        renames.update({f"transformer_blocks.{i}.{k}": f"double_blocks.{i}.{v}" for k, v in DIFFUSERS_DOUBLE.items()})
+    for i in range(model.params.depth_single_blocks):
+        renames.update({f"single_transformer_blocks.{i}.{k}": f"single_blocks.{i}.{v}" for k, v in DIFFUSERS_SINGLE.items()})
+    aliases = {name: (name, None) for name in linears}
+    aliases.update({k[: -len(".weight")]: (v[: -len(".weight")], None) for k, v in renames.items()
+                    if v[: -len(".weight")] in linears})
+    for i in range(model.params.depth):
+        for fused, parts in DIFFUSERS_FUSED_QKV.items():
+            target = f"double_blocks.{i}.{fused[: -len('.weight')]}"
+            for j, part in enumerate(parts):
+                aliases[f"transformer_blocks.{i}.{part[: -len('.weight')]}"] = (target, slice(j * h, (j + 1) * h))
+        aliases[f"transformer_blocks.{i}.attn.to_qkv"] = (f"double_blocks.{i}.img_attn.qkv", None)
+        aliases[f"transformer_blocks.{i}.attn.to_added_qkv"] = (f"double_blocks.{i}.txt_attn.qkv", None)
+    # diffusers' final modulation stores (scale, shift) where BFL stores (shift, scale)
+    aliases["norm_out.linear"] = (BFL_FINAL_MOD[: -len(".weight")], torch.cat((torch.arange(h, 2 * h), torch.arange(h))))
+    return aliases
+
+
+def text_encoder_aliases(model):
+    """{module path: (our layer, None)} for a Qwen3: Hugging Face names with and without `model.`."""
+    linears = linear_names(model)
+    return {**{name: (name, None) for name in linears}, **{f"model.{name}": (name, None) for name in linears}}
+
+
+def linear_names(model):
+    return {name for name, module in model.named_modules() if hasattr(module, "adapters")}
+
+
+def split_key(key):
+    """'prefix.module.lora_A.weight' -> ('prefix.module', kind, role), or None for a key of no known adapter."""
+    for suffix, (kind, role) in SUFFIXES.items():
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], kind, role
+    return None
+
+
+def resolve(path, prefixes, aliases):
+    """A module path from a file -> (our layer, rows), trying each prefix, dotted and underscore spellings."""
+    underscored = {name.replace(".", "_"): target for name, target in aliases.items()}
+    for prefix in ("", *prefixes):
+        if prefix and not path.startswith(prefix):
+            continue
+        rest = path[len(prefix):]
+        target = aliases.get(rest) or (underscored.get(rest) if prefix.endswith("_") else None)
+        if target:
+            return target
+    return None
+
+
+def peft_scale(metadata, component, module, rank):
+    """lora_alpha / r from diffusers' `lora_adapter_metadata` header (alpha_pattern, rsLoRA honoured); 1 without."""
+    try:
+        config = json.loads(metadata.get("lora_adapter_metadata") or "{}")
+    except ValueError:
+        return 1.0
+    config = {k[len(component) + 1:]: v for k, v in config.items() if k.startswith(component + ".")}
+    alpha = config.get("lora_alpha")
+    if alpha is None:
+        return 1.0
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pattern}", module):
+            alpha = value
+    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+
+
+def build_adapter(kind, tensors, alpha, rows, metadata, component, module):
+    """One Adapter with the scale each format defines (alpha / rank when an alpha is stored)."""
+    tensors = {role: t.float() for role, t in tensors.items()}
+    if kind == "lora":
+        rank = tensors["down"].shape[0]
+        scale = alpha / rank if alpha is not None else peft_scale(metadata, component, module, rank)
+    elif kind == "loha":
+        scale = alpha / tensors["w1_b"].shape[0] if alpha is not None else 1.0
+    elif kind == "lokr":
+        decomposed = tensors.get("w2_b", tensors.get("w1_b"))
+        scale = alpha / decomposed.shape[0] if alpha is not None and decomposed is not None else 1.0
+    else:
+        scale = 1.0
+    return Adapter(kind, tensors, scale, rows)
+
+
+def lokr_complete(roles):
+    return all(f"w{i}" in roles or {f"w{i}_a", f"w{i}_b"} <= roles for i in (1, 2))
+
+
+def parse(tensors, metadata, model, kind_of_model):
+    """({our layer: [Adapter]}, report) for the part of a LoRA file that targets `model`."""
+    if kind_of_model == "transformer":
+        aliases, prefixes, other_prefixes, component = transformer_aliases(model), TRANSFORMER_PREFIXES, \
+            TEXT_ENCODER_PREFIXES, "transformer"
+    else:
+        aliases, prefixes, other_prefixes, component = text_encoder_aliases(model), TEXT_ENCODER_PREFIXES, \
+            TRANSFORMER_PREFIXES, "text_encoder"
+    groups, unknown, other = {}, [], []
+    for key, tensor in tensors.items():
+        parts = split_key(key)
+        if parts is None:
+            unknown.append(key)
+            continue
+        path, kind, role = parts
+        if path.startswith(other_prefixes) and not path.startswith(prefixes):
+            other.append(key)
+            continue
+        target = resolve(path, prefixes, aliases)
+        if target is None:
+            unknown.append(key)
+            continue
+        group = groups.setdefault(path, {"target": target, "kinds": set(), "tensors": {}, "alpha": None, "keys": []})
+        group["keys"].append(key)
+        if kind is None:
+            group["alpha"] = float(tensor.float().reshape(-1)[0])
+        else:
+            group["kinds"].add(kind)
+            group["tensors"][role] = tensor
+    layers = {}
+    for path, group in groups.items():
+        kinds, roles = group["kinds"], set(group["tensors"])
+        kind = next(iter(kinds)) if len(kinds) == 1 else None
+        if kind is None or not (lokr_complete(roles) if kind == "lokr" else COMPLETE[kind] <= roles):
+            unknown.extend(group["keys"])  # mixed or incomplete: nothing sensible to apply
+            continue
+        (layer, rows) = group["target"]
+        adapter = build_adapter(kind, group["tensors"], group["alpha"], rows, metadata, component, path)
+        check_shape(model, layer, rows, adapter, path)
+        layers.setdefault(layer, []).append(adapter)
+    return layers, {"layers": len(layers), "unknown": sorted(unknown), "other": sorted(other)}
+
+
+def check_shape(model, layer, rows, adapter, path):
+    module = model.get_submodule(layer)
+    out_features = module.out_features if rows is None else len(range(module.out_features)[rows]) \
+        if isinstance(rows, slice) else len(rows)
+    expected = (out_features, module.in_features)
+    if tuple(adapter.shape()) != expected:
+        raise WrongModelError(f"LoRA layer '{path}' is {tuple(adapter.shape())} but klein's '{layer}' needs {expected}: "
+                              "the LoRA was made for another model (klein 4B and 9B LoRAs do not mix).")
+
+
+def apply_lora(model, path, strength=1.0):
+    """A copy of `model` (a klein transformer or text encoder) with the LoRA at `path` added at `strength`.
+
+    The input model is left as it was and shares all its weights with the copy; LoRAs stack by calling this again.
+    Keys no layer matches are listed in a warning; keys for the other model (text encoder / transformer) are
+    reported, not applied.
+    """
+    tensors, metadata = read_lora(path)
+    return apply_lora_tensors(model, tensors, metadata, strength, Path(path).name)[0]
+
+
+def apply_lora_tensors(model, tensors, metadata, strength, label):
+    """(patched copy, report) for already-read LoRA tensors."""
+    is_transformer = isinstance(model, Flux2)
+    target = model if is_transformer else getattr(model, "model", None)
+    if target is None or not hasattr(target, "params"):
+        raise WrongModelError(f"{label}: LoRAs apply to a klein transformer or text encoder, not {type(model).__name__}.")
+    layers, report = parse(tensors, metadata, target, "transformer" if is_transformer else "text_encoder")
+    what = "transformer" if is_transformer else "text encoder"
+    if report["unknown"]:
+        shown = ", ".join(report["unknown"][:8]) + (" ..." if len(report["unknown"]) > 8 else "")
+        log.warning("%s: %d keys match no klein %s layer and were not applied: %s", label, len(report["unknown"]),
+                    what, shown)
+    if report["other"]:
+        log.info("%s: %d keys are for the %s and were not applied here", label, len(report["other"]),
+                 "text encoder" if is_transformer else "transformer")
+    if not layers and not report["other"]:
+        sample = ", ".join(list(tensors)[:3])
+        raise WrongModelError(f"{label}: no layer of this LoRA matches a klein {what} (keys look like: {sample}).")
+    layers = {name: [a.scaled(strength) for a in adapters] for name, adapters in layers.items()}
+    log.info("%s: applied to %d %s layers at strength %g", label, len(layers), what, strength)
+    if is_transformer:
+        return with_adapters(model, layers, label), report
+    encoder = copy_encoder(model)
+    encoder.model = with_adapters(model.model, layers, label)
+    return encoder, report
+
+
+def copy_encoder(encoder):
+    """A KleinTextEncoder sharing the tokenizer and model, with its own prompt cache."""
+    clone = copy.copy(encoder)
+    clone._cache = {}
+    return clone

@@ -1,0 +1,141 @@
+"""LoRA-family adapters applied when a layer runs, never merged into the weights.
+
+The base weights (bf16, fp8, GGUF, nvfp4) stay exactly as loaded and are shared: a model with adapters is a
+shallow copy of the base model carrying `lora_layers` {layer name: [Adapter]}. For the duration of its forward the
+adapters are attached to the shared layers; a LoRA adds two small matmuls (x·Aᵀ·Bᵀ) to the layer's output, a
+LoKr / LoHa / full difference is rebuilt and added to the (dequantized) weight before the matmul.
+"""
+
+import copy
+import functools
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Adapter:
+    """One adapter on one layer: W[rows] += scale · delta, `rows` a slice or an index (None: the whole layer).
+    `kind` "lora" (tensors up, down), "lokr" (w1 or w1_a·w1_b, w2 or w2_a·w2_b), "loha" (w1_a, w1_b, w2_a, w2_b)
+    or "diff" (diff)."""
+
+    def __init__(self, kind, tensors, scale, rows=None):
+        self.kind, self.tensors, self.scale, self.rows = kind, tensors, scale, rows
+        self._placed = {}
+
+    def scaled(self, strength):
+        return Adapter(self.kind, self.tensors, self.scale * strength, self.rows)
+
+    def on(self, device, dtype):
+        """The tensors on `device` in `dtype` (converted once, then reused)."""
+        key = (device, dtype)
+        if key not in self._placed:
+            self._placed[key] = {name: t.to(device=device, dtype=dtype) for name, t in self.tensors.items()}
+        return self._placed[key]
+
+    def delta(self, device, dtype=torch.float32):
+        """The full weight difference (scale included), computed in `dtype`."""
+        t = self.on(device, dtype)
+        if self.kind == "lora":
+            delta = t["up"].flatten(1) @ t["down"].flatten(1)
+        elif self.kind == "lokr":
+            delta = torch.kron(factor(t, "w1"), factor(t, "w2"))
+        elif self.kind == "loha":
+            delta = (t["w1_a"] @ t["w1_b"]) * (t["w2_a"] @ t["w2_b"])
+        else:
+            delta = t["diff"]
+        return delta * self.scale
+
+    def shape(self):
+        """The (rows, columns) of the delta, from the tensor shapes alone."""
+        t = self.tensors
+        if self.kind == "lora":
+            return t["up"].shape[0], t["down"].flatten(1).shape[1]
+        if self.kind == "lokr":
+            (a, b), (c, d) = factor_shape(t, "w1"), factor_shape(t, "w2")
+            return a * c, b * d
+        if self.kind == "loha":
+            return t["w1_a"].shape[0], t["w1_b"].shape[1]
+        return tuple(t["diff"].shape)
+
+
+def factor(tensors, name):
+    return tensors[name] if name in tensors else tensors[name + "_a"] @ tensors[name + "_b"]
+
+
+def factor_shape(tensors, name):
+    if name in tensors:
+        return tuple(tensors[name].shape)
+    return tensors[name + "_a"].shape[0], tensors[name + "_b"].shape[1]
+
+
+class Linear(nn.Linear):
+    """nn.Linear that honours the adapters attached to it for the current forward."""
+
+    adapters = ()
+
+    def forward(self, x):
+        return linear_with_adapters(self, x, super().forward) if self.adapters else super().forward(x)
+
+
+def linear_with_adapters(layer, x, forward):
+    """`layer(x)` with its adapters: full deltas are added to the weight, LoRAs run as x·Aᵀ·Bᵀ on the output of
+    the layer's own `forward` (which may be a native fp8 matmul)."""
+    low_rank = [a for a in layer.adapters if a.kind == "lora"]
+    full = [a for a in layer.adapters if a.kind != "lora"]
+    dequantized = getattr(layer, "dequantized", None)
+    dtype = layer.compute_dtype if dequantized else layer.weight.dtype
+    x = x.to(dtype)
+    if full:
+        weight = dequantized() if dequantized else layer.weight.clone()  # dequantized: a fresh scratch buffer
+        for adapter in full:
+            rows = slice(None) if adapter.rows is None else adapter.rows
+            weight[rows] += adapter.delta(weight.device).to(dtype)
+        out = F.linear(x, weight, getattr(layer, "bias", None))
+    else:
+        out = forward(x)
+    for adapter in low_rank:
+        t = adapter.on(x.device, dtype)
+        update = F.linear(F.linear(x, t["down"].flatten(1)), t["up"].flatten(1)) * adapter.scale
+        if adapter.rows is None:
+            out += update
+        else:
+            out[..., adapter.rows] += update
+    return out
+
+
+@contextmanager
+def attached(model):
+    """Attach `model.lora_layers` to their layers for the duration of a forward."""
+    layers = [(model.get_submodule(name), adapters) for name, adapters in getattr(model, "lora_layers", {}).items()]
+    for layer, adapters in layers:
+        layer.adapters = adapters
+    try:
+        yield
+    finally:
+        for layer, _ in layers:
+            del layer.adapters
+
+
+def adapting(forward):
+    """Decorator for a model's forward: its adapters are attached while it runs."""
+
+    @functools.wraps(forward)
+    def run(model, *args, **kwargs):
+        with attached(model):
+            return forward(model, *args, **kwargs)
+
+    return run
+
+
+def with_adapters(model, layer_adapters, label):
+    """A shallow copy of `model` sharing every weight, with `layer_adapters` added to the adapters it already has."""
+    patched = copy.copy(model)
+    layers = {name: list(adapters) for name, adapters in getattr(model, "lora_layers", {}).items()}
+    for name, adapters in layer_adapters.items():
+        layers.setdefault(name, []).extend(adapters)
+    patched.lora_layers = layers
+    patched.lora_base = getattr(model, "lora_base", model)
+    patched.lora_names = [*getattr(model, "lora_names", []), label]
+    return patched

@@ -1,0 +1,261 @@
+"""LoRA files in every published naming, applied to our models at run time, match the reference libraries:
+diffusers' `load_lora_weights` (BFL/ComfyUI, PEFT, kohya, LoKr), peft's LoHa and transformers + peft for Qwen3."""
+
+import logging
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import klein_nodes as kn
+from klein_nodes.quant.linear import QuantizedLinear
+from klein_nodes.sampling.packing import image_ids, text_ids
+from klein_nodes.testing import (TINY_QWEN3, TINY_TRANSFORMER, bfl_to_diffusers, diffusers_config, qwen3_config,
+                                 qwen3_state_dict, transformer_state_dict, write_gguf, write_tokenizer)
+
+diffusers = pytest.importorskip("diffusers")
+peft = pytest.importorskip("peft")
+H, MLP, RANK = TINY_TRANSFORMER.hidden_size, TINY_TRANSFORMER.mlp_hidden_dim, 4
+# every kind of transformer layer once (BFL names, output and input sizes)
+BFL_LAYERS = {
+    "double_blocks.0.img_attn.qkv": (3 * H, H), "double_blocks.1.txt_attn.qkv": (3 * H, H),
+    "double_blocks.0.img_attn.proj": (H, H), "double_blocks.1.txt_attn.proj": (H, H),
+    "double_blocks.0.img_mlp.0": (2 * MLP, H), "double_blocks.1.txt_mlp.2": (H, MLP),
+    "single_blocks.0.linear1": (3 * H + 2 * MLP, H), "single_blocks.1.linear2": (H, H + MLP),
+    "img_in": (H, TINY_TRANSFORMER.in_channels), "txt_in": (H, TINY_TRANSFORMER.context_in_dim),
+}
+
+
+@pytest.fixture(scope="module")
+def state():
+    return transformer_state_dict(TINY_TRANSFORMER, seed=3)
+
+
+@pytest.fixture(scope="module")
+def ours(state, tmp_path_factory):
+    path = tmp_path_factory.mktemp("base") / "klein.safetensors"
+    save_file(state, str(path))
+    return kn.load_transformer(path, dtype=torch.float32)
+
+
+def diffusers_transformer(state):
+    config = {k: v for k, v in diffusers_config(TINY_TRANSFORMER).items() if not k.startswith("_")}
+    model = diffusers.Flux2Transformer2DModel(**config)
+    model.load_state_dict(bfl_to_diffusers(state), strict=True)
+    return model.eval()
+
+
+def with_diffusers_lora(state, lora):
+    """diffusers' own loader on a tiny pipeline: the reference for what a LoRA file means."""
+    transformer = diffusers_transformer(state)
+    pipe = diffusers.Flux2KleinPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None,
+                                        transformer=transformer)
+    pipe.load_lora_weights(dict(lora))
+    return transformer
+
+
+def difference(ours, reference, batch=2, txt_len=5):
+    generator = torch.Generator().manual_seed(1)
+    ids = image_ids(2, 3)
+    x = torch.randn(batch, ids.shape[0], TINY_TRANSFORMER.in_channels, generator=generator)
+    ctx = torch.randn(batch, txt_len, TINY_TRANSFORMER.context_in_dim, generator=generator)
+    t, txt = torch.tensor([0.9, 0.4]), text_ids(txt_len)
+    with torch.inference_mode():
+        expected = reference(x, ctx, t, ids, txt, return_dict=False)[0]
+        got = ours(x, ids.expand(batch, -1, -1), t, ctx, txt.expand(batch, -1, -1))
+    return (got - expected).abs().max().item()
+
+
+def lora_factors(seed=0, layers=BFL_LAYERS, rank=RANK):
+    generator = torch.Generator().manual_seed(seed)
+    return {name: (torch.randn(out, rank, generator=generator) * 0.3, torch.randn(rank, inp, generator=generator) * 0.3)
+            for name, (out, inp) in layers.items()}
+
+
+def bfl_lora(factors, prefix="diffusion_model.", names=("lora_B.weight", "lora_A.weight"), alpha=None):
+    lora = {}
+    for name, (up, down) in factors.items():
+        lora[f"{prefix}{name}.{names[0]}"], lora[f"{prefix}{name}.{names[1]}"] = up, down
+        if alpha is not None:
+            lora[f"{prefix}{name}.alpha"] = torch.tensor(float(alpha))
+    return lora
+
+
+def applied(model, lora, tmp_path, strength=1.0, metadata=None, name="lora.safetensors"):
+    save_file(lora, str(tmp_path / name), metadata=metadata)
+    return kn.apply_lora(model, tmp_path / name, strength)
+
+
+def test_bfl_comfyui_lora(state, ours, tmp_path):
+    lora = bfl_lora(lora_factors())
+    reference = with_diffusers_lora(state, lora)
+    assert difference(ours, diffusers_transformer(state)) <= 1e-5 < difference(ours, reference)
+    assert difference(applied(ours, lora, tmp_path), reference) <= 1e-5
+
+
+def test_lora_down_up_with_alpha(state, ours, tmp_path):
+    """ComfyUI's `lora_down/lora_up` + `alpha` spelling: delta = up·down·alpha/rank."""
+    factors = lora_factors(1)
+    reference = with_diffusers_lora(state, bfl_lora({n: (u * 2.0, d) for n, (u, d) in factors.items()}))
+    lora = bfl_lora(factors, names=("lora_up.weight", "lora_down.weight"), alpha=2 * RANK)
+    assert difference(applied(ours, lora, tmp_path), reference) <= 1e-5
+
+
+def test_diffusers_peft_lora_with_split_qkv(state, ours, tmp_path):
+    """Saved by diffusers itself from a peft adapter on to_q/to_k/to_v, add_*_proj, norm_out ... (lora_alpha != r)."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    reference = diffusers_transformer(state)
+    targets = ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
+               "linear_in", "linear_out", "to_qkv_mlp_proj", "norm_out.linear", "x_embedder",
+               "single_transformer_blocks.0.attn.to_out", "single_transformer_blocks.1.attn.to_out"]
+    config = LoraConfig(r=RANK, lora_alpha=6, target_modules=targets, init_lora_weights=False)
+    reference.add_adapter(config)
+    diffusers.Flux2KleinPipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(reference),
+                                                   transformer_lora_adapter_metadata=config.to_dict())
+    patched = kn.apply_lora(ours, tmp_path / "pytorch_lora_weights.safetensors")
+    assert len(patched.lora_layers) == 2 * 8 + 2 * 2 + 2  # split q/k/v fused into 2 qkv layers per double block
+    assert difference(patched, reference) <= 1e-5
+
+
+def test_kohya_lora(state, ours, tmp_path):
+    layers = {name: shape for name, shape in BFL_LAYERS.items() if not name.endswith("_in")}  # diffusers maps no txt_in
+    lora = {}
+    for name, (up, down) in lora_factors(2, layers).items():
+        module = "lora_unet_" + name.replace(".", "_")
+        lora[f"{module}.lora_up.weight"], lora[f"{module}.lora_down.weight"] = up, down
+        lora[f"{module}.alpha"] = torch.tensor(2.0)
+    reference = with_diffusers_lora(state, lora)
+    assert difference(applied(ours, lora, tmp_path), reference) <= 1e-5
+
+
+def lokr_tensors(out, inp, seed, decomposed):
+    generator = torch.Generator().manual_seed(seed)
+    w1 = torch.randn(4, 4, generator=generator) * 0.3
+    w2_shape = (out // 4, inp // 4)
+    if not decomposed:
+        return {"lokr_w1": w1, "lokr_w2": torch.randn(*w2_shape, generator=generator) * 0.3}
+    return {"lokr_w1": w1, "lokr_w2_a": torch.randn(w2_shape[0], 2, generator=generator) * 0.3,
+            "lokr_w2_b": torch.randn(2, w2_shape[1], generator=generator) * 0.3, "alpha": torch.tensor(3.0)}
+
+
+def test_bfl_lokr(state, ours, tmp_path):
+    """ai-toolkit's LoKr on BFL names (fused qkv kept fused), full and rank-decomposed factors with alpha."""
+    lora = {}
+    for index, (name, (out, inp)) in enumerate(BFL_LAYERS.items()):
+        if name.endswith(("img_in", "txt_in")):
+            continue
+        for suffix, tensor in lokr_tensors(out, inp, index, decomposed=index % 2 == 0).items():
+            lora[f"diffusion_model.{name}.{suffix}"] = tensor
+    reference = with_diffusers_lora(state, lora)
+    assert difference(applied(ours, lora, tmp_path), reference) <= 1e-5
+
+
+def test_lycoris_lokr_on_diffusers_names(state, ours, tmp_path):
+    layers = {"transformer_blocks_0_attn_to_q": (H, H), "transformer_blocks_1_attn_add_v_proj": (H, H),
+              "transformer_blocks_0_ff_linear_in": (2 * MLP, H), "single_transformer_blocks_1_attn_to_out": (H, H + MLP)}
+    lora = {f"lycoris_{name}.{suffix}": tensor for index, (name, (out, inp)) in enumerate(layers.items())
+            for suffix, tensor in lokr_tensors(out, inp, index, decomposed=index % 2 == 1).items()}
+    reference = with_diffusers_lora(state, lora)
+    assert difference(applied(ours, lora, tmp_path), reference) <= 1e-5
+
+
+def test_lycoris_loha(state, ours, tmp_path):
+    """LoHa has no diffusers loader: peft's LoHa on the diffusers model is the reference, saved in LyCORIS names."""
+    from peft import LoHaConfig, inject_adapter_in_model
+
+    reference = diffusers_transformer(state)
+    config = LoHaConfig(r=RANK, alpha=6, target_modules=["to_k", "to_add_out", "linear_out", "to_qkv_mlp_proj"],
+                        init_weights=False)
+    reference = inject_adapter_in_model(config, reference)
+    lora = {}
+    for name, module in reference.named_modules():
+        if hasattr(module, "hada_w1_a") and "default" in module.hada_w1_a:
+            for part in ("w1_a", "w1_b", "w2_a", "w2_b"):
+                lora[f"lycoris_{name.replace('.', '_')}.hada_{part}"] = getattr(module, f"hada_{part}")["default"].detach()
+            lora[f"lycoris_{name.replace('.', '_')}.alpha"] = torch.tensor(6.0)
+    assert len(lora) == 5 * (2 + 2 + 4 + 2)  # to_k, to_add_out, both ff linear_out, to_qkv_mlp_proj
+    assert difference(applied(ours, lora, tmp_path), reference) <= 1e-5
+
+
+def test_strength_stacking_and_the_base_model_untouched(state, ours, tmp_path):
+    first, second = lora_factors(5), lora_factors(6, rank=2)
+    before = difference(ours, diffusers_transformer(state))
+    save_file(bfl_lora(second), str(tmp_path / "b.safetensors"))
+    stacked = kn.apply_lora(applied(ours, bfl_lora(first), tmp_path, 0.5, name="a.safetensors"),
+                            tmp_path / "b.safetensors", -1.5)
+    merged = {n: (torch.cat((u1 * 0.5, u2 * -1.5), 1), torch.cat((d1, d2))) for (n, (u1, d1)), (u2, d2)
+              in zip(first.items(), second.values())}  # one LoRA of rank 4+2 whose delta is the weighted sum
+    assert difference(stacked, with_diffusers_lora(state, bfl_lora(merged))) <= 1e-5
+    assert stacked.lora_names == ["a.safetensors", "b.safetensors"]
+    assert difference(ours, diffusers_transformer(state)) == before  # the input model never changed
+
+
+def test_lora_on_a_quantized_model_keeps_it_packed(state, tmp_path):
+    """A GGUF model with a LoRA equals its float twin with the same LoRA; packed data and memory do not change."""
+    gguf = pytest.importorskip("gguf")  # noqa: F841
+    twin = write_gguf(tmp_path / "klein.gguf", state, lambda n, t: "F32" if t.ndim == 1 or "_in." in n else "Q8_0",
+                      "flux")
+    save_file(twin, str(tmp_path / "twin.safetensors"))
+    quantized = kn.load_transformer(tmp_path / "klein.gguf", dtype=torch.float32)
+    reference = kn.load_transformer(tmp_path / "twin.safetensors", dtype=torch.float32)
+    packed_before = {n: b.clone() for n, b in quantized.named_buffers()}
+    lora = bfl_lora(lora_factors(7))
+    patched = applied(quantized, lora, tmp_path)
+    patched_twin = kn.apply_lora(reference, tmp_path / "lora.safetensors")
+    assert any(isinstance(m, QuantizedLinear) for m in patched.modules())
+    generator = torch.Generator().manual_seed(0)
+    ids, txt = image_ids(2, 3)[None], text_ids(5)[None]
+    x, ctx = torch.randn(1, 6, 128, generator=generator), torch.randn(1, 5, 96, generator=generator)
+    t = torch.tensor([0.7])
+    with torch.inference_mode():
+        assert (patched(x, ids, t, ctx, txt) - patched_twin(x, ids, t, ctx, txt)).abs().max() <= 1e-5
+        assert (patched(x, ids, t, ctx, txt) - quantized(x, ids, t, ctx, txt)).abs().max() > 1e-2
+    assert all(torch.equal(b, packed_before[n]) for n, b in quantized.named_buffers())
+    assert {n for n, _ in patched.named_buffers()} == set(packed_before)  # no weight copy was added
+
+
+def test_text_encoder_lora_matches_transformers_with_peft(tmp_path):
+    """ComfyUI names (text_encoders.qwen3_4b.transformer.model.layers...) vs transformers' Qwen3 + peft."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict
+
+    state = qwen3_state_dict(TINY_QWEN3, seed=8)
+    save_file(state, str(tmp_path / "qwen.safetensors"))
+    encoder = kn.load_text_encoder(tmp_path / "qwen.safetensors", tokenizer=write_tokenizer(tmp_path / "tok"),
+                                   dtype=torch.float32, layers=(1, 2, 3))
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**qwen3_config(TINY_QWEN3)))
+    hf.model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=False)
+    config = LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["q_proj", "v_proj", "down_proj"],
+                        init_lora_weights=False)
+    hf = get_peft_model(hf, config).eval()
+    lora = {k.replace("base_model.model.", "text_encoders.qwen3_4b.transformer."): v
+            for k, v in get_peft_model_state_dict(hf).items()}
+    patched = applied(encoder, lora, tmp_path)
+    ids = torch.tensor([[5, 9, 2, 7, 1, 3]])
+    with torch.inference_mode():
+        expected = hf(input_ids=ids, output_hidden_states=True).hidden_states
+        got = patched.model(ids, torch.ones_like(ids), (1, 2, 3))
+        base = encoder.model(ids, torch.ones_like(ids), (1, 2, 3))
+    assert max((g - expected[k]).abs().max().item() for g, k in zip(got, (1, 2, 3))) <= 1e-5
+    assert (base[2] - expected[2]).abs().max() > 1e-3  # the LoRA did something; the base encoder is unchanged
+
+
+def test_unknown_keys_are_listed_and_foreign_loras_refused(ours, tmp_path, caplog):
+    lora = bfl_lora(lora_factors(9, {"double_blocks.0.img_attn.proj": (H, H)}))
+    lora["diffusion_model.double_blocks.0.img_attn.norm.query_norm.lora_A.weight"] = torch.zeros(2, 2)
+    lora["diffusion_model.double_blocks.0.img_attn.proj.dora_scale"] = torch.ones(1, H)
+    with caplog.at_level(logging.WARNING, logger="klein_nodes"):
+        patched = applied(ours, lora, tmp_path)
+    assert list(patched.lora_layers) == ["double_blocks.0.img_attn.proj"]
+    assert "2 keys match no klein transformer layer" in caplog.text and "dora_scale" in caplog.text
+    nine_b = bfl_lora(lora_factors(9, {"double_blocks.0.img_attn.proj": (4096, 4096)}))
+    with pytest.raises(kn.WrongModelError, match="made for another model"):
+        applied(ours, nine_b, tmp_path, name="9b.safetensors")
+    with pytest.raises(kn.WrongModelError, match="no layer of this LoRA matches"):
+        applied(ours, {"unet.down_blocks.0.lora_A.weight": torch.zeros(2, 2)}, tmp_path, name="sdxl.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(kn.CheckpointError):
+        kn.apply_lora(ours, tmp_path / "bad.safetensors")
