@@ -170,7 +170,17 @@ def output_paths(output, count):
     return paths
 
 
+def lora_spec(spec):
+    """'file.safetensors' or 'file.safetensors:0.8' -> (path, strength)."""
+    path, _, strength = spec.rpartition(":")
+    try:
+        return (path, float(strength)) if path else (spec, 1.0)
+    except ValueError:
+        return spec, 1.0
+
+
 def generate(args):
+    from .loaders.lora import apply_lora_pair
     from .loaders.text_encoder import load_text_encoder
     from .loaders.transformer import load_transformer
     from .loaders.vae import load_vae
@@ -183,8 +193,11 @@ def generate(args):
              "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     model_path, text_encoder_path, vae_path = resolve_models(args)
     # weights load (memory-mapped) on the CPU; the memory plan moves each component to the device for its turn
-    pipeline = KleinPipeline(load_transformer(model_path, dtype=dtype), load_text_encoder(text_encoder_path, dtype=dtype),
-                             load_vae(vae_path), device=device, memory=args.memory)
+    transformer, text_encoder = load_transformer(model_path, dtype=dtype), load_text_encoder(text_encoder_path, dtype=dtype)
+    for spec in args.lora:
+        path, strength = lora_spec(spec)
+        transformer, text_encoder = apply_lora_pair(transformer, text_encoder, path, strength)
+    pipeline = KleinPipeline(transformer, text_encoder, load_vae(vae_path), device=device, memory=args.memory)
     width, height = (preset_size(args.aspect, args.megapixels) if args.aspect else (args.width, args.height))
 
     def progress(step):
@@ -246,6 +259,8 @@ def main(argv=None):
     gen.add_argument("prompt")
     gen.add_argument("-o", "--output", default="klein.png", help="output file (.png/.jpg/.webp); never overwritten")
     gen.add_argument("--ref", action="append", default=[], help="reference image (repeat for up to 4 or more)")
+    gen.add_argument("--lora", action="append", default=[],
+                     help="LoRA file, optionally with a strength: style.safetensors:0.8 (repeat to stack)")
     gen.add_argument("--steps", type=int, default=4, help="4 for distilled klein, ~50 for base klein")
     gen.add_argument("--guidance", type=float, default=1.0, help="1.0 = no CFG (distilled); base klein: 4.0")
     gen.add_argument("--negative", default="", help="negative prompt (used when guidance > 1)")

@@ -203,6 +203,22 @@ def apply_lora(model, path, strength=1.0):
     return apply_lora_tensors(model, tensors, metadata, strength, Path(path).name)[0]
 
 
+def apply_lora_pair(model, text_encoder, path, strength=1.0, text_encoder_strength=None):
+    """(model, text encoder) with one LoRA file's transformer layers on the first and its text-encoder layers on the
+    second (`text_encoder` may be None; strength 0 leaves a model as it is)."""
+    tensors, metadata = read_lora(path)
+    label = Path(path).name
+    if strength:
+        model, _ = apply_lora_tensors(model, tensors, metadata, strength, label)
+    te_strength = strength if text_encoder_strength is None else text_encoder_strength
+    has_te_keys = any(k.startswith(TEXT_ENCODER_PREFIXES) for k in tensors)
+    if has_te_keys and text_encoder is None:
+        log.warning("%s: has text-encoder layers; connect a text encoder to apply them", label)
+    elif has_te_keys and te_strength:
+        text_encoder, _ = apply_lora_tensors(text_encoder, tensors, metadata, te_strength, label)
+    return model, text_encoder
+
+
 def apply_lora_tensors(model, tensors, metadata, strength, label):
     """(patched copy, report) for already-read LoRA tensors."""
     is_transformer = isinstance(model, Flux2)

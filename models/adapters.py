@@ -132,10 +132,11 @@ def adapting(forward):
 def with_adapters(model, layer_adapters, label):
     """A shallow copy of `model` sharing every weight, with `layer_adapters` added to the adapters it already has."""
     patched = copy.copy(model)
+    patched._modules = dict(model._modules)  # its own registry of the shared submodules
     layers = {name: list(adapters) for name, adapters in getattr(model, "lora_layers", {}).items()}
     for name, adapters in layer_adapters.items():
         layers.setdefault(name, []).extend(adapters)
     patched.lora_layers = layers
-    patched.lora_base = getattr(model, "lora_base", model)
+    object.__setattr__(patched, "lora_base", getattr(model, "lora_base", model))  # not a submodule
     patched.lora_names = [*getattr(model, "lora_names", []), label]
     return patched

@@ -2,12 +2,14 @@
 
 from .conditioning import KleinTextEncode
 from .loaders import KleinTextEncoderLoader, KleinTransformerLoader, KleinVAELoader
+from .lora import KleinLora
 from .save import KleinSave, KleinVerify
 from .sampling import KleinEmptyLatent, KleinGenerate, KleinReferences, KleinSampler, KleinVAEDecode, KleinVAEEncode
 
 NODE_CLASS_MAPPINGS = {
     "KleinTransformerLoader": KleinTransformerLoader,
     "KleinTextEncoderLoader": KleinTextEncoderLoader,
+    "KleinLora": KleinLora,
     "KleinTextEncode": KleinTextEncode,
     "KleinVAELoader": KleinVAELoader,
     "KleinReferences": KleinReferences,
@@ -22,6 +24,7 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "KleinTransformerLoader": "Klein Load Transformer",
     "KleinTextEncoderLoader": "Klein Load Text Encoder",
+    "KleinLora": "Klein LoRA",
     "KleinTextEncode": "Klein Text Encode",
     "KleinVAELoader": "Klein Load VAE",
     "KleinReferences": "Klein References",

@@ -33,6 +33,7 @@ def load_for_inference(module, role):
     if comfy is None:
         return
     mm, model_patcher, _ = comfy
+    module = getattr(module, "lora_base", module)  # a LoRA'd copy shares the base's weights, so also its patcher
     patcher = getattr(module, "klein_patcher", None)
     if patcher is None:
         load_device, offload_device = (getattr(mm, name)() for name in DEVICE_ROLES[role])

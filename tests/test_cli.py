@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 from PIL import Image
 
 from klein_nodes.cli import main
@@ -50,3 +51,23 @@ def test_generate_without_models_explains(tmp_path, capsys, monkeypatch):
     assert "--model PATH" in capsys.readouterr().err
     assert main(["generate", "a cat", "-o", str(tmp_path / "x.gif"), "--tiny-random"]) == 2
     assert ".png, .jpg or .webp" in capsys.readouterr().err
+
+
+def test_generate_with_loras(tmp_path, capsys, monkeypatch):
+    from safetensors.torch import save_file
+
+    from klein_nodes.cli import lora_spec
+
+    assert lora_spec("a:b/style.safetensors:0.75") == ("a:b/style.safetensors", 0.75)
+    assert lora_spec("C:/loras/style.safetensors") == ("C:/loras/style.safetensors", 1.0)
+    write_tiny_model_set(tmp_path / "ComfyUI")
+    generator = torch.Generator().manual_seed(0)
+    save_file({"diffusion_model.single_blocks.0.linear2.lora_A.weight": torch.randn(4, 64 + 192, generator=generator),
+               "diffusion_model.single_blocks.0.linear2.lora_B.weight": torch.randn(64, 4, generator=generator)},
+              str(tmp_path / "style.safetensors"))
+    base = ["generate", "a cat", "--comfyui", str(tmp_path / "ComfyUI"), "--width", "64", "--height", "64",
+            "--seed", "5", "--no-c2pa", "--no-watermark"]
+    assert main([*base, "-o", str(tmp_path / "plain.png")]) == 0
+    assert main([*base, "-o", str(tmp_path / "lora.png"), "--lora", f"{tmp_path / 'style.safetensors'}:2"]) == 0
+    plain, styled = (np.asarray(Image.open(tmp_path / n), dtype=np.float32) for n in ("plain.png", "lora.png"))
+    assert np.abs(plain - styled).max() > 8

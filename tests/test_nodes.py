@@ -135,3 +135,33 @@ def test_vae_encode_crops_image_and_mask_together(vae):
     assert torch.equal(latent["noise_mask"][0, 0], mask[0, 3:67, 2:66])
     (decoded,) = KleinVAEDecode().decode(vae, latent, tiled="enable")
     assert decoded.shape == (1, 64, 64, 3) and 0 <= decoded.min() and decoded.max() <= 1
+
+
+def test_lora_node_patches_copies_and_uses_the_base_models_memory_slot(comfyui, runtime, model, tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    from klein_nodes.nodes.lora import KleinLora
+    from klein_nodes.testing import write_text_encoder, write_tokenizer
+
+    te_path, _ = write_text_encoder(tmp_path / "qwen.safetensors", dtype=torch.float32)
+    encoder = kn.load_text_encoder(te_path, tokenizer=write_tokenizer(tmp_path / "tok"), layers=(1, 2, 3))
+    generator = torch.Generator().manual_seed(0)
+    save_file({"diffusion_model.double_blocks.0.img_attn.proj.lora_A.weight": torch.randn(2, 64, generator=generator),
+               "diffusion_model.double_blocks.0.img_attn.proj.lora_B.weight": torch.randn(64, 2, generator=generator),
+               "text_encoders.qwen3_4b.transformer.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(2, 32),
+               "text_encoders.qwen3_4b.transformer.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(64, 2)},
+              str(comfyui / "loras" / "style.safetensors"))
+    assert KleinLora.INPUT_TYPES()["required"]["lora_name"][0] == ["style.safetensors"]
+    patched, patched_encoder = KleinLora().apply(model, "style.safetensors", 0.8, encoder, 0.5)
+    assert list(patched.lora_layers) == ["double_blocks.0.img_attn.proj"] and not hasattr(model, "lora_layers")
+    assert [a.scale for a in patched_encoder.model.lora_layers["layers.0.self_attn.q_proj"]] == [0.5]
+    assert not torch.equal(patched_encoder.encode("a cat", 32, (1, 2, 3)), encoder.encode("a cat", 32, (1, 2, 3)))
+    latent = {"samples": torch.zeros(1, 128, 2, 3)}
+    (base_out,) = KleinSampler().sample(model, conditioning(), latent, seed=3, steps=2)
+    (lora_out,) = KleinSampler().sample(patched, conditioning(), latent, seed=3, steps=2)
+    assert (lora_out["samples"] - base_out["samples"]).abs().max() > 1e-3
+    assert runtime["loaded"] == [model, model]  # the copy registers as its base: one set of weights, one slot
+    with caplog.at_level("WARNING", logger="klein_nodes"):
+        alone, no_encoder = KleinLora().apply(model, "style.safetensors", 1.0)
+    assert no_encoder is None and "connect a text encoder" in caplog.text
+    assert KleinLora().apply(model, "style.safetensors", 0.0, encoder, 0.0) == (model, encoder)
