@@ -34,6 +34,14 @@ class Adapter:
             self._placed[key] = {name: t.to(device=device, dtype=dtype) for name, t in self.tensors.items()}
         return self._placed[key]
 
+    def low_rank(self, device, dtype):
+        """(down, up · scale) as 2-D matrices on `device`, for x·downᵀ·upᵀ."""
+        key = ("low_rank", device, dtype)
+        if key not in self._placed:
+            self._placed[key] = (self.tensors["down"].flatten(1).to(device=device, dtype=dtype),
+                                 (self.tensors["up"].flatten(1) * self.scale).to(device=device, dtype=dtype))
+        return self._placed[key]
+
     def delta(self, device, dtype=torch.float32):
         """The full weight difference (scale included), computed in `dtype`."""
         t = self.on(device, dtype)
@@ -96,8 +104,8 @@ def linear_with_adapters(layer, x, forward):
     else:
         out = forward(x)
     for adapter in low_rank:
-        t = adapter.on(x.device, dtype)
-        update = F.linear(F.linear(x, t["down"].flatten(1)), t["up"].flatten(1)) * adapter.scale
+        down, up = adapter.low_rank(x.device, dtype)
+        update = F.linear(F.linear(x, down), up)
         if adapter.rows is None:
             out += update
         else:
