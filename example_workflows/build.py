@@ -172,6 +172,20 @@ def low_vram_gguf():
     return graph
 
 
+def loras():
+    graph = Graph("FLUX.2 klein 4B: two LoRAs stacked (a style LoRA with text-encoder layers, then a LoKr)")
+    model, text_encoder, vae = loaders(graph)
+    style = graph.add("KleinLora", model=(model, 0), text_encoder=(text_encoder, 0),
+                      lora_name="klein_style_lora.safetensors", strength_model=0.8, strength_text_encoder=0.8)
+    detail = graph.add("KleinLora", model=(style, 0), text_encoder=(style, 1), lora_name="klein_detail_lokr.safetensors",
+                       strength_model=0.5, strength_text_encoder=0.5)
+    prompt = graph.add("KleinTextEncode", text_encoder=(detail, 1),
+                       text="A harbour town at dawn, fishing boats, gulls, in the LoRA's style")
+    latent = graph.add("KleinEmptyLatent", width=1024, height=1024, aspect="custom", megapixels=1.0, batch_size=1)
+    finish(graph, vae, sampler(graph, detail, prompt, latent), "klein_lora")
+    return graph
+
+
 def watermark_and_save():
     graph = Graph("FLUX.2 klein 4B: watermark and save with signed Content Credentials (C2PA)")
     model, text_encoder, vae = loaders(graph)
@@ -202,6 +216,7 @@ WORKFLOWS = {
     "klein_compose_four_references": lambda: reference_edit(4),
     "klein_inpainting": inpainting,
     "klein_low_vram_gguf": low_vram_gguf,
+    "klein_loras": loras,
     "klein_watermark_and_save": watermark_and_save,
     "klein_generate_one_node": one_node,
 }

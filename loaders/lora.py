@@ -1,6 +1,6 @@
 """LoRA files -> adapters on klein's layers, for every published naming: BFL/ComfyUI (`diffusion_model.double_blocks
 .0.img_attn.qkv.lora_A/B`, `lora_down/up`, `alpha`), diffusers/PEFT (`transformer.transformer_blocks.0.attn.to_q
-.lora_A.weight`: split q/k/v land on row ranges of our fused qkv), kohya (`lora_unet_double_blocks_0_img_attn_qkv`),
+.lora_A.weight`: split q/k/v land on row ranges of our fused qkv; DiffSynth's `.lora_A.default.weight`), kohya (`lora_unet_double_blocks_0_img_attn_qkv`),
 LyCORIS LoKr/LoHa (`lycoris_transformer_blocks_0_attn_to_q.lokr_w1`), and Qwen3 text-encoder LoRAs
 (`text_encoders.qwen3_4b.transformer.model.layers.0.self_attn.q_proj`, `text_encoder.`, `lora_te_`)."""
 
@@ -24,6 +24,7 @@ log = logging.getLogger("klein_nodes")
 # key ending -> (adapter kind, tensor role); "alpha" belongs to whichever kind the layer has
 SUFFIXES = {
     "lora_A.weight": ("lora", "down"), "lora_B.weight": ("lora", "up"),
+    "lora_A.default.weight": ("lora", "down"), "lora_B.default.weight": ("lora", "up"),  # DiffSynth / raw PEFT
     "lora_down.weight": ("lora", "down"), "lora_up.weight": ("lora", "up"),
     **{f"lokr_{n}": ("lokr", n) for n in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")},
     **{f"hada_{n}": ("loha", n) for n in ("w1_a", "w1_b", "w2_a", "w2_b")},

@@ -101,8 +101,10 @@ def test_lora_down_up_with_alpha(state, ours, tmp_path):
     assert difference(applied(ours, lora, tmp_path), reference) <= 1e-5
 
 
-def test_diffusers_peft_lora_with_split_qkv(state, ours, tmp_path):
-    """Saved by diffusers itself from a peft adapter on to_q/to_k/to_v, add_*_proj, norm_out ... (lora_alpha != r)."""
+@pytest.mark.parametrize("spelling", ["diffusers", "diffsynth"])
+def test_diffusers_peft_lora_with_split_qkv(state, ours, tmp_path, spelling):
+    """Saved by diffusers itself from a peft adapter on to_q/to_k/to_v, add_*_proj, norm_out ... (lora_alpha != r);
+    DiffSynth writes the same adapter with bare module names and peft's `.default` adapter name (alpha = r)."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
@@ -110,11 +112,19 @@ def test_diffusers_peft_lora_with_split_qkv(state, ours, tmp_path):
     targets = ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
                "linear_in", "linear_out", "to_qkv_mlp_proj", "norm_out.linear", "x_embedder",
                "single_transformer_blocks.0.attn.to_out", "single_transformer_blocks.1.attn.to_out"]
-    config = LoraConfig(r=RANK, lora_alpha=6, target_modules=targets, init_lora_weights=False)
+    config = LoraConfig(r=RANK, lora_alpha=6 if spelling == "diffusers" else RANK, target_modules=targets,
+                        init_lora_weights=False)
     reference.add_adapter(config)
-    diffusers.Flux2KleinPipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(reference),
-                                                   transformer_lora_adapter_metadata=config.to_dict())
-    patched = kn.apply_lora(ours, tmp_path / "pytorch_lora_weights.safetensors")
+    if spelling == "diffusers":
+        diffusers.Flux2KleinPipeline.save_lora_weights(
+            tmp_path, transformer_lora_layers=get_peft_model_state_dict(reference),
+            transformer_lora_adapter_metadata=config.to_dict())
+        patched = kn.apply_lora(ours, tmp_path / "pytorch_lora_weights.safetensors")
+    else:
+        lora = {k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
+                for k, v in get_peft_model_state_dict(reference).items()}
+        assert "transformer_blocks.0.attn.to_q.lora_A.default.weight" in lora
+        patched = applied(ours, lora, tmp_path)
     assert len(patched.lora_layers) == 2 * 8 + 2 * 2 + 2  # split q/k/v fused into 2 qkv layers per double block
     assert difference(patched, reference) <= 1e-5
 

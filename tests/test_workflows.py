@@ -43,7 +43,23 @@ def model_files(tmp_path_factory):
     save_file({k: v.contiguous() for k, v in state.items()}, str(models / "vae" / "flux2-vae.safetensors"))
     for folder, name in (("diffusion_models", "flux-2-klein-4b"), ("text_encoders", "qwen_3_4b")):  # our own quantizer
         quantize_file(models / folder / f"{name}.safetensors", models / folder / f"{name}-Q4_K.gguf", "Q4_K")
+    write_loras(models / "loras")
     return root
+
+
+def write_loras(folder):
+    """A ComfyUI-named LoRA on transformer and text encoder layers, and a BFL-named LoKr."""
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    randn = lambda *shape: torch.randn(*shape, generator=generator) * 0.2  # noqa: E731
+    style = {"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": randn(4, 64),
+             "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": randn(192, 4),
+             "text_encoders.qwen3_4b.transformer.model.layers.3.mlp.down_proj.lora_A.weight": randn(4, 64),
+             "text_encoders.qwen3_4b.transformer.model.layers.3.mlp.down_proj.lora_B.weight": randn(32, 4)}
+    save_file(style, str(folder / "klein_style_lora.safetensors"))
+    save_file({"diffusion_model.single_blocks.1.linear1.lokr_w1": randn(4, 4),
+               "diffusion_model.single_blocks.1.linear1.lokr_w2": randn(144, 16)},
+              str(folder / "klein_detail_lokr.safetensors"))
 
 
 @pytest.fixture()
