@@ -77,8 +77,23 @@ def main():
 
 
 def gpu_report(repeats):
-    """Our kernels on the GPU, and a quantized Linear vs a bf16 Linear at klein's shapes (4096 image + 512 text tokens)."""
+    """Triton vs torch dequantization on the GPU (bf16 out), and a quantized Linear vs a bf16 Linear at klein's
+    shapes (4096 image + 512 text tokens)."""
     print(f"\nGPU: {torch.cuda.get_device_name()}")
+    try:
+        from klein_nodes.quant.triton_dequant import KERNELS, launch
+    except ImportError:
+        KERNELS = {}
+        print("Triton is not installed: torch kernels only")
+    for qtype in KERNELS:
+        block_size, type_size = BLOCK_SIZES[qtype]
+        blocks = torch.from_numpy(np.ascontiguousarray(packed_matrix(qtype, 3072, 3072))).reshape(-1, type_size).cuda()
+        out = torch.empty(blocks.shape[0], block_size, device="cuda", dtype=torch.bfloat16)
+        reference = DEQUANTIZERS[qtype](blocks).bfloat16()
+        assert torch.equal(launch(qtype, blocks, out), reference)
+        eager = timed(lambda: DEQUANTIZERS[qtype](blocks).bfloat16(), repeats)
+        kernel = timed(lambda: launch(qtype, blocks, out), repeats)
+        print(f"{qtype} 3072x3072 -> bf16: torch {eager * 1e3:.3f} ms, Triton {kernel * 1e3:.3f} ms ({eager / kernel:.1f}x)")
     x = torch.randn(4608, 3072, device="cuda", dtype=torch.bfloat16)
     for out_features, in_features in ((9216, 3072), (3072, 12288), (27648, 3072)):
         weight = torch.randn(out_features, in_features) * 0.02

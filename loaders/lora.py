@@ -233,7 +233,7 @@ def apply_lora_tensors(model, tensors, metadata, strength, label):
         log.warning("%s: %d keys match no klein %s layer and were not applied: %s", label, len(report["unknown"]),
                     what, shown)
     if report["other"]:
-        log.info("%s: %d keys are for the %s and were not applied here", label, len(report["other"]),
+        log.debug("%s: %d keys are for the %s and were not applied here", label, len(report["other"]),
                  "text encoder" if is_transformer else "transformer")
     if not layers and not report["other"]:
         sample = ", ".join(list(tensors)[:3])

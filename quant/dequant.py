@@ -6,9 +6,16 @@ bit-identical to `gguf.quants.dequantize`; the final scale/offset steps run in p
 (allocating and faulting in a new full-size tensor per step costs as much as the arithmetic).
 """
 
+import logging
+import os
+
 import torch
 
 from ..errors import KleinError
+
+log = logging.getLogger("klein_nodes")
+TRITON_TYPES = ("Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
+_triton_verdict = {}  # (type, device) -> the Triton kernel matched the torch one on this device's first data
 
 QK_K = 256
 # type name -> (elements per block, bytes per block)
@@ -210,8 +217,9 @@ def type_name(qtype):
     return name
 
 
-def dequantize(data, qtype, shape, dtype=torch.float32):
-    """Raw GGML blocks (uint8) -> a tensor of `shape` (torch order, last dim = the row) in `dtype`."""
+def dequantize(data, qtype, shape, dtype=torch.float32, out=None):
+    """Raw GGML blocks (uint8) -> a tensor of `shape` (torch order, last dim = the row) in `dtype`, written into
+    `out` when given. On CUDA the hot types run as Triton kernels (see `use_triton`)."""
     name = type_name(qtype)
     block_size, type_size = BLOCK_SIZES[name]
     count = 1
@@ -221,4 +229,42 @@ def dequantize(data, qtype, shape, dtype=torch.float32):
         raise KleinError(f"{name} data of {data.numel()} bytes does not hold a {tuple(shape)} tensor "
                          f"({block_size} values per {type_size}-byte block)")
     blocks = data.reshape(-1, type_size)
-    return DEQUANTIZERS[name](blocks).reshape(shape).to(dtype)
+    if use_triton(name, blocks, dtype if out is None else out.dtype):
+        from .triton_dequant import launch
+
+        out = torch.empty(shape, dtype=dtype, device=data.device) if out is None else out
+        launch(name, blocks, out.view(-1, block_size))
+        return out
+    values = DEQUANTIZERS[name](blocks).reshape(shape)
+    return values.to(dtype) if out is None else out.copy_(values)
+
+
+def triton_available(device):
+    """Triton kernels run on CUDA devices with Triton installed, unless KLEIN_TRITON=0."""
+    if device.type != "cuda" or os.environ.get("KLEIN_TRITON", "1") == "0":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(name, blocks, dtype):
+    """Whether to run `name`'s Triton kernel. The first time per type, device and dtype, the kernel and the torch
+    code dequantize the same blocks of real data; any difference (a Triton/GPU combination that rounds differently)
+    falls back to torch for good, with a warning."""
+    if name not in TRITON_TYPES or not triton_available(blocks.device):
+        return False
+    key = (name, blocks.device, dtype)
+    if key not in _triton_verdict:
+        from .triton_dequant import launch
+
+        sample = blocks[:256]
+        expected = DEQUANTIZERS[name](sample).to(dtype)
+        got = launch(name, sample, torch.empty_like(expected))
+        _triton_verdict[key] = torch.equal(got, expected) and torch.equal(got.isnan(), expected.isnan())
+        if not _triton_verdict[key]:
+            log.warning("Triton %s dequantization differs from the reference on %s (max %.3g); using torch instead",
+                        name, blocks.device, (got - expected).abs().max().item())
+    return _triton_verdict[key]

@@ -61,7 +61,7 @@ class QuantizedLinear(DequantizingLinear):
         dtype = dtype or self.compute_dtype
         shape = (self.out_features, self.in_features)
         weight = scratch(shape[0] * shape[1], dtype, self.packed.device).view(shape)
-        return weight.copy_(dequantize(self.packed, self.qtype, shape))
+        return dequantize(self.packed, self.qtype, shape, dtype, out=weight)
 
 
 class QuantizedEmbedding(nn.Module):
