@@ -203,7 +203,7 @@ def test_strength_stacking_and_the_base_model_untouched(state, ours, tmp_path):
 
 
 def test_lora_on_a_quantized_model_keeps_it_packed(state, tmp_path):
-    """A GGUF model with a LoRA equals its float twin with the same LoRA; packed data and memory do not change."""
+    """A GGUF model with LoRAs equals its float twin with the same LoRAs; packed data and memory do not change."""
     gguf = pytest.importorskip("gguf")  # noqa: F841
     twin = write_gguf(tmp_path / "klein.gguf", state, lambda n, t: "F32" if t.ndim == 1 or "_in." in n else "Q8_0",
                       "flux")
@@ -211,8 +211,10 @@ def test_lora_on_a_quantized_model_keeps_it_packed(state, tmp_path):
     quantized = kn.load_transformer(tmp_path / "klein.gguf", dtype=torch.float32)
     reference = kn.load_transformer(tmp_path / "twin.safetensors", dtype=torch.float32)
     packed_before = {n: b.clone() for n, b in quantized.named_buffers()}
-    lora = bfl_lora(lora_factors(7))
+    lora = bfl_lora(lora_factors(7))  # LoRAs (beside the matmul) and a LoKr (added to the dequantized weight)
+    lora.update({f"diffusion_model.single_blocks.1.linear1.{k}": v for k, v in lokr_tensors(576, 64, 3, True).items()})
     patched = applied(quantized, lora, tmp_path)
+    assert [a.kind for a in patched.lora_layers["single_blocks.1.linear1"]] == ["lokr"]
     patched_twin = kn.apply_lora(reference, tmp_path / "lora.safetensors")
     assert any(isinstance(m, QuantizedLinear) for m in patched.modules())
     generator = torch.Generator().manual_seed(0)
@@ -269,3 +271,15 @@ def test_unknown_keys_are_listed_and_foreign_loras_refused(ours, tmp_path, caplo
     (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     with pytest.raises(kn.CheckpointError):
         kn.apply_lora(ours, tmp_path / "bad.safetensors")
+
+
+def test_lora_with_block_streaming(ours, tmp_path):
+    """Streamed blocks get their LoRAs too: the same output as the resident model with the LoRA."""
+    from klein_nodes.sampling.streaming import BlockStreamer
+    from klein_nodes.testing import sample_forward
+
+    patched = applied(ours, bfl_lora(lora_factors(11)), tmp_path)
+    resident = sample_forward(patched)
+    with BlockStreamer(patched, "cpu", resident_blocks=1):
+        streamed = sample_forward(patched)
+    assert torch.equal(streamed, resident) and not torch.equal(resident, sample_forward(ours))
