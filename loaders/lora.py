@@ -1,7 +1,8 @@
 """LoRA files -> adapters on klein's layers, for every published naming: BFL/ComfyUI (`diffusion_model.double_blocks
 .0.img_attn.qkv.lora_A/B`, `lora_down/up`, `alpha`), diffusers/PEFT (`transformer.transformer_blocks.0.attn.to_q
 .lora_A.weight`: split q/k/v land on row ranges of our fused qkv; DiffSynth's `.lora_A.default.weight`), kohya (`lora_unet_double_blocks_0_img_attn_qkv`),
-LyCORIS LoKr/LoHa (`lycoris_transformer_blocks_0_attn_to_q.lokr_w1`), and Qwen3 text-encoder LoRAs
+LyCORIS LoKr/LoHa (`lycoris_transformer_blocks_0_attn_to_q.lokr_w1`), DoRA (`lora_magnitude_vector`,
+`dora_scale`), and Qwen3 text-encoder LoRAs
 (`text_encoders.qwen3_4b.transformer.model.layers.0.self_attn.q_proj`, `text_encoder.`, `lora_te_`)."""
 
 import copy
@@ -26,6 +27,7 @@ SUFFIXES = {
     "lora_A.weight": ("lora", "down"), "lora_B.weight": ("lora", "up"),
     "lora_A.default.weight": ("lora", "down"), "lora_B.default.weight": ("lora", "up"),  # DiffSynth / raw PEFT
     "lora_down.weight": ("lora", "down"), "lora_up.weight": ("lora", "up"),
+    "lora_magnitude_vector": ("lora", "magnitude"), "dora_scale": ("lora", "magnitude"),  # DoRA: PEFT, LyCORIS
     **{f"lokr_{n}": ("lokr", n) for n in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")},
     **{f"hada_{n}": ("loha", n) for n in ("w1_a", "w1_b", "w2_a", "w2_b")},
     "diff": ("diff", "diff"),
@@ -188,7 +190,8 @@ def check_shape(model, layer, rows, adapter, path):
     out_features = module.out_features if rows is None else len(range(module.out_features)[rows]) \
         if isinstance(rows, slice) else len(rows)
     expected = (out_features, module.in_features)
-    if tuple(adapter.shape()) != expected:
+    magnitude = adapter.tensors.get("magnitude")
+    if tuple(adapter.shape()) != expected or (magnitude is not None and magnitude.numel() not in expected):
         raise WrongModelError(f"LoRA layer '{path}' is {tuple(adapter.shape())} but klein's '{layer}' needs {expected}: "
                               "the LoRA was made for another model (klein 4B and 9B LoRAs do not mix).")
 

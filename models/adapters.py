@@ -3,7 +3,8 @@
 The base weights (bf16, fp8, GGUF, nvfp4) stay exactly as loaded and are shared: a model with adapters is a
 shallow copy of the base model carrying `lora_layers` {layer name: [Adapter]}. For the duration of its forward the
 adapters are attached to the shared layers; a LoRA adds two small matmuls (x·Aᵀ·Bᵀ) to the layer's output, a
-LoKr / LoHa / full difference is rebuilt and added to the (dequantized) weight before the matmul.
+LoKr / LoHa / full difference is rebuilt and added to the (dequantized) weight before the matmul, and a DoRA
+rescales the rows (or columns) of W + ΔW to its stored magnitudes.
 """
 
 import copy
@@ -16,16 +17,17 @@ from torch import nn
 
 
 class Adapter:
-    """One adapter on one layer: W[rows] += scale · delta, `rows` a slice or an index (None: the whole layer).
-    `kind` "lora" (tensors up, down), "lokr" (w1 or w1_a·w1_b, w2 or w2_a·w2_b), "loha" (w1_a, w1_b, w2_a, w2_b)
-    or "diff" (diff)."""
+    """One adapter on one layer: W[rows] += strength · scale · delta, `rows` a slice or an index (None: the whole
+    layer). `kind` "lora" (tensors up, down; with `magnitude` a DoRA), "lokr" (w1 or w1_a·w1_b, w2 or w2_a·w2_b),
+    "loha" (w1_a, w1_b, w2_a, w2_b) or "diff" (diff). A DoRA's strength interpolates between W and its result."""
 
-    def __init__(self, kind, tensors, scale, rows=None):
-        self.kind, self.tensors, self.scale, self.rows = kind, tensors, scale, rows
+    def __init__(self, kind, tensors, scale, rows=None, strength=1.0):
+        self.kind, self.tensors, self.scale, self.rows, self.strength = kind, tensors, scale, rows, strength
+        self.is_dora = "magnitude" in tensors
         self._placed = {}
 
     def scaled(self, strength):
-        return Adapter(self.kind, self.tensors, self.scale * strength, self.rows)
+        return Adapter(self.kind, self.tensors, self.scale, self.rows, self.strength * strength)
 
     def on(self, device, dtype):
         """The tensors on `device` in `dtype` (converted once, then reused)."""
@@ -39,11 +41,23 @@ class Adapter:
         key = ("low_rank", device, dtype)
         if key not in self._placed:
             self._placed[key] = (self.tensors["down"].flatten(1).to(device=device, dtype=dtype),
-                                 (self.tensors["up"].flatten(1) * self.scale).to(device=device, dtype=dtype))
+                                 (self.tensors["up"].flatten(1) * (self.scale * self.strength)).to(device=device,
+                                                                                                    dtype=dtype))
         return self._placed[key]
 
+    def apply(self, weight):
+        """`weight` (this adapter's rows, float32) with the adapter applied."""
+        if not self.is_dora:
+            return weight + self.delta(weight.device) * self.strength
+        changed = weight + self.delta(weight.device)
+        magnitude = self.on(weight.device, torch.float32)["magnitude"]
+        per_row = magnitude.numel() == changed.shape[0]  # PEFT and LyCORIS' default; else one per input column
+        norm = changed.norm(dim=1 if per_row else 0, keepdim=True)
+        changed = changed * (magnitude.reshape(-1, 1) if per_row else magnitude.reshape(1, -1)) / norm.clamp_min(1e-12)
+        return weight + self.strength * (changed - weight)
+
     def delta(self, device, dtype=torch.float32):
-        """The full weight difference (scale included), computed in `dtype`."""
+        """The full weight difference with the file's scale (not the strength), computed in `dtype`."""
         t = self.on(device, dtype)
         if self.kind == "lora":
             delta = t["up"].flatten(1) @ t["down"].flatten(1)
@@ -90,8 +104,9 @@ class Linear(nn.Linear):
 def linear_with_adapters(layer, x, forward):
     """`layer(x)` with its adapters: full deltas are added to the weight, LoRAs run as x·Aᵀ·Bᵀ on the output of
     the layer's own `forward` (which may be a native fp8 matmul)."""
-    low_rank = [a for a in layer.adapters if a.kind == "lora"]
-    full = [a for a in layer.adapters if a.kind != "lora"]
+    in_weight = any(a.is_dora for a in layer.adapters)  # a DoRA normalises the weight with every change in it
+    low_rank = [a for a in layer.adapters if a.kind == "lora" and not in_weight]
+    full = [a for a in layer.adapters if a.kind != "lora" or in_weight]
     dequantized = getattr(layer, "dequantized", None)
     dtype = layer.compute_dtype if dequantized else layer.weight.dtype
     x = x.to(dtype)
@@ -99,7 +114,7 @@ def linear_with_adapters(layer, x, forward):
         weight = dequantized() if dequantized else layer.weight.clone()  # dequantized: a fresh scratch buffer
         for adapter in full:
             rows = slice(None) if adapter.rows is None else adapter.rows
-            weight[rows] += adapter.delta(weight.device).to(dtype)
+            weight[rows] = adapter.apply(weight[rows].float()).to(dtype)
         out = F.linear(x, weight, getattr(layer, "bias", None))
     else:
         out = forward(x)

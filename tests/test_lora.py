@@ -189,6 +189,57 @@ def test_lycoris_loha(state, ours, tmp_path):
     assert difference(applied(ours, lora, tmp_path), reference) <= 1e-5
 
 
+def peft_dora_reference(state, targets, seed):
+    """peft's own DoRA on the diffusers model (diffusers' loader drops DoRA magnitudes), and its state dict."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    reference = diffusers_transformer(state)
+    reference.add_adapter(LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=targets, use_dora=True,
+                                     init_lora_weights=False))
+    for name, parameter in reference.named_parameters():
+        if "lora_magnitude_vector" in name:  # away from the weight norms, so the rescaling matters
+            parameter.data.mul_(torch.rand_like(parameter) + 0.5)
+    return reference, get_peft_model_state_dict(reference)
+
+
+def test_dora_peft(state, ours, tmp_path):
+    """PEFT DoRA (lora_magnitude_vector), split q/k/v included: the rows of W + ΔW rescaled to the magnitudes."""
+    reference, lora = peft_dora_reference(state, ["to_q", "to_v", "add_k_proj", "to_out.0", "linear_in",
+                                                  "to_qkv_mlp_proj"], seed=12)
+    metadata = {"lora_adapter_metadata": '{"transformer.lora_alpha": 8, "transformer.r": 4}'}
+    patched = applied(ours, {"transformer." + k: v for k, v in lora.items()}, tmp_path, metadata=metadata)
+    assert all(a.is_dora for adapters in patched.lora_layers.values() for a in adapters)
+    assert difference(patched, reference) <= 1e-5
+
+
+def test_dora_lycoris_dora_scale_and_strength(state, ours, tmp_path):
+    """LyCORIS/ComfyUI `dora_scale` on BFL names; strength s gives W + s·(W_dora - W)."""
+    reference, lora = peft_dora_reference(state, ["to_out.0", "linear_out", "to_qkv_mlp_proj"], seed=13)
+    bfl = {}
+    renames = {"attn.to_out.0": "img_attn.proj", "ff.linear_out": "img_mlp.2", "ff_context.linear_out": "txt_mlp.2",
+               "attn.to_qkv_mlp_proj": "linear1"}
+    for key, value in lora.items():
+        for diffusers_name, bfl_name in renames.items():
+            key = key.replace(diffusers_name, bfl_name)
+        key = key.replace("single_transformer_blocks.", "single_blocks.").replace("transformer_blocks.", "double_blocks.")
+        key = key.replace("lora_magnitude_vector", "dora_scale").replace("lora_A", "lora_down").replace("lora_B", "lora_up")
+        bfl["diffusion_model." + key] = value.reshape(-1, 1) if "dora_scale" in key else value
+        if key.endswith("lora_down.weight"):
+            bfl["diffusion_model." + key.replace("lora_down.weight", "alpha")] = torch.tensor(float(2 * RANK))
+    assert difference(applied(ours, bfl, tmp_path), reference) <= 1e-5
+    half = kn.apply_lora(ours, tmp_path / "lora.safetensors", 0.5)
+    halfway = diffusers_transformer(state)
+    with torch.inference_mode():
+        for name, module in reference.named_modules():  # peft's merge gives W_dora; halfway is the mean with W
+            if hasattr(module, "lora_magnitude_vector") and "default" in module.lora_magnitude_vector:
+                base = module.base_layer.weight.detach().clone()
+                module.merge()
+                halfway.get_submodule(name).weight.copy_((base + module.base_layer.weight) / 2)
+    assert difference(half, halfway) <= 1e-5
+
+
 def test_strength_stacking_and_the_base_model_untouched(state, ours, tmp_path):
     first, second = lora_factors(5), lora_factors(6, rank=2)
     before = difference(ours, diffusers_transformer(state))
@@ -258,11 +309,11 @@ def test_text_encoder_lora_matches_transformers_with_peft(tmp_path):
 def test_unknown_keys_are_listed_and_foreign_loras_refused(ours, tmp_path, caplog):
     lora = bfl_lora(lora_factors(9, {"double_blocks.0.img_attn.proj": (H, H)}))
     lora["diffusion_model.double_blocks.0.img_attn.norm.query_norm.lora_A.weight"] = torch.zeros(2, 2)
-    lora["diffusion_model.double_blocks.0.img_attn.proj.dora_scale"] = torch.ones(1, H)
+    lora["diffusion_model.double_blocks.0.img_attn.proj.diff_b"] = torch.ones(H)
     with caplog.at_level(logging.WARNING, logger="klein_nodes"):
         patched = applied(ours, lora, tmp_path)
     assert list(patched.lora_layers) == ["double_blocks.0.img_attn.proj"]
-    assert "2 keys match no klein transformer layer" in caplog.text and "dora_scale" in caplog.text
+    assert "2 keys match no klein transformer layer" in caplog.text and "proj.diff_b" in caplog.text
     nine_b = bfl_lora(lora_factors(9, {"double_blocks.0.img_attn.proj": (4096, 4096)}))
     with pytest.raises(kn.WrongModelError, match="made for another model"):
         applied(ours, nine_b, tmp_path, name="9b.safetensors")

@@ -154,7 +154,7 @@ def test_lora_node_patches_copies_and_uses_the_base_models_memory_slot(comfyui, 
     assert KleinLora.INPUT_TYPES()["required"]["lora_name"][0] == ["style.safetensors"]
     patched, patched_encoder = KleinLora().apply(model, "style.safetensors", 0.8, encoder, 0.5)
     assert list(patched.lora_layers) == ["double_blocks.0.img_attn.proj"] and not hasattr(model, "lora_layers")
-    assert [a.scale for a in patched_encoder.model.lora_layers["layers.0.self_attn.q_proj"]] == [0.5]
+    assert [a.strength for a in patched_encoder.model.lora_layers["layers.0.self_attn.q_proj"]] == [0.5]
     assert not torch.equal(patched_encoder.encode("a cat", 32, (1, 2, 3)), encoder.encode("a cat", 32, (1, 2, 3)))
     latent = {"samples": torch.zeros(1, 128, 2, 3)}
     (base_out,) = KleinSampler().sample(model, conditioning(), latent, seed=3, steps=2)
