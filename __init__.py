@@ -10,12 +10,13 @@ from .loaders.lora import apply_lora
 from .loaders.text_encoder import ensure_text_encoder_fits, load_text_encoder
 from .loaders.transformer import load_transformer
 from .loaders.vae import load_vae
+from .models.transformer import compile_blocks
 from .provenance.save import save_images, verify_image
 from .sampling.pipeline import KleinPipeline
 from .sampling.sampler import Cancelled
 from .version import __version__
 __all__ = ["Cancelled", "CheckpointError", "KleinError", "KleinPipeline", "WrongModelError", "apply_lora",
-           "ensure_text_encoder_fits",
+           "compile_blocks", "ensure_text_encoder_fits",
            "load_text_encoder", "load_transformer", "load_vae", "quant", "save_images", "verify_image", "__version__"]
 
 try:

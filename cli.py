@@ -181,6 +181,7 @@ def lora_spec(spec):
 
 def generate(args):
     from .loaders.lora import apply_lora_pair
+    from .models.transformer import compile_blocks
     from .loaders.text_encoder import load_text_encoder
     from .loaders.transformer import load_transformer
     from .loaders.vae import load_vae
@@ -197,6 +198,8 @@ def generate(args):
     for spec in args.lora:
         path, strength = lora_spec(spec)
         transformer, text_encoder = apply_lora_pair(transformer, text_encoder, path, strength)
+    if args.compile:
+        compile_blocks(transformer)
     pipeline = KleinPipeline(transformer, text_encoder, load_vae(vae_path), device=device, memory=args.memory)
     width, height = (preset_size(args.aspect, args.megapixels) if args.aspect else (args.width, args.height))
 
@@ -261,6 +264,8 @@ def main(argv=None):
     gen.add_argument("--ref", action="append", default=[], help="reference image (repeat for up to 4 or more)")
     gen.add_argument("--lora", action="append", default=[],
                      help="LoRA file, optionally with a strength: style.safetensors:0.8 (repeat to stack)")
+    gen.add_argument("--compile", action="store_true",
+                     help="torch.compile the transformer blocks (slow first run, then faster steps; needs a compiler)")
     gen.add_argument("--steps", type=int, default=4, help="4 for distilled klein, ~50 for base klein")
     gen.add_argument("--guidance", type=float, default=1.0, help="1.0 = no CFG (distilled); base klein: 4.0")
     gen.add_argument("--negative", default="", help="negative prompt (used when guidance > 1)")

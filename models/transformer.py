@@ -285,3 +285,11 @@ def batched_ids(ids, batch):
 
 def clamp_fp16(x):
     return x.clamp(-FP16_MAX, FP16_MAX) if x.dtype == torch.float16 else x
+
+
+def compile_blocks(model, **options):
+    """`torch.compile` every double and single block in place (the first run compiles, later runs reuse the
+    kernels; LoRA copies share the compiled blocks). `options` go to torch.compile, e.g. mode="max-autotune"."""
+    for block in (*model.double_blocks, *model.single_blocks):
+        block.compile(**options)
+    return model

@@ -2,6 +2,7 @@
 diffusers' `load_lora_weights` (BFL/ComfyUI, PEFT, kohya, LoKr), peft's LoHa and transformers + peft for Qwen3."""
 
 import logging
+import shutil
 
 import pytest
 import torch
@@ -334,3 +335,18 @@ def test_lora_with_block_streaming(ours, tmp_path):
     with BlockStreamer(patched, "cpu", resident_blocks=1):
         streamed = sample_forward(patched)
     assert torch.equal(streamed, resident) and not torch.equal(resident, sample_forward(ours))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_blocks_match_eager_with_and_without_loras(state, tmp_path):
+    """torch.compile'd blocks give the eager numbers, and LoRA copies sharing them still get their adapters."""
+    from klein_nodes.testing import sample_forward
+
+    save_file(state, str(tmp_path / "klein.safetensors"))
+    model = kn.load_transformer(tmp_path / "klein.safetensors", dtype=torch.float32)
+    patched = applied(model, bfl_lora(lora_factors(14)), tmp_path)
+    eager, eager_lora = sample_forward(model), sample_forward(patched)
+    kn.compile_blocks(model, dynamic=True)
+    assert (sample_forward(model) - eager).abs().max() <= 1e-5
+    assert (sample_forward(patched) - eager_lora).abs().max() <= 1e-5
+    assert (sample_forward(model) - eager).abs().max() <= 1e-5  # the base again, after the LoRA run
