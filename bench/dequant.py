@@ -1,5 +1,7 @@
-"""Dequantization throughput per GGML type: gguf-py (numpy), our torch kernels, and the same kernels fused by
-torch.compile, side by side on the same klein-sized matrix (3072 x 3072). Outputs are checked identical first.
+"""Dequantization throughput per GGML type on the same klein-sized matrix (3072 x 3072): gguf-py (numpy), a
+straightforward whole-tensor torch version (our kernels applied once to all blocks), `kn.quant.dequantize` (the
+same kernels over cache-sized pieces) into a fresh tensor and into a reused buffer (what a quantized Linear does
+every forward) and, optionally, the kernels fused by torch.compile; timed interleaved, outputs checked identical.
 On a CUDA GPU it also times our kernels on the GPU and a quantized Linear against a bf16 Linear at klein shapes.
 
     python bench/dequant.py [--repeats 5] [--no-compile]
@@ -33,6 +35,18 @@ def timed(fn, repeats):
     return statistics.median(samples)
 
 
+def interleaved(fns, repeats):
+    """Median time of each function, measured in turns (so machine noise hits them alike)."""
+    samples = [[] for _ in fns]
+    for round_ in range(repeats + 1):
+        for fn, times in zip(fns, samples):
+            start = time.perf_counter()
+            fn()
+            if round_:
+                times.append(time.perf_counter() - start)
+    return [statistics.median(times) for times in samples]
+
+
 def packed_matrix(qtype, rows, cols):
     values = np.random.default_rng(0).standard_normal((rows, cols)).astype(np.float32)
     try:
@@ -50,19 +64,26 @@ def main():
     args = parser.parse_args()
     rows = cols = 3072
     print(f"{rows}x{cols} weights, fp32 output, {torch.get_num_threads()} CPU threads; median of {args.repeats}")
-    header = f"{'type':<8}{'gguf-py ms':>11}{'torch ms':>10}{'x gguf':>8}"
+    header = (f"{'type':<8}{'gguf-py ms':>11}{'whole ms':>10}{'x gguf':>8}{'ours ms':>9}{'x gguf':>8}"
+              f"{'into buffer ms':>16}{'x gguf':>8}")
     print(header + ("" if args.no_compile else f"{'compiled ms':>13}{'x gguf':>8}"))
     for qtype in TYPES:
         packed = np.ascontiguousarray(packed_matrix(qtype, rows, cols))
         kind = gguf.GGMLQuantizationType[qtype]
         data = torch.from_numpy(packed.copy()).reshape(-1)
+        blocks = data.reshape(-1, BLOCK_SIZES[qtype][1])
         expected = gguf.quants.dequantize(packed, kind)
         assert np.array_equal(dequantize(data, qtype, (rows, cols)).numpy(), expected)
-        reference = timed(lambda: gguf.quants.dequantize(packed, kind), args.repeats)
-        ours = timed(lambda: dequantize(data, qtype, (rows, cols)), args.repeats)
-        line = f"{qtype:<8}{reference * 1e3:>11.1f}{ours * 1e3:>10.1f}{reference / ours:>8.2f}"
+        assert np.array_equal(DEQUANTIZERS[qtype](blocks).reshape(rows, cols).numpy(), expected)
+        buffer = torch.empty(rows, cols)
+        reference, whole, ours, reused = interleaved([lambda: gguf.quants.dequantize(packed, kind),
+                                                      lambda: DEQUANTIZERS[qtype](blocks),
+                                                      lambda: dequantize(data, qtype, (rows, cols)),
+                                                      lambda: dequantize(data, qtype, (rows, cols), out=buffer)],
+                                                     args.repeats)
+        line = (f"{qtype:<8}{reference * 1e3:>11.1f}{whole * 1e3:>10.1f}{reference / whole:>8.2f}"
+                f"{ours * 1e3:>9.1f}{reference / ours:>8.2f}{reused * 1e3:>16.1f}{reference / reused:>8.2f}")
         if not args.no_compile:
-            blocks = data.reshape(-1, BLOCK_SIZES[qtype][1])
             compiled = torch.compile(DEQUANTIZERS[qtype], dynamic=True)
             assert np.array_equal(compiled(blocks).reshape(rows, cols).numpy(), expected)
             fused = timed(lambda: compiled(blocks), args.repeats)
