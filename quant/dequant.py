@@ -263,11 +263,16 @@ def use_triton(name, blocks, dtype):
         return False
     key = (name, blocks.device, dtype)
     if key not in _triton_verdict:
-        from .triton_dequant import launch
-
         sample = blocks[:256]
         expected = DEQUANTIZERS[name](sample).to(dtype)
-        got = launch(name, sample, torch.empty_like(expected))
+        try:
+            from .triton_dequant import launch
+
+            got = launch(name, sample, torch.empty_like(expected))
+        except Exception as e:  # a Triton/driver combination that cannot build the kernel: torch does the work
+            log.warning("Triton %s dequantization kernel failed on %s (%s); using torch instead", name, blocks.device, e)
+            _triton_verdict[key] = False
+            return False
         _triton_verdict[key] = torch.equal(got, expected) and torch.equal(got.isnan(), expected.isnan())
         if not _triton_verdict[key]:
             log.warning("Triton %s dequantization differs from the reference on %s (max %.3g); using torch instead",

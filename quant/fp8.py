@@ -1,8 +1,12 @@
 """fp8 weights with a per-tensor scale (BFL fp8 klein, ComfyUI's float8 formats): W = q · scale."""
 
+import logging
+
 import torch
 
 from .linear import DequantizingLinear
+
+log = logging.getLogger("klein_nodes")
 
 FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 
@@ -27,10 +31,16 @@ class Fp8Linear(DequantizingLinear):
     def dequantized(self, dtype=None):
         return (self.weight.float() * self.weight_scale).to(dtype or self.compute_dtype)
 
+    native = True  # set to False for good when the fp8 matmul fails on this GPU / torch
+
     def forward_base(self, x):
         x = x.to(self.compute_dtype)
-        if native_fp8(x.device) and x.shape[-1] % 16 == 0 and self.out_features % 16 == 0:
-            return self.scaled_mm(x)
+        if Fp8Linear.native and native_fp8(x.device) and x.shape[-1] % 16 == 0 and self.out_features % 16 == 0:
+            try:
+                return self.scaled_mm(x)
+            except RuntimeError as e:
+                log.warning("fp8 matmul (torch._scaled_mm) failed (%s); dequantizing fp8 weights instead", e)
+                Fp8Linear.native = False
         return super().forward_base(x)
 
     def scaled_mm(self, x):

@@ -97,3 +97,20 @@ def test_scaled_mm_path_close_to_dequantized():
     x = torch.randn(4, 77, 512, device="cuda", dtype=torch.bfloat16)
     exact = torch.nn.functional.linear(x, layer.dequantized())
     assert ((layer(x) - exact).abs().max() / exact.abs().max()) < 0.05
+
+
+def test_failing_fp8_matmul_falls_back_to_dequantizing(monkeypatch, caplog):
+    from klein_nodes.quant import fp8
+
+    weight = torch.randn(32, 64)
+    scale = weight.abs().max() / 448
+    layer = Fp8Linear((weight / scale).to(torch.float8_e4m3fn), scale, compute_dtype=torch.float32)
+    monkeypatch.setattr(fp8, "native_fp8", lambda device: True)
+    monkeypatch.setattr(Fp8Linear, "native", True)
+
+    def unsupported(self, x):
+        raise RuntimeError("Multiplication of two Float8_e4m3fn matrices is only supported on CUDA devices with compute capability >= 9.0")
+    monkeypatch.setattr(Fp8Linear, "scaled_mm", unsupported)
+    x = torch.randn(3, 64)
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.dequantized()))
+    assert Fp8Linear.native is False and "dequantizing fp8 weights instead" in caplog.text

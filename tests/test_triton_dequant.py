@@ -51,3 +51,9 @@ def test_dequantize_uses_a_kernel_only_after_it_matched_on_real_data(monkeypatch
     assert dequant._triton_verdict == {("Q4_K", data.device, torch.float32): False} and calls == ["Q4_K"]
     dequantize(data, "Q4_K", (4, 512))
     assert calls == ["Q4_K"]  # not asked again
+
+    def broken(name, blocks, out):
+        raise RuntimeError("PTX too new for this driver")
+    monkeypatch.setattr(triton_dequant, "launch", broken)
+    monkeypatch.setattr(dequant, "_triton_verdict", {})
+    assert torch.equal(dequantize(data, "Q4_K", (4, 512)), reference)  # a kernel that cannot run falls back too
