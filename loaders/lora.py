@@ -85,6 +85,12 @@ def linear_names(model):
     return {name for name, module in model.named_modules() if hasattr(module, "adapters")}
 
 
+COMPONENTS = {  # component -> (its aliases, its key prefixes, the other component's prefixes)
+    "transformer": (transformer_aliases, TRANSFORMER_PREFIXES, TEXT_ENCODER_PREFIXES),
+    "text_encoder": (text_encoder_aliases, TEXT_ENCODER_PREFIXES, TRANSFORMER_PREFIXES),
+}
+
+
 def split_key(key):
     """'prefix.module.lora_A.weight' -> ('prefix.module', kind, role), or None for a key of no known adapter."""
     for suffix, (kind, role) in SUFFIXES.items():
@@ -93,9 +99,8 @@ def split_key(key):
     return None
 
 
-def resolve(path, prefixes, aliases):
+def resolve(path, prefixes, aliases, underscored):
     """A module path from a file -> (our layer, rows), trying each prefix, dotted and underscore spellings."""
-    underscored = {name.replace(".", "_"): target for name, target in aliases.items()}
     for prefix in ("", *prefixes):
         if prefix and not path.startswith(prefix):
             continue
@@ -124,7 +129,6 @@ def peft_scale(metadata, component, module, rank):
 
 def build_adapter(kind, tensors, alpha, rows, metadata, component, module):
     """One Adapter with the scale each format defines (alpha / rank when an alpha is stored)."""
-    tensors = {role: t.float() for role, t in tensors.items()}
     if kind == "lora":
         rank = tensors["down"].shape[0]
         scale = alpha / rank if alpha is not None else peft_scale(metadata, component, module, rank)
@@ -142,14 +146,12 @@ def lokr_complete(roles):
     return all(f"w{i}" in roles or {f"w{i}_a", f"w{i}_b"} <= roles for i in (1, 2))
 
 
-def parse(tensors, metadata, model, kind_of_model):
-    """({our layer: [Adapter]}, report) for the part of a LoRA file that targets `model`."""
-    if kind_of_model == "transformer":
-        aliases, prefixes, other_prefixes, component = transformer_aliases(model), TRANSFORMER_PREFIXES, \
-            TEXT_ENCODER_PREFIXES, "transformer"
-    else:
-        aliases, prefixes, other_prefixes, component = text_encoder_aliases(model), TEXT_ENCODER_PREFIXES, \
-            TRANSFORMER_PREFIXES, "text_encoder"
+def parse(tensors, metadata, model, component):
+    """({our layer: [Adapter]}, report) for the part of a LoRA file that targets `model` ("transformer" or
+    "text_encoder" `component`)."""
+    make_aliases, prefixes, other_prefixes = COMPONENTS[component]
+    aliases = make_aliases(model)
+    underscored = {name.replace(".", "_"): target for name, target in aliases.items()}
     groups, unknown, other = {}, [], []
     for key, tensor in tensors.items():
         parts = split_key(key)
@@ -160,7 +162,7 @@ def parse(tensors, metadata, model, kind_of_model):
         if path.startswith(other_prefixes) and not path.startswith(prefixes):
             other.append(key)
             continue
-        target = resolve(path, prefixes, aliases)
+        target = resolve(path, prefixes, aliases, underscored)
         if target is None:
             unknown.append(key)
             continue
@@ -187,8 +189,12 @@ def parse(tensors, metadata, model, kind_of_model):
 
 def check_shape(model, layer, rows, adapter, path):
     module = model.get_submodule(layer)
-    out_features = module.out_features if rows is None else len(range(module.out_features)[rows]) \
-        if isinstance(rows, slice) else len(rows)
+    if rows is None:
+        out_features = module.out_features
+    elif isinstance(rows, slice):
+        out_features = len(range(module.out_features)[rows])
+    else:
+        out_features = len(rows)
     expected = (out_features, module.in_features)
     magnitude = adapter.tensors.get("magnitude")
     if tuple(adapter.shape()) != expected or (magnitude is not None and magnitude.numel() not in expected):
