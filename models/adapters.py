@@ -36,6 +36,17 @@ class Adapter:
             self._placed[key] = {name: t.to(device=device, dtype=dtype) for name, t in self.tensors.items()}
         return self._placed[key]
 
+    def rows_on(self, device):
+        """`rows` for indexing a tensor on `device` (an index tensor is copied there once)."""
+        if self.rows is None:
+            return slice(None)
+        if isinstance(self.rows, slice):
+            return self.rows
+        key = ("rows", device)
+        if key not in self._placed:
+            self._placed[key] = self.rows.to(device)
+        return self._placed[key]
+
     def low_rank(self, device, dtype):
         """(down, up · scale) as 2-D matrices on `device`, for x·downᵀ·upᵀ."""
         key = ("low_rank", device, dtype)
@@ -113,7 +124,7 @@ def linear_with_adapters(layer, x, forward):
     if full:
         weight = dequantized() if dequantized else layer.weight.clone()  # dequantized: a fresh scratch buffer
         for adapter in full:
-            rows = slice(None) if adapter.rows is None else adapter.rows
+            rows = adapter.rows_on(weight.device)
             weight[rows] = adapter.apply(weight[rows].float()).to(dtype)
         out = F.linear(x, weight, getattr(layer, "bias", None))
     else:
@@ -124,7 +135,7 @@ def linear_with_adapters(layer, x, forward):
         if adapter.rows is None:
             out += update
         else:
-            out[..., adapter.rows] += update
+            out[..., adapter.rows_on(out.device)] += update
     return out
 
 
