@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .offload import Offloadable, weights_on
+
 
 class Adapter:
     """One adapter on one layer: W[rows] += strength · scale · delta, `rows` a slice or an index (None: the whole
@@ -103,13 +105,14 @@ def factor_shape(tensors, name):
     return tensors[name + "_a"].shape[0], tensors[name + "_b"].shape[1]
 
 
-class Linear(nn.Linear):
-    """nn.Linear that honours the adapters attached to it for the current forward."""
+class Linear(Offloadable, nn.Linear):
+    """nn.Linear that honours the adapters attached to it for the current forward (and ComfyUI's offloading)."""
 
     adapters = ()
 
     def forward(self, x):
-        return linear_with_adapters(self, x, super().forward) if self.adapters else super().forward(x)
+        with weights_on(self, x.device):
+            return linear_with_adapters(self, x, super().forward) if self.adapters else super().forward(x)
 
 
 def linear_with_adapters(layer, x, forward):

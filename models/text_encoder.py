@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import Linear, adapting
+from .offload import Offloadable, compute_device, weights_on
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class Qwen3(nn.Module):
     def __init__(self, params: Qwen3Params):
         super().__init__()
         self.params = params
-        self.embed_tokens = nn.Embedding(params.vocab_size, params.hidden_size)
+        self.embed_tokens = Embedding(params.vocab_size, params.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(params) for _ in range(params.num_layers))
 
     @property
@@ -106,7 +107,7 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(Offloadable, nn.Module):
     """Normalises in fp32, multiplies the weight after casting back (as Qwen3 does)."""
 
     def __init__(self, dim, eps):
@@ -115,7 +116,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        with weights_on(self, x.device):
+            return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+class Embedding(Offloadable, nn.Embedding):
+    def forward(self, ids):
+        with weights_on(self, ids.device):
+            return super().forward(ids)
 
 
 def rope_cos_sin(positions, head_dim, theta, dtype):
@@ -173,7 +181,7 @@ class KleinTextEncoder:
         todo = list(dict.fromkeys(k for k in keys if k not in self._cache))
         if todo:
             tokens = [self.tokenize(k[0], max_length) for k in todo]
-            device = next(self.model.parameters()).device
+            device = compute_device(self.model)
             ids = torch.tensor([t[0] for t in tokens], device=device)
             mask = torch.tensor([t[1] for t in tokens], device=device)
             hidden = torch.stack(self.model(ids, mask, layers), dim=2)  # (B, L, layers, hidden)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import Linear, adapting
+from .offload import Offloadable, weights_on
 
 FP16_MAX = 65504.0
 
@@ -224,13 +225,14 @@ class EmbedND(nn.Module):
         return angles.cos().float()[:, None], angles.sin().float()[:, None]
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(Offloadable, nn.Module):
     def __init__(self, dim):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=1e-6).to(x.dtype) * self.scale.to(x.dtype)
+        with weights_on(self, x.device):
+            return F.rms_norm(x.float(), (x.shape[-1],), eps=1e-6).to(x.dtype) * self.scale.to(x.dtype)
 
 
 class QKNorm(nn.Module):

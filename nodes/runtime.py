@@ -6,6 +6,7 @@ Everything imports `comfy` lazily and degrades to plain behaviour outside ComfyU
 import logging
 
 import numpy as np
+import torch
 
 log = logging.getLogger("klein_nodes")
 PREVIEW_MAX_SIZE = 512
@@ -28,7 +29,8 @@ def comfy_modules():
 
 def load_for_inference(module, role):
     """Inside ComfyUI: register `module` with the memory manager (a ModelPatcher, created once) and load it on
-    ComfyUI's device for `role`, evicting other models as needed. Outside ComfyUI: nothing to do."""
+    ComfyUI's device for `role`, evicting other models as needed; when it does not fit, ComfyUI keeps part of it in
+    CPU memory (see models/offload.py) and the module still computes on that device. Outside ComfyUI: nothing."""
     comfy = comfy_modules()
     if comfy is None:
         return
@@ -38,7 +40,8 @@ def load_for_inference(module, role):
     if patcher is None:
         load_device, offload_device = (getattr(mm, name)() for name in DEVICE_ROLES[role])
         patcher = model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
-        object.__setattr__(module, "klein_patcher", patcher)  # a plain attribute, not a submodule
+        object.__setattr__(module, "klein_patcher", patcher)  # plain attributes, not submodules
+        object.__setattr__(module, "klein_device", torch.device(load_device))
     mm.load_models_gpu([patcher])
 
 

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.adapters import linear_with_adapters
+from ..models.offload import Offloadable, weights_on
 from .dequant import BLOCK_SIZES, dequantize, type_name
 
 _scratch = {}
@@ -19,7 +20,7 @@ def scratch(numel, dtype, device):
     return buffer[:numel]
 
 
-class DequantizingLinear(nn.Module):
+class DequantizingLinear(Offloadable, nn.Module):
     """nn.Linear (no bias) whose weight is stored quantized: `dequantized()` rebuilds it each time the layer runs.
     Adapters (LoRA ...) attached for a forward apply to the dequantized weight; the packed data never changes."""
 
@@ -40,7 +41,8 @@ class DequantizingLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x):
-        return linear_with_adapters(self, x, self.forward_base) if self.adapters else self.forward_base(x)
+        with weights_on(self, x.device):
+            return linear_with_adapters(self, x, self.forward_base) if self.adapters else self.forward_base(x)
 
     def forward_base(self, x):
         return F.linear(x.to(self.compute_dtype), self.dequantized())
@@ -64,7 +66,7 @@ class QuantizedLinear(DequantizingLinear):
         return dequantize(self.packed, self.qtype, shape, dtype, out=weight)
 
 
-class QuantizedEmbedding(nn.Module):
+class QuantizedEmbedding(Offloadable, nn.Module):
     """nn.Embedding with GGML-packed rows: only the rows looked up are dequantized."""
 
     def __init__(self, packed, qtype, num_embeddings, embedding_dim, compute_dtype=torch.bfloat16):
@@ -76,7 +78,8 @@ class QuantizedEmbedding(nn.Module):
         self.register_buffer("packed", packed.reshape(num_embeddings, embedding_dim // block_size * type_size))
 
     def forward(self, ids):
-        rows = self.packed[ids.reshape(-1)]
+        with weights_on(self, ids.device):
+            rows = self.packed[ids.reshape(-1)]
         values = dequantize(rows, self.qtype, (rows.shape[0], self.embedding_dim), self.compute_dtype)
         return values.reshape(*ids.shape, self.embedding_dim)
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import KleinError
+from ..models.offload import compute_device
 from .packing import image_ids, pack, pack_references, text_ids, unpack
 
 
@@ -48,7 +49,7 @@ def sample(transformer, noise, positive, sigmas, negative=None, guidance=1.0, in
     `init_latents` by blending after every step.
     """
     batch, _, height, width = noise.shape
-    device = next(transformer.parameters()).device
+    device = compute_device(transformer)
     dtype = transformer.dtype
     use_cfg = guidance > 1.0
     if use_cfg and negative is None:

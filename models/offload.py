@@ -1,0 +1,37 @@
+"""ComfyUI's low-VRAM contract. When a model does not fit, ComfyUI's ModelPatcher leaves the modules that have a
+`comfy_cast_weights` attribute in CPU memory and sets it to True; such a module must bring its weights to the
+input's device for each call. Every klein module that holds weights follows it, so ComfyUI can load part of a klein
+model (bf16, fp8, nvfp4 or GGUF) and feed the rest layer by layer, as it does for its own models."""
+
+from contextlib import contextmanager
+
+
+class Offloadable:
+    """Mixin for modules with weights: ComfyUI sets `comfy_cast_weights` on the ones it leaves offloaded."""
+
+    comfy_cast_weights = False
+
+
+@contextmanager
+def weights_on(module, device):
+    """For one call, `module`'s own tensors on `device` when ComfyUI left them elsewhere; put back afterwards."""
+    if not module.comfy_cast_weights:
+        yield
+        return
+    moved = []
+    for registry in (module._parameters, module._buffers):
+        for name, tensor in registry.items():
+            if tensor is not None and tensor.device != device:
+                moved.append((registry, name, tensor))
+                registry[name] = tensor.to(device, non_blocking=True)
+    try:
+        yield
+    finally:
+        for registry, name, tensor in moved:
+            registry[name] = tensor
+
+
+def compute_device(module):
+    """Where `module` computes: the device ComfyUI loads it on (recorded by the nodes), else where its weights are."""
+    base = getattr(module, "lora_base", module)
+    return getattr(base, "klein_device", None) or next(module.parameters()).device

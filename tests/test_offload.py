@@ -1,0 +1,58 @@
+"""ComfyUI's low-VRAM contract: every klein module holding weights has `comfy_cast_weights`; when ComfyUI's
+ModelPatcher leaves one offloaded (flag set to True), it brings its weights to the input's device for each call
+and leaves them where they were. A second device is emulated with torch's meta device."""
+
+import torch
+
+import klein_nodes as kn
+from klein_nodes.models.adapters import with_adapters
+from klein_nodes.models.offload import Offloadable, compute_device
+from klein_nodes.quant.fp8 import Fp8Linear
+from klein_nodes.quant.linear import QuantizedEmbedding, QuantizedLinear
+from klein_nodes.testing import sample_forward, write_gguf, write_text_encoder, write_tokenizer, write_transformer
+
+
+def weight_holders(model):
+    return [(name, m) for name, m in model.named_modules()
+            if list(m.parameters(recurse=False)) or list(m.buffers(recurse=False))]
+
+
+def test_every_module_with_weights_can_be_left_offloaded_by_comfyui(tmp_path):
+    path, state = write_transformer(tmp_path / "klein.safetensors", dtype=torch.float32)
+    write_gguf(tmp_path / "klein.gguf", state, lambda n, t: "F32" if t.ndim == 1 else "Q4_0", "flux")
+    te_path, _ = write_text_encoder(tmp_path / "qwen.safetensors", dtype=torch.float32)
+    encoder = kn.load_text_encoder(te_path, tokenizer=write_tokenizer(tmp_path / "tok"), layers=(1, 2, 3))
+    for model in (kn.load_transformer(path), kn.load_transformer(tmp_path / "klein.gguf"), encoder.model):
+        holders = weight_holders(model)
+        assert holders and all(isinstance(m, Offloadable) for _, m in holders), \
+            [name for name, m in holders if not isinstance(m, Offloadable)]
+
+
+def test_flagged_layers_bring_their_weights_to_the_input_and_put_them_back():
+    weight = torch.randn(32, 64)
+    layers = [kn.models.adapters.Linear(64, 32, bias=False),
+              QuantizedLinear(torch.zeros(32 * 2 * 34, dtype=torch.uint8), "Q8_0", 64, 32, torch.float32),
+              Fp8Linear((weight / 2).to(torch.float8_e4m3fn), torch.tensor(2.0), compute_dtype=torch.float32),
+              kn.models.transformer.RMSNorm(64)]
+    for layer in layers:
+        before = {name: t for name, t in layer.state_dict(keep_vars=True).items()}
+        layer.comfy_cast_weights = True  # what ComfyUI's ModelPatcher does to a module it leaves in CPU memory
+        out = layer(torch.zeros(3, 64, device="meta"))  # a second device: weights must follow the input there
+        assert out.device.type == "meta" and out.shape[0] == 3
+        assert all(t is before[name] and t.device.type == "cpu" for name, t in layer.state_dict(keep_vars=True).items())
+    embedding = QuantizedEmbedding(torch.zeros(10 * 34, dtype=torch.uint8), "Q8_0", 10, 32, torch.float32)
+    embedding.comfy_cast_weights = True
+    assert embedding(torch.zeros(2, 4, dtype=torch.long, device="meta")).shape == (2, 4, 32)
+
+
+def test_flagged_model_computes_the_same_and_on_comfyuis_device(tmp_path):
+    path, _ = write_transformer(tmp_path / "klein.safetensors", dtype=torch.float32)
+    model = kn.load_transformer(path)
+    expected = sample_forward(model)
+    for module in model.modules():
+        if isinstance(module, Offloadable):
+            module.comfy_cast_weights = True
+    assert torch.equal(sample_forward(model), expected)
+    object.__setattr__(model, "klein_device", torch.device("meta"))  # recorded by the nodes: ComfyUI's load device
+    patched = with_adapters(model, {}, "a LoRA copy")
+    assert compute_device(model) == compute_device(patched) == torch.device("meta")
