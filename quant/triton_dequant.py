@@ -30,8 +30,8 @@ def _tile(n_blocks, TYPE_SIZE: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _store(out_ptr, block, element, mask, value, BLOCK: tl.constexpr):
-    tl.store(out_ptr + block.to(tl.int64) * BLOCK + element,
-             value.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+    # float32 -> bf16/fp16 rounds to nearest even, as torch's .to() does
+    tl.store(out_ptr + block.to(tl.int64) * BLOCK + element, value.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
