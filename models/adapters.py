@@ -155,6 +155,14 @@ def attached(model):
             del layer.adapters
 
 
+def release_adapters(model):
+    """Drop the device copies of `model`'s adapters, made for a run (the loaded tensors stay), so a LoRA holds no
+    GPU memory that ComfyUI's memory manager does not know about between runs."""
+    for adapters in getattr(model, "lora_layers", {}).values():
+        for adapter in adapters:
+            adapter._placed.clear()
+
+
 def adapting(forward):
     """Decorator for a model's forward: its adapters are attached while it runs."""
 

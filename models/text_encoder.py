@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import Linear, adapting
+from .adapters import Linear, adapting, release_adapters
 from .offload import Offloadable, compute_device, weights_on
 
 
@@ -184,7 +184,10 @@ class KleinTextEncoder:
             device = compute_device(self.model)
             ids = torch.tensor([t[0] for t in tokens], device=device)
             mask = torch.tensor([t[1] for t in tokens], device=device)
-            hidden = torch.stack(self.model(ids, mask, layers), dim=2)  # (B, L, layers, hidden)
+            try:
+                hidden = torch.stack(self.model(ids, mask, layers), dim=2)  # (B, L, layers, hidden)
+            finally:
+                release_adapters(self.model)
             for key, embedding in zip(todo, hidden.flatten(2)):
                 self._remember(key, embedding)
         return torch.stack([self._cache[k] for k in keys])

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import KleinError
+from ..models.adapters import release_adapters
 from ..models.offload import compute_device
 from .packing import image_ids, pack, pack_references, text_ids, unpack
 
@@ -68,17 +69,20 @@ def sample(transformer, noise, positive, sigmas, negative=None, guidance=1.0, in
     branches = [prepare_branch(positive, batch, ids, device, dtype)]
     if use_cfg:
         branches.append(prepare_branch(negative, batch, ids, device, dtype))
-    for index, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:]), start=1):
-        timesteps = torch.full((batch,), sigma, device=device)
-        velocities = [predict(transformer, x, timesteps, branch) for branch in branches]
-        velocity = velocities[0] if not use_cfg else velocities[1] + guidance * (velocities[0] - velocities[1])
-        x = x + (sigma_next - sigma) * velocity
-        if mask_tokens is not None:
-            kept = sigma_next * noise_tokens + (1 - sigma_next) * x0_tokens
-            x = (1 - mask_tokens) * kept + mask_tokens * x
-        if callback is not None:
-            denoised = x if sigma_next == 0 else x - sigma_next * velocity
-            callback(Step(index, len(sigmas) - 1, sigma_next, unpack(denoised, height, width)))
+    try:
+        for index, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:]), start=1):
+            timesteps = torch.full((batch,), sigma, device=device)
+            velocities = [predict(transformer, x, timesteps, branch) for branch in branches]
+            velocity = velocities[0] if not use_cfg else velocities[1] + guidance * (velocities[0] - velocities[1])
+            x = x + (sigma_next - sigma) * velocity
+            if mask_tokens is not None:
+                kept = sigma_next * noise_tokens + (1 - sigma_next) * x0_tokens
+                x = (1 - mask_tokens) * kept + mask_tokens * x
+            if callback is not None:
+                denoised = x if sigma_next == 0 else x - sigma_next * velocity
+                callback(Step(index, len(sigmas) - 1, sigma_next, unpack(denoised, height, width)))
+    finally:
+        release_adapters(transformer)  # their device copies were for this run
     return unpack(x, height, width)
 
 

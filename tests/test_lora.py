@@ -11,8 +11,9 @@ from safetensors.torch import save_file
 import klein_nodes as kn
 from klein_nodes.quant.linear import QuantizedLinear
 from klein_nodes.sampling.packing import image_ids, text_ids
+from klein_nodes.sampling.sampler import Conditioning, sample
 from klein_nodes.testing import (TINY_QWEN3, TINY_TRANSFORMER, bfl_to_diffusers, diffusers_config, qwen3_config,
-                                 qwen3_state_dict, transformer_state_dict, write_gguf, write_tokenizer)
+                                 qwen3_state_dict, sample_forward, transformer_state_dict, write_gguf, write_tokenizer)
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
@@ -328,7 +329,6 @@ def test_unknown_keys_are_listed_and_foreign_loras_refused(ours, tmp_path, caplo
 def test_lora_with_block_streaming(ours, tmp_path):
     """Streamed blocks get their LoRAs too: the same output as the resident model with the LoRA."""
     from klein_nodes.sampling.streaming import BlockStreamer
-    from klein_nodes.testing import sample_forward
 
     patched = applied(ours, bfl_lora(lora_factors(11)), tmp_path)
     resident = sample_forward(patched)
@@ -340,7 +340,6 @@ def test_lora_with_block_streaming(ours, tmp_path):
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_blocks_match_eager_with_and_without_loras(state, tmp_path):
     """torch.compile'd blocks give the eager numbers, and LoRA copies sharing them still get their adapters."""
-    from klein_nodes.testing import sample_forward
 
     save_file(state, str(tmp_path / "klein.safetensors"))
     model = kn.load_transformer(tmp_path / "klein.safetensors", dtype=torch.float32)
@@ -350,3 +349,15 @@ def test_compiled_blocks_match_eager_with_and_without_loras(state, tmp_path):
     assert (sample_forward(model) - eager).abs().max() <= 1e-5
     assert (sample_forward(patched) - eager_lora).abs().max() <= 1e-5
     assert (sample_forward(model) - eager).abs().max() <= 1e-5  # the base again, after the LoRA run
+
+
+def test_a_run_leaves_no_adapter_copies_behind(ours, tmp_path):
+    """Device copies of a LoRA live for one sampling run (or one encode), not beyond: between runs a LoRA holds
+    no memory ComfyUI's memory manager cannot see."""
+    patched = applied(ours, bfl_lora(lora_factors(15)), tmp_path)
+    adapters = [a for layer in patched.lora_layers.values() for a in layer]
+    sample_forward(patched)  # a bare forward keeps them for the next forward
+    assert all(a._placed for a in adapters)
+    noise = torch.randn(1, 128, 2, 3, generator=torch.Generator().manual_seed(0))
+    sample(patched, noise, Conditioning(torch.randn(1, 5, TINY_TRANSFORMER.context_in_dim)), [1.0, 0.5, 0.0])
+    assert not any(a._placed for a in adapters)
