@@ -1,5 +1,6 @@
 """Weight sources: a single safetensors file or a diffusers folder (sharded with an index json)."""
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from .scaled import nvfp4_shapes
+from .scaled import layer_formats
 from .safetensors_io import PICKLE_SUFFIXES, SafetensorsFile, refuse_pickle, sniff_format
 
 MODEL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -20,7 +21,6 @@ class Checkpoint:
         self.path = str(path)
         self.files = files
         self.prefixes = strip_prefixes
-        self.unpacked_shapes = {}  # logical shapes of packed weights (nvfp4: two values per stored byte)
         self.index = {}
         for file in files:
             for name in file.keys():
@@ -33,11 +33,17 @@ class Checkpoint:
         return name in self.index
 
     def shape(self, name):
-        return self.unpacked_shapes.get(name) or self.file_shape(name)
-
-    def file_shape(self, name):
+        """The logical shape: an nvfp4 weight stores two values per byte."""
         file, raw = self.index[name]
-        return file.shape(raw)
+        shape = file.shape(raw)
+        if name.endswith(".weight") and self.quant_formats.get(name[: -len(".weight")]) == "nvfp4":
+            return torch.Size((shape[0], shape[1] * 2))
+        return shape
+
+    @functools.cached_property
+    def quant_formats(self):
+        """{layer: format} of ComfyUI's quantization markers (`comfy_quant`, `_quantization_metadata`)."""
+        return layer_formats(self)
 
     def strip(self, name):
         return strip_prefix(name, self.prefixes)
@@ -76,9 +82,7 @@ def open_checkpoint(path, subfolder, weights_name, strip_prefixes=()):
         refuse_pickle(path)
     if sniff_format(path) == "gguf":
         raise CheckpointError(f"{path}: GGUF files load as transformers and text encoders only (not as a VAE).")
-    ckpt = Checkpoint([SafetensorsFile(path)], path, strip_prefixes)
-    ckpt.unpacked_shapes = nvfp4_shapes(ckpt)
-    return ckpt
+    return Checkpoint([SafetensorsFile(path)], path, strip_prefixes)
 
 
 def diffusers_shards(folder, subfolder, weights_name):

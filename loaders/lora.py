@@ -154,14 +154,14 @@ def parse(tensors, metadata, model, component):
     underscored = {name.replace(".", "_"): target for name, target in aliases.items()}
     groups, unknown, other = {}, [], []
     for key, tensor in tensors.items():
+        if key.startswith(other_prefixes) and not key.startswith(prefixes):
+            other.append(key)  # the other model's, known or not: its own parse reports it
+            continue
         parts = split_key(key)
         if parts is None:
             unknown.append(key)
             continue
         path, kind, role = parts
-        if path.startswith(other_prefixes) and not path.startswith(prefixes):
-            other.append(key)
-            continue
         target = resolve(path, prefixes, aliases, underscored)
         if target is None:
             unknown.append(key)

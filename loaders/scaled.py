@@ -36,21 +36,10 @@ def layer_formats(ckpt):
     return formats
 
 
-def nvfp4_shapes(ckpt):
-    """{weight key: logical (out, in) shape} of nvfp4 layers, whose stored weights hold two values per byte."""
-    shapes = {}
-    for layer, fmt in layer_formats(ckpt).items():
-        key = f"{layer}.weight"
-        if fmt == "nvfp4" and key in ckpt:
-            rows, cols = ckpt.file_shape(key)
-            shapes[key] = torch.Size((rows, cols * 2))
-    return shapes
-
-
 def find_quantized_layers(ckpt):
     """({layer: (format, {role: key})}, keys that only describe quantization). Roles: weight, weight_scale,
     input_scale, and for nvfp4 weight_scale_2 and pre_quant_scale."""
-    formats = layer_formats(ckpt)
+    formats = ckpt.quant_formats
     unsupported = {str(f) for f in formats.values() if f not in FORMATS}
     if unsupported:
         raise CheckpointError(f"{ckpt.path}: quantization format(s) {', '.join(sorted(unsupported))} are not "

@@ -31,32 +31,30 @@ class Adapter:
     def scaled(self, strength):
         return Adapter(self.kind, self.tensors, self.scale, self.rows, self.strength * strength)
 
-    def on(self, device, dtype):
-        """The tensors on `device` in `dtype` (converted once, then reused)."""
-        key = (device, dtype)
+    def placed(self, key, make):
+        """`make()`'s device copy under `key`, made once per run (see release_adapters)."""
         if key not in self._placed:
-            self._placed[key] = {name: t.to(device=device, dtype=dtype) for name, t in self.tensors.items()}
+            self._placed[key] = make()
         return self._placed[key]
 
+    def on(self, device, dtype):
+        """The tensors on `device` in `dtype`."""
+        return self.placed((device, dtype), lambda: {n: t.to(device=device, dtype=dtype) for n, t in self.tensors.items()})
+
     def rows_on(self, device):
-        """`rows` for indexing a tensor on `device` (an index tensor is copied there once)."""
+        """`rows` for indexing a tensor on `device` (an index tensor is copied there)."""
         if self.rows is None:
             return slice(None)
         if isinstance(self.rows, slice):
             return self.rows
-        key = ("rows", device)
-        if key not in self._placed:
-            self._placed[key] = self.rows.to(device)
-        return self._placed[key]
+        return self.placed(("rows", device), lambda: self.rows.to(device))
 
     def low_rank(self, device, dtype):
-        """(down, up · scale) as 2-D matrices on `device`, for x·downᵀ·upᵀ."""
-        key = ("low_rank", device, dtype)
-        if key not in self._placed:
-            self._placed[key] = (self.tensors["down"].flatten(1).to(device=device, dtype=dtype),
-                                 (self.tensors["up"].flatten(1) * (self.scale * self.strength)).to(device=device,
-                                                                                                    dtype=dtype))
-        return self._placed[key]
+        """(down, up · scale · strength) as 2-D matrices on `device`, for x·downᵀ·upᵀ."""
+        gain = self.scale * self.strength
+        return self.placed(("low_rank", device, dtype), lambda: (
+            self.tensors["down"].flatten(1).to(device=device, dtype=dtype),
+            (self.tensors["up"].flatten(1) * gain).to(device=device, dtype=dtype)))
 
     def apply(self, weight):
         """`weight` (this adapter's rows, float32) with the adapter applied."""
@@ -136,7 +134,7 @@ def linear_with_adapters(layer, x, forward):
         down, up = adapter.low_rank(x.device, dtype)
         update = F.linear(F.linear(x, down), up)
         if adapter.rows is None:
-            out += update
+            out += update  # in place; indexing would add a copy
         else:
             out[..., adapter.rows_on(out.device)] += update
     return out

@@ -18,7 +18,7 @@ TRITON_TYPES = ("Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
 # On the CPU, large tensors are dequantized in pieces of this many values (2 MB of float32): each piece's
 # intermediate results stay in cache instead of every step streaming the whole tensor through memory (2-3x faster).
 CPU_CHUNK = 1 << 19
-_triton_verdict = {}  # (type, device) -> the Triton kernel matched the torch one on this device's first data
+_triton_verdict = {}  # (type, device, dtype) -> the Triton kernel matched the torch code on its first data
 
 QK_K = 256
 # type name -> (elements per block, bytes per block)

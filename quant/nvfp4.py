@@ -4,6 +4,7 @@ W = e2m1 · (global · block). Emulated: the weights stay packed and are dequant
 
 import torch
 
+from .dequant import lookup
 from .linear import DequantizingLinear
 
 GROUP = 16
@@ -23,10 +24,9 @@ def unswizzle(block_scale, rows, cols):
 def dequantize_nvfp4(packed, block_scale, global_scale, dtype=torch.float32):
     """Packed (rows, cols/2) uint8 -> (rows, cols) `dtype`, in the same order of operations as ComfyUI's kernels."""
     rows, cols = packed.shape[0], packed.shape[1] * 2
-    lut = torch.tensor(E2M1, dtype=dtype, device=packed.device)
     codes = torch.stack((packed >> 4, packed & 0x0F), dim=-1).reshape(rows, cols // GROUP, GROUP)
     scale = global_scale.to(dtype) * unswizzle(block_scale.view(torch.float8_e4m3fn), rows, cols // GROUP).to(dtype)
-    return (lut[codes.long()] * scale.unsqueeze(-1)).reshape(rows, cols)
+    return (lookup(E2M1, codes).to(dtype) * scale.unsqueeze(-1)).reshape(rows, cols)
 
 
 class Nvfp4Linear(DequantizingLinear):

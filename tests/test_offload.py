@@ -28,7 +28,11 @@ def test_every_module_with_weights_can_be_left_offloaded_by_comfyui(tmp_path):
             [name for name, m in holders if not isinstance(m, Offloadable)]
 
 
-def test_flagged_layers_bring_their_weights_to_the_input_and_put_them_back():
+def test_flagged_layers_bring_their_weights_to_the_input_and_put_them_back(monkeypatch):
+    matmul_weights = []  # the device of the weight each matmul really used
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear",
+                        lambda x, w, b=None: matmul_weights.append(w.device.type) or linear(x, w, b))
     weight = torch.randn(32, 64)
     layers = [kn.models.adapters.Linear(64, 32, bias=False),
               QuantizedLinear(torch.zeros(32 * 2 * 34, dtype=torch.uint8), "Q8_0", 64, 32, torch.float32),
@@ -40,9 +44,11 @@ def test_flagged_layers_bring_their_weights_to_the_input_and_put_them_back():
         out = layer(torch.zeros(3, 64, device="meta"))  # a second device: weights must follow the input there
         assert out.device.type == "meta" and out.shape[0] == 3
         assert all(t is before[name] and t.device.type == "cpu" for name, t in layer.state_dict(keep_vars=True).items())
+    assert matmul_weights == ["meta"] * 3
     embedding = QuantizedEmbedding(torch.zeros(10 * 34, dtype=torch.uint8), "Q8_0", 10, 32, torch.float32)
     embedding.comfy_cast_weights = True
-    assert embedding(torch.zeros(2, 4, dtype=torch.long, device="meta")).shape == (2, 4, 32)
+    rows = embedding(torch.zeros(2, 4, dtype=torch.long, device="meta"))
+    assert rows.shape == (2, 4, 32) and rows.device.type == "meta"
 
 
 def test_flagged_model_computes_the_same_and_on_comfyuis_device(tmp_path):
