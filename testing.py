@@ -282,6 +282,58 @@ def write_tiny_model_set(folder, seed=0):
     return transformer, text_encoder, vae
 
 
+
+def write_workflow_models(root):
+    """Tiny models under the file names the example workflows use, in ComfyUI's layout under `root` (models/...
+    and the bundled tokenizer at comfy/text_encoders/qwen25_tokenizer): bf16 files, our own Q4_K GGUF quantizations
+    of them, and two LoRAs."""
+    from .quant.convert import quantize_file
+
+    root = Path(root)
+    models = root / "models"
+    write_transformer(models / "diffusion_models" / "flux-2-klein-4b.safetensors")
+    write_transformer(models / "diffusion_models" / "flux-2-klein-base-4b.safetensors", seed=1)
+    write_text_encoder(models / "text_encoders" / "qwen_3_4b.safetensors",
+                       params=Qwen3Params(**{**TINY_QWEN3.__dict__, "num_layers": 28}))
+    write_tokenizer(root / "comfy" / "text_encoders" / "qwen25_tokenizer")
+    write_vae(models / "vae" / "flux2-vae.safetensors")
+    for folder, name in (("diffusion_models", "flux-2-klein-4b"), ("text_encoders", "qwen_3_4b")):
+        quantize_file(models / folder / f"{name}.safetensors", models / folder / f"{name}-Q4_K.gguf", "Q4_K")
+    write_workflow_loras(models / "loras")
+    return root
+
+
+def write_workflow_loras(folder):
+    """A ComfyUI-named LoRA on transformer and text encoder layers, and a BFL-named LoKr."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    randn = lambda *shape: torch.randn(*shape, generator=generator) * 0.2  # noqa: E731
+    style = {"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": randn(4, 64),
+             "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": randn(192, 4),
+             "text_encoders.qwen3_4b.transformer.model.layers.3.mlp.down_proj.lora_A.weight": randn(4, 64),
+             "text_encoders.qwen3_4b.transformer.model.layers.3.mlp.down_proj.lora_B.weight": randn(32, 4)}
+    save_file(style, str(Path(folder) / "klein_style_lora.safetensors"))
+    save_file({"diffusion_model.single_blocks.1.linear1.lokr_w1": randn(4, 4),
+               "diffusion_model.single_blocks.1.linear1.lokr_w2": randn(144, 16)},
+              str(Path(folder) / "klein_detail_lokr.safetensors"))
+
+
+def write_workflow_inputs(folder):
+    """The images the example workflows load: four references and an RGBA inpainting source (right half
+    transparent: repaint it)."""
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(folder / f"reference_{k + 1}.png")
+    rgba = rng.integers(0, 255, (64, 64, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    rgba[:, 32:, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(folder / "inpaint_source.png")
+
 # byte offsets of the fp16 scale fields per GGML block: random blocks get small finite scales there
 GGML_HALF_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "IQ4_NL": (0,),
                     "IQ4_XS": (0,), "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}

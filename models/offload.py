@@ -7,7 +7,11 @@ from contextlib import contextmanager
 
 
 class Offloadable:
-    """Mixin for modules with weights: ComfyUI sets `comfy_cast_weights` on the ones it leaves offloaded."""
+    """Mixin for modules with weights: ComfyUI sets `comfy_cast_weights` on the ones it leaves offloaded.
+
+    ComfyUI's loaders (core 0.3.76 and later, the dynamic VRAM patcher included) read `.weight` and `.bias` of
+    every such module: a module that does not store one declares it None at class level (GGUF blocks, a norm's
+    `scale`). Not here, because torch refuses to register a parameter over an existing attribute."""
 
     comfy_cast_weights = False
 

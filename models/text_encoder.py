@@ -110,6 +110,8 @@ class MLP(nn.Module):
 class RMSNorm(Offloadable, nn.Module):
     """Normalises in fp32, multiplies the weight after casting back (as Qwen3 does)."""
 
+    bias = None  # ComfyUI's loaders read it (see models/offload.py)
+
     def __init__(self, dim, eps):
         super().__init__()
         self.eps = eps
@@ -121,6 +123,8 @@ class RMSNorm(Offloadable, nn.Module):
 
 
 class Embedding(Offloadable, nn.Embedding):
+    bias = None  # ComfyUI's loaders read it (see models/offload.py)
+
     def forward(self, ids):
         with weights_on(self, ids.device):
             return super().forward(ids)

@@ -226,6 +226,8 @@ class EmbedND(nn.Module):
 
 
 class RMSNorm(Offloadable, nn.Module):
+    weight = bias = None  # ComfyUI's loaders read both (see models/offload.py); BFL names the weight `scale`
+
     def __init__(self, dim):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(dim))

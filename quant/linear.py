@@ -25,6 +25,7 @@ class DequantizingLinear(Offloadable, nn.Module):
     Adapters (LoRA ...) attached for a forward apply to the dequantized weight; the packed data never changes."""
 
     adapters = ()
+    bias = None  # ComfyUI's loaders read it (see models/offload.py)
 
     def __init__(self, in_features, out_features, compute_dtype):
         super().__init__()
@@ -51,6 +52,8 @@ class DequantizingLinear(Offloadable, nn.Module):
 class QuantizedLinear(DequantizingLinear):
     """GGML-packed weights: per forward, dequantize into a shared buffer, then matmul."""
 
+    weight = bias = None  # ComfyUI's loaders read both (see models/offload.py); the data is `packed`
+
     def __init__(self, packed, qtype, in_features, out_features, compute_dtype=torch.bfloat16):
         super().__init__(in_features, out_features, compute_dtype)
         self.qtype = type_name(qtype)
@@ -68,6 +71,8 @@ class QuantizedLinear(DequantizingLinear):
 
 class QuantizedEmbedding(Offloadable, nn.Module):
     """nn.Embedding with GGML-packed rows: only the rows looked up are dequantized."""
+
+    weight = bias = None  # ComfyUI's loaders read both (see models/offload.py); the data is `packed`
 
     def __init__(self, packed, qtype, num_embeddings, embedding_dim, compute_dtype=torch.bfloat16):
         super().__init__()

@@ -7,6 +7,7 @@ import torch
 import klein_nodes as kn
 from klein_nodes.models.adapters import with_adapters
 from klein_nodes.models.offload import Offloadable, compute_device
+from klein_nodes.quant.convert import quantize_file
 from klein_nodes.quant.fp8 import Fp8Linear
 from klein_nodes.quant.linear import QuantizedEmbedding, QuantizedLinear
 from klein_nodes.testing import sample_forward, write_gguf, write_text_encoder, write_tokenizer, write_transformer
@@ -26,6 +27,30 @@ def test_every_module_with_weights_can_be_left_offloaded_by_comfyui(tmp_path):
         holders = weight_holders(model)
         assert holders and all(isinstance(m, Offloadable) for _, m in holders), \
             [name for name, m in holders if not isinstance(m, Offloadable)]
+
+
+def test_every_offloadable_module_answers_weight_and_bias_as_comfyui_reads_them(tmp_path):
+    """ComfyUI >= 0.3.76 reads `getattr(module, "weight")` and `"bias"` of every module with `comfy_cast_weights`
+    (model_patcher.get_key_weight): a tensor or None, never AttributeError; real tensors stay reachable."""
+    path, state = write_transformer(tmp_path / "klein.safetensors", dtype=torch.float32)
+    write_gguf(tmp_path / "klein.gguf", state, lambda n, t: "F32" if t.ndim == 1 else "Q4_0", "flux")
+    quantize_file(path, tmp_path / "klein-fp8.safetensors", "fp8")
+    te_path, _ = write_text_encoder(tmp_path / "qwen.safetensors", dtype=torch.float32)
+    quantize_file(te_path, tmp_path / "qwen.gguf", "Q8_0", tokenizer=write_tokenizer(tmp_path / "tok"))
+    models = [kn.load_transformer(tmp_path / name) for name in ("klein.safetensors", "klein.gguf", "klein-fp8.safetensors")]
+    models += [kn.load_text_encoder(p, tokenizer=tmp_path / "tok", layers=(1, 2, 3)).model
+               for p in (te_path, tmp_path / "qwen.gguf")]
+    kinds = set()
+    for model in models:
+        tensors = dict(model.state_dict(keep_vars=True))
+        for name, module in model.named_modules():
+            if not hasattr(module, "comfy_cast_weights"):
+                continue
+            kinds.add(type(module).__name__)
+            for attr in ("weight", "bias"):
+                value = getattr(module, attr)
+                assert value is tensors.get(f"{name}.{attr}"), (type(module).__name__, name, attr)
+    assert {"Linear", "QuantizedLinear", "Fp8Linear", "RMSNorm", "Embedding", "QuantizedEmbedding"} <= kinds, kinds
 
 
 def test_flagged_layers_bring_their_weights_to_the_input_and_put_them_back(monkeypatch):

@@ -8,11 +8,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
-from klein_nodes.quant.convert import quantize_file
-from klein_nodes.testing import (TINY_QWEN3, TINY_VAE16, diffusers_vae, vae_diffusers_to_bfl, write_text_encoder,
-                                 write_tokenizer, write_transformer)
+from klein_nodes.testing import write_workflow_inputs, write_workflow_models
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "example_workflows"
 sys.path.insert(0, str(WORKFLOWS))
@@ -31,35 +28,7 @@ def test_files_are_up_to_date():
 @pytest.fixture(scope="module")
 def model_files(tmp_path_factory):
     """Tiny models under the file names the workflows use (built once), and ComfyUI's bundled tokenizer."""
-    root = tmp_path_factory.mktemp("comfy-models")
-    models = root / "models"
-    write_transformer(models / "diffusion_models" / "flux-2-klein-4b.safetensors")
-    write_transformer(models / "diffusion_models" / "flux-2-klein-base-4b.safetensors", seed=1)
-    write_text_encoder(models / "text_encoders" / "qwen_3_4b.safetensors",
-                       params=TINY_QWEN3.__class__(**{**TINY_QWEN3.__dict__, "num_layers": 28}))
-    write_tokenizer(root / "comfy" / "text_encoders" / "qwen25_tokenizer")
-    state = vae_diffusers_to_bfl(diffusers_vae(TINY_VAE16).state_dict(), TINY_VAE16)  # the nodes assume 16 px/latent
-    (models / "vae").mkdir()
-    save_file({k: v.contiguous() for k, v in state.items()}, str(models / "vae" / "flux2-vae.safetensors"))
-    for folder, name in (("diffusion_models", "flux-2-klein-4b"), ("text_encoders", "qwen_3_4b")):  # our own quantizer
-        quantize_file(models / folder / f"{name}.safetensors", models / folder / f"{name}-Q4_K.gguf", "Q4_K")
-    write_loras(models / "loras")
-    return root
-
-
-def write_loras(folder):
-    """A ComfyUI-named LoRA on transformer and text encoder layers, and a BFL-named LoKr."""
-    folder.mkdir()
-    generator = torch.Generator().manual_seed(0)
-    randn = lambda *shape: torch.randn(*shape, generator=generator) * 0.2  # noqa: E731
-    style = {"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": randn(4, 64),
-             "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": randn(192, 4),
-             "text_encoders.qwen3_4b.transformer.model.layers.3.mlp.down_proj.lora_A.weight": randn(4, 64),
-             "text_encoders.qwen3_4b.transformer.model.layers.3.mlp.down_proj.lora_B.weight": randn(32, 4)}
-    save_file(style, str(folder / "klein_style_lora.safetensors"))
-    save_file({"diffusion_model.single_blocks.1.linear1.lokr_w1": randn(4, 4),
-               "diffusion_model.single_blocks.1.linear1.lokr_w2": randn(144, 16)},
-              str(folder / "klein_detail_lokr.safetensors"))
+    return write_workflow_models(tmp_path_factory.mktemp("comfy-models"))
 
 
 @pytest.fixture()
@@ -135,13 +104,7 @@ def run_api(graph, inputs_dir):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_api_twin_runs(models, tmp_path, name):
-    rng = np.random.default_rng(0)
-    for k in range(4):
-        Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(tmp_path / f"reference_{k + 1}.png")
-    rgba = rng.integers(0, 255, (64, 64, 4), dtype=np.uint8)
-    rgba[..., 3] = 255
-    rgba[:, 32:, 3] = 0  # right half transparent: repaint it
-    Image.fromarray(rgba, "RGBA").save(tmp_path / "inpaint_source.png")
+    write_workflow_inputs(tmp_path)
     graph = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
     (images,) = run_api(graph, tmp_path)
     if name == "klein_watermark_and_save":

@@ -1,0 +1,97 @@
+"""The module contract against a real ComfyUI core: run with ComfyUI's own Python.
+
+    /path/to/ComfyUI/venv/bin/python tools/comfyui_contract.py /path/to/ComfyUI
+
+Builds tiny klein models in every weight format (bf16, fp8, GGUF transformers; bf16 and GGUF Qwen3 text encoders),
+hands each to the core's own `ModelPatcher` and checks what the core does with them: its key lookup
+(`get_key_weight`) on every module it may leave offloaded, its low-VRAM planning for the dynamic loader, a partial
+load (most modules left offloaded), a full load, and that the outputs stay identical to the unpatched model's.
+Prints one line per check and exits non-zero on the first failure. tests/test_comfyui_core.py runs it.
+"""
+
+import importlib.util
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def import_core(folder):
+    sys.path.insert(0, str(folder))
+    sys.argv = [sys.argv[0], "--cpu"]
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    import comfy.model_patcher
+
+    return comfy.model_patcher
+
+
+def import_pack():
+    spec = importlib.util.spec_from_file_location("klein_nodes", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["klein_nodes"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_models(kn, folder):
+    """(name, module, forward) per format; forward() runs the module on fixed inputs."""
+    import torch
+
+    from klein_nodes.quant.convert import quantize_file
+    from klein_nodes.testing import sample_forward, write_text_encoder, write_tokenizer, write_transformer
+
+    transformer, _ = write_transformer(folder / "klein.safetensors", dtype=torch.float32)
+    text_encoder, _ = write_text_encoder(folder / "qwen.safetensors", dtype=torch.float32)
+    tokenizer = write_tokenizer(folder / "tokenizer")
+    quantize_file(transformer, folder / "klein-fp8.safetensors", "fp8")
+    quantize_file(transformer, folder / "klein-Q4_K.gguf", "Q4_K")
+    quantize_file(text_encoder, folder / "qwen-Q8_0.gguf", "Q8_0", tokenizer=tokenizer)
+    for name in ("klein.safetensors", "klein-fp8.safetensors", "klein-Q4_K.gguf"):
+        model = kn.load_transformer(folder / name)
+        yield name, model, lambda model=model: sample_forward(model)
+    for name in ("qwen.safetensors", "qwen-Q8_0.gguf"):
+        encoder = kn.load_text_encoder(folder / name, tokenizer=tokenizer, layers=(1, 2, 3))
+        yield name, encoder.model, lambda encoder=encoder: encoder.encode(["a red fox"], max_length=16)
+
+
+def check(model_patcher, name, model, forward):
+    import torch
+
+    expected = forward()
+    flagged = [n for n, m in model.named_modules() if hasattr(m, "comfy_cast_weights")]
+    for n in flagged:  # what every core since 0.3.76 reads before loading
+        for attr in ("weight", "bias"):
+            if hasattr(model_patcher, "get_key_weight"):
+                model_patcher.get_key_weight(model, f"{n}.{attr}")
+    patcher = model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    if "for_dynamic" in patcher._load_list.__code__.co_varnames:  # the dynamic loader's planning (0.25)
+        patcher._load_list(for_dynamic=True)
+    patcher.load(torch.device("cpu"), lowvram_model_memory=64 * 1024)
+    left = [n for n in flagged if model.get_submodule(n).comfy_cast_weights]
+    assert left, f"{name}: the core left nothing offloaded with a 64 KB budget"
+    partial = forward()
+    patcher.unpatch_model(torch.device("cpu"))
+    patcher.load(torch.device("cpu"), lowvram_model_memory=1e32, full_load=True)
+    full = forward()
+    patcher.unpatch_model(torch.device("cpu"))
+    assert torch.equal(partial, expected) and torch.equal(full, expected), f"{name}: outputs changed under the core"
+    print(f"ok  {name}: {len(flagged)} offloadable modules, {len(left)} left offloaded by a partial load, "
+          "outputs identical after partial and full loads")
+
+
+def main():
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    model_patcher = import_core(Path(sys.argv[1]).resolve())
+    kn = import_pack()
+    with tempfile.TemporaryDirectory() as folder:
+        for name, model, forward in tiny_models(kn, Path(folder)):
+            check(model_patcher, name, model, forward)
+
+
+if __name__ == "__main__":
+    main()
