@@ -55,7 +55,7 @@ def tiny_models(kn, folder):
         yield name, model, lambda model=model: sample_forward(model)
     for name in ("qwen.safetensors", "qwen-Q8_0.gguf"):
         encoder = kn.load_text_encoder(folder / name, tokenizer=tokenizer, layers=(1, 2, 3))
-        yield name, encoder.model, lambda encoder=encoder: encoder.encode(["a red fox"], max_length=16)
+        yield name, encoder.model, lambda encoder=encoder: encoder.encode(["a red fox"], max_length=16, layers=(1, 2, 3))
 
 
 def check(model_patcher, name, model, forward):
