@@ -129,15 +129,16 @@ def has_weights(folder, weights_name):
 
 
 def choose_dtype(checkpoint, names, dtype):
-    """The requested dtype, or the floating dtype holding most parameters of `names`."""
+    """The requested dtype, or the floating dtype (16 bits or more) holding most parameters of `names`; bf16 when
+    there is none (a model saved all in fp8 computes in bf16)."""
     if dtype is not None:
         return dtype
     counts = {}
     for name in names:
         dt = checkpoint.dtype(name)
-        if dt.is_floating_point:
+        if dt.is_floating_point and dt.itemsize > 1:
             counts[dt] = counts.get(dt, 0) + torch.Size(checkpoint.shape(name)).numel()
-    return max(counts, key=counts.get) if counts else torch.float32
+    return max(counts, key=counts.get) if counts else torch.bfloat16
 
 
 def require(shapes, names, path, what):

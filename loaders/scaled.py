@@ -37,19 +37,23 @@ def layer_formats(ckpt):
 
 
 def find_quantized_layers(ckpt):
-    """({layer: (format, {role: key})}, keys that only describe quantization). Roles: weight, weight_scale,
-    input_scale, and for nvfp4 weight_scale_2 and pre_quant_scale."""
+    """({layer: (format, {role: key})}, keys that only describe quantization) for every 2-D fp8 or marked nvfp4
+    `.weight`. Roles: weight, weight_scale (None: unscaled fp8), input_scale, and for nvfp4 weight_scale_2 and
+    pre_quant_scale."""
     formats = ckpt.quant_formats
     unsupported = {str(f) for f in formats.values() if f not in FORMATS}
     if unsupported:
         raise CheckpointError(f"{ckpt.path}: quantization format(s) {', '.join(sorted(unsupported))} are not "
                               f"supported (supported in safetensors: {', '.join(FORMATS)}; or use a GGUF file)")
     keys = set(ckpt.keys())
+    scaled = any(k.endswith((".weight_scale", ".scale_weight")) for k in keys)
     layers = {}
     for key in keys:
         layer = key[: -len(".weight")]
         if not key.endswith(".weight") or (ckpt.dtype(key) not in FP8_DTYPES and formats.get(layer) != "nvfp4"):
             continue
+        if formats.get(layer) is None and len(ckpt.shape(key)) != 2:
+            continue  # an unmarked 1-D fp8 tensor (a norm) is plain data
         fmt = formats.get(layer, "fp8")
 
         def find(*names, required=True):
@@ -58,7 +62,8 @@ def find_quantized_layers(ckpt):
                 raise CheckpointError(f"{ckpt.path}: '{key}' is {fmt} but has no {' or '.join(names)} beside it")
             return found
 
-        roles = {"weight": key, "weight_scale": find("weight_scale", "scale_weight"),
+        # a file with no scale and no marker at all is how ComfyUI saves a model cast to fp8: scale 1
+        roles = {"weight": key, "weight_scale": find("weight_scale", "scale_weight", required=scaled or layer in formats),
                  "input_scale": find("input_scale", "scale_input", required=False)}
         if fmt == "nvfp4":
             if ckpt.dtype(key) != torch.uint8:
@@ -90,7 +95,8 @@ def install_quantized_layers(model, layers, ckpt, rename, compute_dtype, device)
             except ValueError as e:
                 raise CheckpointError(f"{ckpt.path}: {layer}: {e}") from None
         else:
-            module = Fp8Linear(tensor["weight"], tensor["weight_scale"].float(), tensor["input_scale"], compute_dtype)
+            scale = torch.ones(()) if tensor["weight_scale"] is None else tensor["weight_scale"].float()
+            module = Fp8Linear(tensor["weight"], scale.to(device), tensor["input_scale"], compute_dtype)
         replace_module(model, name, module)
 
 

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..errors import CheckpointError, WrongModelError
 from ..models.text_encoder import KLEIN_LAYERS, KleinTextEncoder, Qwen3, Qwen3Params
@@ -74,7 +75,8 @@ def load_text_encoder(path, tokenizer=None, dtype=None, device="cpu", layers=KLE
     check_state_dict(path, "a Qwen3 text encoder", {k: v.shape for k, v in expected.items()},
                      {k: shapes[k] for k in expected if k in shapes})
     quantized, _ = find_quantized_layers(ckpt)
-    quantized = {layer: found for layer, found in quantized.items() if strip(layer) + ".weight" in expected}
+    quantized = {layer: found for layer, found in quantized.items()  # an fp8 embedding table is plain data
+                 if strip(layer) + ".weight" in expected and isinstance(model.get_submodule(strip(layer)), nn.Linear)}
     quantized_weights = {roles["weight"] for _, roles in quantized.values()}
     plain = [k for k in expected if names[k] not in quantized_weights]
     dtype = choose_dtype(ckpt, [names[k] for k in plain], dtype)

@@ -132,10 +132,10 @@ def check_dtypes(path, ckpt, sources, quantized_weights=()):
     for source in sources.values():
         for name in source.names:
             dtype = ckpt.dtype(name)
-            if name in quantized_weights or (dtype.is_floating_point and dtype.itemsize > 1):
+            if name in quantized_weights or dtype.is_floating_point:
                 continue
             raise CheckpointError(f"{path}: '{name}' has dtype {dtype}; transformer weights must be F32/F16/BF16, or fp8 "
-                                  "with a weight_scale, or nvfp4 with its comfy_quant marker.")
+                                  "(scaled or not), or nvfp4 with its comfy_quant marker.")
 
 
 def load_transformer(path, dtype=None, device="cpu"):

@@ -102,8 +102,13 @@ def write_gguf(path, kind, tensors, qtype, tokenizer_dir):
     writer.close()
 
 
+FP8_MARKER = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()), dtype=torch.uint8)
+
+
 def fp8_tensors(kind, tensors):
-    """BFL's fp8 convention: quantized 2-D weights as float8_e4m3fn with a per-tensor `weight_scale` (amax/448)."""
+    """Quantized 2-D weights as float8_e4m3fn with a per-tensor `weight_scale` (amax/448), and ComfyUI's
+    `comfy_quant` marker per layer, so that ComfyUI's own loaders apply the scale too (without the marker they
+    would read the fp8 values unscaled)."""
     out = {}
     for name, tensor in tensors.items():
         quantize_it = (tensor.ndim == 2 and name.endswith(".weight") and "embed_tokens" not in name
@@ -113,7 +118,9 @@ def fp8_tensors(kind, tensors):
             continue
         scale = (tensor.float().abs().max() / 448).clamp_min(1e-12)
         out[name] = (tensor.float() / scale).to(torch.float8_e4m3fn)
-        out[name[: -len(".weight")] + ".weight_scale"] = scale.reshape(())
+        layer = name[: -len(".weight")]
+        out[layer + ".weight_scale"] = scale.reshape(())
+        out[layer + ".comfy_quant"] = FP8_MARKER.clone()
     return out
 
 

@@ -64,6 +64,38 @@ def test_fp8_without_scale_is_refused(tmp_path):
         kn.load_transformer(tmp_path / "noscale.safetensors")
 
 
+def comfy_fp8_save(state):
+    """(file tensors, float twin) as ComfyUI saves a model cast to fp8: every float tensor float8_e4m3fn, no scale,
+    no marker."""
+    tensors = {name: tensor.to(torch.float8_e4m3fn) for name, tensor in state.items()}
+    return tensors, {name: tensor.float() for name, tensor in tensors.items()}
+
+
+def test_unscaled_comfyui_fp8_save_loads_with_scale_one(tmp_path):
+    tensors, twin = comfy_fp8_save(transformer_state_dict(TINY_TRANSFORMER, seed=2))
+    save_file(tensors, str(tmp_path / "comfy-fp8.safetensors"))
+    save_file(twin, str(tmp_path / "twin.safetensors"))
+    fp8 = kn.load_transformer(tmp_path / "comfy-fp8.safetensors")
+    assert fp8.img_in.weight.dtype == torch.float8_e4m3fn and fp8.final_layer.linear.weight_scale == 1
+    assert next(p for n, p in fp8.named_parameters() if n.endswith("scale")).dtype == torch.bfloat16  # compute dtype
+    fp8, reference = (kn.load_transformer(tmp_path / name, dtype=torch.float32)
+                      for name in ("comfy-fp8.safetensors", "twin.safetensors"))
+    assert (sample_forward(fp8) - sample_forward(reference)).abs().max() <= 1e-5
+
+
+def test_unscaled_comfyui_fp8_text_encoder_keeps_its_embedding_a_table(tmp_path):
+    tensors, twin = comfy_fp8_save(qwen3_state_dict(TINY_QWEN3, seed=3))
+    save_file(tensors, str(tmp_path / "qwen-fp8.safetensors"))
+    save_file(twin, str(tmp_path / "twin.safetensors"))
+    tokenizer = write_tokenizer(tmp_path / "tok")
+    fp8, reference = (kn.load_text_encoder(tmp_path / name, tokenizer=tokenizer, dtype=torch.float32, layers=(1, 2, 3))
+                      for name in ("qwen-fp8.safetensors", "twin.safetensors"))
+    assert sum(isinstance(m, Fp8Linear) for m in fp8.model.modules()) == 3 * 7
+    assert not isinstance(fp8.model.embed_tokens, Fp8Linear)
+    assert (fp8.encode("a cat", max_length=32, layers=(1, 2, 3)) -
+            reference.encode("a cat", max_length=32, layers=(1, 2, 3))).abs().max() <= 1e-5
+
+
 def test_unsupported_comfy_format_is_named(tmp_path):
     tensors, _, _ = to_fp8(transformer_state_dict(TINY_TRANSFORMER), is_block_linear, "comfy_quant")
     tensors["double_blocks.0.img_mlp.0.comfy_quant"] = torch.tensor(list(b'{"format": "mxfp8"}'), dtype=torch.uint8)

@@ -1,8 +1,11 @@
 """The quantizer: K-quants against simple baselines, and files that load back in our loaders and in gguf-py."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import klein_nodes as kn
 from klein_nodes.cli import main
@@ -69,6 +72,39 @@ def test_transformer_round_trip(tmp_path, qtype, suffix, tolerance, capsys):
     error = ((sample_forward(quantized) - reference).norm() / reference.norm()).item()
     assert error < tolerance
     assert main(["quantize", str(source), str(output), "--type", qtype]) == 2  # never overwritten
+
+
+def comfyui_reading(tensors):
+    """The weights ComfyUI's loaders see in a safetensors file (design/quant-formats.md section 5): a layer with a
+    `comfy_quant` float8 marker is q * weight_scale; an fp8 tensor without one is read unscaled."""
+    read = {}
+    for name, tensor in tensors.items():
+        layer = name.rsplit(".", 1)[0]
+        if name.endswith((".comfy_quant", ".weight_scale")):
+            continue
+        if f"{layer}.comfy_quant" in tensors:
+            assert json.loads(bytes(tensors[f"{layer}.comfy_quant"].tolist())) == {"format": "float8_e4m3fn"}
+            tensor = tensor.float() * tensors[f"{layer}.weight_scale"]
+        read[name] = tensor.float()
+    return read
+
+
+@pytest.mark.parametrize("kind", ["transformer", "text_encoder"])
+def test_fp8_output_means_the_same_to_comfyui(tmp_path, kind):
+    if kind == "transformer":
+        source, _ = write_transformer(tmp_path / "model.safetensors", PARAMS, dtype=torch.float32, seed=3)
+        load, run = kn.load_transformer, sample_forward
+    else:
+        source, _ = write_text_encoder(tmp_path / "model.safetensors", dtype=torch.float32, seed=3)
+        tokenizer = write_tokenizer(tmp_path / "tok")
+        load = lambda path, dtype: kn.load_text_encoder(path, tokenizer, dtype, layers=(1, 2, 3))  # noqa: E731
+        run = lambda encoder: encoder.encode("a cat", 32, (1, 2, 3))  # noqa: E731
+    kn.quant.convert.quantize_file(source, tmp_path / "fp8.safetensors", "fp8")
+    save_file(comfyui_reading(load_file(str(tmp_path / "fp8.safetensors"))), str(tmp_path / "as_comfyui_reads.safetensors"))
+    reference = run(load(source, dtype=torch.float32))
+    for name in ("fp8.safetensors", "as_comfyui_reads.safetensors"):
+        error = ((run(load(tmp_path / name, dtype=torch.float32)) - reference).norm() / reference.norm()).item()
+        assert error < 0.1, (name, error)
 
 
 def test_text_encoder_gguf_carries_its_tokenizer(tmp_path):
