@@ -22,6 +22,13 @@ MODEL_FOLDERS = {  # ComfyUI key -> folder names under models/
 KLEIN_FAMILIES = {("transformer", "flux2"), ("text_encoder", "qwen3"), ("vae", "flux2")}
 
 
+def non_negative(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
+    return value
+
+
 def gpu_capabilities(index):
     """Which quantized/low-precision paths run natively on CUDA device `index`."""
     major, minor = torch.cuda.get_device_capability(index)
@@ -208,7 +215,7 @@ def generate(args):
 
     images = pipeline(args.prompt, width=width, height=height, steps=args.steps, guidance=args.guidance, seed=args.seed,
                       negative_prompt=args.negative, references=[load_reference(p) for p in args.ref] or None,
-                      batch_size=args.batch, callback=progress)
+                      batch_size=args.batch, callback=progress, max_sequence_length=args.max_tokens or None)
     for note in pipeline.notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"memory plan: {pipeline.plan.describe()}", file=sys.stderr)
@@ -269,6 +276,8 @@ def main(argv=None):
     gen.add_argument("--steps", type=int, default=4, help="4 for distilled klein, ~50 for base klein")
     gen.add_argument("--guidance", type=float, default=1.0, help="1.0 = no CFG (distilled); base klein: 4.0")
     gen.add_argument("--negative", default="", help="negative prompt (used when guidance > 1)")
+    gen.add_argument("--max-tokens", type=non_negative, default=512,
+                     help="prompt tokens: 512 cuts longer prompts (diffusers); 0 keeps every token (ComfyUI)")
     gen.add_argument("--seed", type=int, default=-1, help="-1 = random (the seed used is printed)")
     gen.add_argument("--width", type=int, default=1024)
     gen.add_argument("--height", type=int, default=1024)

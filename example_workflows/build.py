@@ -23,16 +23,16 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
 def node_inputs(class_type):
-    """[(name, socket type or None for widgets, adds a control_after_generate value)] in ComfyUI's order."""
+    """[(name, socket type or None for widgets, adds a control_after_generate value, default)] in ComfyUI's order."""
     if class_type in CORE_NODES:
-        return [(name, kind, False) for name, kind in CORE_NODES[class_type]["inputs"]]
+        return [(name, kind, False, None) for name, kind in CORE_NODES[class_type]["inputs"]]
     spec = NODE_CLASS_MAPPINGS[class_type].INPUT_TYPES()
     inputs = []
     for section in ("required", "optional"):
         for name, (kind, *options) in spec.get(section, {}).items():
             widget = isinstance(kind, list) or kind in WIDGET_TYPES
             control = bool(options and options[0].get("control_after_generate"))
-            inputs.append((name, None if widget else kind, control))
+            inputs.append((name, None if widget else kind, control, options[0].get("default") if options else None))
     return inputs
 
 
@@ -68,16 +68,15 @@ class Graph:
                     links.append([len(links) + 1, source_id, slot, node_id, name, node_outputs(source_type)[slot]])
         for order, (node_id, class_type, inputs) in enumerate(self.nodes):
             sockets, widgets = [], []
-            for name, kind, control in node_inputs(class_type):
+            for name, kind, control, default in node_inputs(class_type):
                 if kind is not None:
                     link = next((link[0] for link in links if link[3] == node_id and link[4] == name), None)
                     if link is not None or name in inputs:
                         sockets.append({"name": name, "type": kind, "link": link})
                     continue
-                if name in inputs:
-                    widgets.append(inputs[name])
-                    if control:
-                        widgets.append("fixed")
+                widgets.append(inputs.get(name, default))  # the UI holds every widget's value
+                if control:
+                    widgets.append("fixed")
             outputs = [{"name": kind, "type": kind, "slot_index": slot,
                         "links": [link[0] for link in links if link[1] == node_id and link[2] == slot]}
                        for slot, kind in enumerate(node_outputs(class_type))]

@@ -146,6 +146,7 @@ def apply_rope(x, rope):
 
 KLEIN_TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 PAD_ID = 151643
+MIN_TOKENS = 512  # klein pads every prompt to 512 tokens
 KLEIN_LAYERS = (9, 18, 27)
 
 
@@ -166,25 +167,35 @@ class KleinTextEncoder:
     def hidden_size(self):
         return self.model.params.hidden_size
 
-    def tokenize(self, prompt, max_length=512):
-        """Template token ids, truncated to `max_length` (with a warning), padded with <|endoftext|>; and the mask."""
+    def tokenize(self, prompt, max_length=512, length=None):
+        """Template token ids, cut to `max_length` (with a warning; None: never cut), padded with <|endoftext|> to
+        `length` (default: max_length); and the mask."""
         ids = self.tokenizer.encode(KLEIN_TEMPLATE.format(prompt), add_special_tokens=False).ids
-        if len(ids) > max_length:
+        if max_length is not None and len(ids) > max_length:
             warnings.warn(f"Prompt is {len(ids)} tokens with the chat template; the last {len(ids) - max_length} tokens "
                           f"were cut to fit max_length={max_length} (the prompt starts: {prompt[:40]!r}).", stacklevel=3)
             ids = ids[:max_length]
-        mask = [1] * len(ids) + [0] * (max_length - len(ids))
-        return ids + [PAD_ID] * (max_length - len(ids)), mask
+        length = length or max_length or len(ids)
+        mask = [1] * len(ids) + [0] * (length - len(ids))
+        return ids + [PAD_ID] * (length - len(ids)), mask
+
+    def sequence_length(self, prompts, max_length):
+        """Tokens per embedding: `max_length`, or with None (every token kept, as ComfyUI does) 512 or the longest
+        prompt's length, whichever is more."""
+        if max_length is not None:
+            return max_length
+        return max([MIN_TOKENS] + [len(self.tokenize(p, None)[0]) for p in prompts])
 
     @torch.inference_mode()
     def encode(self, prompts, max_length=512, layers=KLEIN_LAYERS):
-        """(B, max_length, len(layers)·hidden) embeddings for a prompt or a list of prompts."""
+        """(B, L, len(layers)·hidden) embeddings for a prompt or a list of prompts; L = sequence_length()."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         layers = tuple(layers)
-        keys = [(p, max_length, layers, self.model.dtype) for p in prompts]
+        length = self.sequence_length(prompts, max_length)
+        keys = [(p, length, layers, self.model.dtype) for p in prompts]
         todo = list(dict.fromkeys(k for k in keys if k not in self._cache))
         if todo:
-            tokens = [self.tokenize(k[0], max_length) for k in todo]
+            tokens = [self.tokenize(k[0], max_length, length) for k in todo]
             device = compute_device(self.model)
             ids = torch.tensor([t[0] for t in tokens], device=device)
             mask = torch.tensor([t[1] for t in tokens], device=device)

@@ -1,10 +1,19 @@
-"""Prompt -> CONDITIONING (core's socket type: [[embeddings (B,512,features), {}]])."""
+"""Prompt -> CONDITIONING (core's socket type: [[embeddings (B,tokens,features), {}]])."""
 
 from .runtime import load_for_inference
 
+MAX_TOKENS_INPUT = ("INT", {"default": 0, "min": 0, "max": 32768, "step": 1, "advanced": True,
+                            "tooltip": "0 keeps every prompt token, padded to at least 512, as ComfyUI's own klein "
+                                       "text encoding does. 512 cuts longer prompts there, as diffusers and BFL's "
+                                       "reference code do."})
+
+
+def max_length(max_tokens):
+    return max_tokens or None
+
 
 class KleinTextEncode:
-    DESCRIPTION = "Encodes a prompt for FLUX.2 [klein] (chat template, 512 tokens, Qwen3 layers 9/18/27)."
+    DESCRIPTION = "Encodes a prompt for FLUX.2 [klein] (chat template, at least 512 tokens, Qwen3 layers 9/18/27)."
     CATEGORY = "klein"
     RETURN_TYPES = ("CONDITIONING",)
     OUTPUT_TOOLTIPS = ("Prompt embeddings; repeated prompts are served from a cache.",)
@@ -16,12 +25,12 @@ class KleinTextEncode:
             "required": {
                 "text_encoder": ("KLEIN_TEXT_ENCODER", {"tooltip": "From Klein Load Text Encoder."}),
                 "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
-                                    "tooltip": "The prompt. Empty is allowed (the base model's negative prompt is empty). "
-                                               "Prompts over ~500 tokens are cut, with a warning in the console."}),
-            }
+                                    "tooltip": "The prompt. Empty is allowed (the base model's negative prompt is empty)."}),
+            },
+            "optional": {"max_tokens": MAX_TOKENS_INPUT},
         }
 
-    def encode(self, text_encoder, text):
+    def encode(self, text_encoder, text, max_tokens=0):
         load_for_inference(text_encoder.model, "text_encoder")
-        embeddings = text_encoder.encode([text]).float().cpu()
+        embeddings = text_encoder.encode([text], max_length=max_length(max_tokens)).float().cpu()
         return ([[embeddings, {}]],)

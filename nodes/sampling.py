@@ -12,6 +12,7 @@ from ..sampling.references import DEFAULT_MAX_PIXELS, prepare_batch
 from ..sampling.sampler import Conditioning, sample
 from ..sampling.schedule import (ASPECT_RATIOS, MAX_SEED, MEGAPIXEL, fit_size, get_schedule, initial_noise, preset_size,
                                  round_to_multiple)
+from .conditioning import MAX_TOKENS_INPUT, max_length
 from .runtime import load_for_inference, progress_callback
 
 log = logging.getLogger("klein_nodes")
@@ -232,17 +233,17 @@ class KleinGenerate:
                 "guidance": GUIDANCE_INPUT,
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per run."}),
             },
-            "optional": {slot: ("IMAGE", image) for slot in IMAGE_SLOTS},
+            "optional": {**{slot: ("IMAGE", image) for slot in IMAGE_SLOTS}, "max_tokens": MAX_TOKENS_INPUT},
         }
 
     def generate(self, model, text_encoder, vae, prompt, negative_prompt="", width=1024, height=1024, aspect="custom",
-                 megapixels=1.0, seed=0, steps=4, guidance=1.0, batch_size=1, **images):
+                 megapixels=1.0, seed=0, steps=4, guidance=1.0, batch_size=1, max_tokens=0, **images):
         references = [images[slot] for slot in IMAGE_SLOTS if images.get(slot) is not None]
         width, height = output_size(width, height, aspect, megapixels)
         pipeline = KleinPipeline(model, text_encoder, vae)
         load_for_inference(text_encoder.model, "text_encoder")
-        positive = pipeline.encode_prompt([prompt])
-        negative = pipeline.encode_prompt([negative_prompt]) if guidance > 1.0 else None
+        positive = pipeline.encode_prompt([prompt], max_length(max_tokens))
+        negative = pipeline.encode_prompt([negative_prompt], max_length(max_tokens)) if guidance > 1.0 else None
         if references:
             load_for_inference(vae, "vae")
         load_for_inference(model, "transformer")

@@ -66,19 +66,21 @@ class KleinPipeline:
     def __call__(self, prompt=None, width=None, height=None, steps=4, guidance=1.0, seed=-1, negative_prompt="",
                  references=None, noise=None, prompt_embeds=None, negative_prompt_embeds=None, batch_size=1,
                  image=None, mask=None, denoise=1.0, max_reference_pixels=DEFAULT_MAX_PIXELS, callback=None,
-                 tiled="auto", output_type="image"):
+                 tiled="auto", output_type="image", max_sequence_length=512):
         """Generate (B, H, W, 3) float images in [0, 1] (or fp32 latents with output_type="latent").
 
         noise: initial latents (B, 128, H/16, W/16), as diffusers' `latents=`; otherwise drawn on the CPU from
         `seed` (-1: random). image (+ mask, 1 = repaint) with denoise < 1: img2img / inpainting.
+        max_sequence_length: prompt tokens, as diffusers; None keeps every token (ComfyUI's behaviour).
         """
         self.notes = []
         self.plan = self._plan(width, height, noise, references, guidance > 1.0, batch_size)
-        positive = self._conditioning(prompt, prompt_embeds)
+        positive = self._conditioning(prompt, prompt_embeds, max_sequence_length)
         negative = None
         if guidance > 1.0:
             count = positive.shape[0] if negative_prompt_embeds is None else None
-            negative = self._conditioning([negative_prompt] * count if count else None, negative_prompt_embeds)
+            negative = self._conditioning([negative_prompt] * count if count else None, negative_prompt_embeds,
+                                          max_sequence_length)
         reference_latents = []
         if references:
             reference_latents, notes = self.encode_images(references, max_reference_pixels, tiled)
@@ -166,12 +168,12 @@ class KleinPipeline:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
 
-    def _conditioning(self, prompt, embeds):
+    def _conditioning(self, prompt, embeds, max_length):
         if embeds is not None:
             return embeds
         if prompt is None:
             raise KleinError("give a prompt or prompt_embeds")
-        return self.encode_prompt([prompt] if isinstance(prompt, str) else list(prompt))
+        return self.encode_prompt([prompt] if isinstance(prompt, str) else list(prompt), max_length)
 
     def _size(self, width, height, noise, reference_latents):
         scale = self.pixels_per_latent

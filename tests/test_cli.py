@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -51,6 +52,9 @@ def test_generate_without_models_explains(tmp_path, capsys, monkeypatch):
     assert "--model PATH" in capsys.readouterr().err
     assert main(["generate", "a cat", "-o", str(tmp_path / "x.gif"), "--tiny-random"]) == 2
     assert ".png, .jpg or .webp" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "a cat", "-o", str(tmp_path / "x.png"), "--tiny-random", "--max-tokens", "-1"])
+    assert "-1 is negative; give 0 or more" in capsys.readouterr().err
 
 
 def test_generate_with_loras(tmp_path, capsys, monkeypatch):

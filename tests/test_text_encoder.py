@@ -2,6 +2,7 @@
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,25 @@ def test_truncation_warning_counts_cut_tokens(files):
     assert len(ids) == 512 and all(mask)
 
 
+def test_keeping_every_token_as_comfyui_does(files):
+    """max_length=None: no prompt is cut and every prompt is padded to 512 or to the longest prompt's length
+    (ComfyUI's Qwen3 tokenizer: min_length 512, no maximum); equal to diffusers' embeddings at that length."""
+    te = kn.load_text_encoder(files["comfy"], tokenizer=files["tokenizer"], layers=LAYERS)
+    tokenizer = hf_tokenizer(files["tokenizer"])
+    prompts = ["a cat on a mat", long_prompt(300)]
+    longest = max(len(tokenizer(KLEIN_TEMPLATE.format(p))["input_ids"]) for p in prompts)
+    assert longest > 512
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is cut, so nothing is reported
+        got = te.encode(prompts, max_length=None, layers=LAYERS)
+        short = te.encode(prompts[:1], max_length=None, layers=LAYERS)
+    with torch.inference_mode():
+        expected = diffusers_embeds(files, prompts, tokenizer, longest)
+    assert got.shape[1] == longest and short.shape[1] == 512
+    assert (got - expected).abs().max() <= 1e-5
+    assert (short[0] - expected[0, :512]).abs().max() <= 1e-5  # causal: padding further leaves the start unchanged
+
+
 def test_only_needed_layers_are_read(files, monkeypatch):
     from klein_nodes.loaders.checkpoint import Checkpoint
 
@@ -225,3 +245,16 @@ def test_rope_theta_read_from_config(files, tmp_path):
     (folder / "config.json").unlink()
     (folder / "config.json").write_text(json.dumps({**qwen3_config(TINY_QWEN3), "rope_theta": 5000.0}))
     assert kn.load_text_encoder(folder, tokenizer=files["tokenizer"], layers=LAYERS).model.params.rope_theta == 5000.0
+
+
+def test_text_encode_node_keeps_every_token_unless_told(files):
+    from klein_nodes.nodes.conditioning import KleinTextEncode
+
+    te = kn.load_text_encoder(files["comfy"], tokenizer=files["tokenizer"], layers=LAYERS)
+    te.encode = lambda prompts, max_length: kn.models.text_encoder.KleinTextEncoder.encode(te, prompts, max_length, LAYERS)
+    node = KleinTextEncode()
+    ((kept, _),), = node.encode(te, long_prompt(300))
+    with pytest.warns(UserWarning, match="tokens were cut"):
+        ((cut, _),), = node.encode(te, long_prompt(300), max_tokens=512)
+    assert kept.shape[1] > 512 and cut.shape[1] == 512
+    assert (kept[:, :512] - cut).abs().max() <= 1e-5  # the same tokens up to the cut
