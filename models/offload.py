@@ -5,6 +5,11 @@ model (bf16, fp8, nvfp4 or GGUF) and feed the rest layer by layer, as it does fo
 
 from contextlib import contextmanager
 
+# ComfyUI's dynamic VRAM loader (core 0.25 on NVIDIA) gives each module it streams a `_v` slot in its VBAR, a GPU
+# cache of weights it evicts under memory pressure. Such a module must fetch its weight and bias through core's
+# caster to use that cache; nodes/runtime.py installs it here (this package never imports comfy).
+vbar_caster = None
+
 
 class Offloadable:
     """Mixin for modules with weights: ComfyUI sets `comfy_cast_weights` on the ones it leaves offloaded.
@@ -21,6 +26,10 @@ def weights_on(module, device):
     """For one call, `module`'s own tensors on `device` when ComfyUI left them elsewhere; put back afterwards."""
     if not module.comfy_cast_weights:
         yield
+        return
+    if vbar_caster is not None and hasattr(module, "_v") and module.weight is not None and module.weight.device != device:
+        with vbar_caster(module, device):
+            yield
         return
     moved = []
     for registry in (module._parameters, module._buffers):

@@ -4,9 +4,12 @@ Everything imports `comfy` lazily and degrades to plain behaviour outside ComfyU
 """
 
 import logging
+from contextlib import contextmanager
 
 import numpy as np
 import torch
+
+from ..models import offload
 
 log = logging.getLogger("klein_nodes")
 PREVIEW_MAX_SIZE = 512
@@ -39,10 +42,41 @@ def load_for_inference(module, role):
     patcher = getattr(module, "klein_patcher", None)
     if patcher is None:
         load_device, offload_device = (getattr(mm, name)() for name in DEVICE_ROLES[role])
-        patcher = model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
+        # as core's own models: the dynamic VRAM patcher where core enabled it (0.25, NVIDIA), else ModelPatcher
+        patcher_class = getattr(model_patcher, "CoreModelPatcher", model_patcher.ModelPatcher)
+        patcher = patcher_class(module, load_device=load_device, offload_device=offload_device)
+        if getattr(patcher, "is_dynamic", lambda: False)():
+            offload.vbar_caster = vbar_weights
         object.__setattr__(module, "klein_patcher", patcher)  # plain attributes, not submodules
         object.__setattr__(module, "klein_device", torch.device(load_device))
     mm.load_models_gpu([patcher])
+
+
+@contextmanager
+def vbar_weights(module, device):
+    """For one call, a streamed module's weight and bias from ComfyUI's VBAR cache, fetched by core's own caster
+    as its layers do (then released to it); if core refuses, plain copies from then on, with a warning."""
+    import comfy.ops
+
+    bias = module.bias
+    try:
+        weight, bias, stream = comfy.ops.cast_bias_weight(module, device=device, dtype=module.weight.dtype,
+                                                          bias_dtype=None if bias is None else bias.dtype,
+                                                          offloadable=True)
+    except Exception as e:  # noqa: BLE001 (core internals: any failure means "use the plain path")
+        log.warning("klein: ComfyUI's dynamic VRAM cast failed for %s (%s); copying weights per call instead",
+                    type(module).__name__, e)
+        offload.vbar_caster = None
+        with offload.weights_on(module, device):
+            yield
+        return
+    saved = dict(module._parameters)
+    module._parameters.update({name: tensor for name, tensor in (("weight", weight), ("bias", bias)) if name in saved})
+    try:
+        yield
+    finally:
+        module._parameters.update(saved)
+        comfy.ops.uncast_bias_weight(module, weight, bias, stream)
 
 
 def progress_callback(total):

@@ -19,4 +19,4 @@ def test_klein_models_follow_the_real_cores_module_contract():
     run = subprocess.run([python, str(SCRIPT), CORE], capture_output=True, text=True, timeout=600)
     print(run.stdout)
     assert run.returncode == 0, run.stdout + run.stderr[-4000:]
-    assert run.stdout.count("ok  ") == 5
+    assert run.stdout.count("ok  ") >= 5  # one per model format, and dynamic VRAM where the core has it

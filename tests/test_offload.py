@@ -87,3 +87,57 @@ def test_flagged_model_computes_the_same_and_on_comfyuis_device(tmp_path):
     object.__setattr__(model, "klein_device", torch.device("meta"))  # recorded by the nodes: ComfyUI's load device
     patched = with_adapters(model, {}, "a LoRA copy")
     assert compute_device(model) == compute_device(patched) == torch.device("meta")
+
+
+def test_modules_streamed_by_comfyuis_dynamic_vram_fetch_weights_through_its_caster(monkeypatch, caplog):
+    """Core 0.25's dynamic loader gives streamed modules a `_v` VBAR slot; their weight and bias must come from
+    comfy.ops.cast_bias_weight (and go back through uncast_bias_weight), as core's own layers do. Core is stood in
+    for here (its dynamic VRAM needs CUDA); tools/comfyui_contract.py checks the rest against the real core."""
+    import sys
+    import types
+
+    from klein_nodes.models import offload
+    from klein_nodes.nodes import runtime
+
+    calls = []
+    ops = types.ModuleType("comfy.ops")
+
+    def cast_bias_weight(module, device, dtype, bias_dtype, offloadable):
+        assert offloadable and dtype == module.weight.dtype
+        calls.append("cast")
+        return module.weight.to(device), None if module.bias is None else module.bias.to(device), "stream"
+    ops.cast_bias_weight = cast_bias_weight
+    ops.uncast_bias_weight = lambda module, weight, bias, stream: calls.append(("uncast", weight.device.type, stream))
+    comfy = types.ModuleType("comfy")
+    comfy.ops = ops
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.ops", ops)
+    patcher = types.ModuleType("comfy.model_patcher")
+
+    class CoreModelPatcher:  # what core builds its own models with; dynamic where DynamicVRAM is on
+        def __init__(self, model, load_device, offload_device):
+            self.model = model
+
+        def is_dynamic(self):
+            return True
+    patcher.ModelPatcher, patcher.CoreModelPatcher = None, CoreModelPatcher
+    mm = types.ModuleType("comfy.model_management")
+    mm.get_torch_device = mm.unet_offload_device = lambda: torch.device("cpu")
+    mm.load_models_gpu = lambda patchers: calls.append(("load", type(patchers[0]).__name__))
+    monkeypatch.setattr(runtime, "comfy_modules", lambda: (mm, patcher, None))
+    monkeypatch.setattr(offload, "vbar_caster", None)
+
+    layer = kn.models.adapters.Linear(64, 32, bias=True)
+    runtime.load_for_inference(layer, "transformer")
+    assert calls == [("load", "CoreModelPatcher")] and offload.vbar_caster is runtime.vbar_weights
+    before = dict(layer._parameters)
+    layer.comfy_cast_weights, layer._v = True, object()  # what ModelPatcherDynamic.load sets on a streamed module
+    out = layer(torch.zeros(3, 64, device="meta"))
+    assert out.device.type == "meta" and calls[1:] == ["cast", ("uncast", "meta", "stream")]
+    assert layer._parameters == before
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no VBAR")
+    ops.cast_bias_weight = refuse
+    assert layer(torch.zeros(3, 64, device="meta")).device.type == "meta"  # plain copies instead
+    assert offload.vbar_caster is None and "copying weights per call instead" in caplog.text

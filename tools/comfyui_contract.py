@@ -83,6 +83,31 @@ def check(model_patcher, name, model, forward):
           "outputs identical after partial and full loads")
 
 
+def check_dynamic_vram(model_patcher):
+    """Core 0.25's dynamic VRAM: core's model class, and its weight caster as our streamed modules call it (its CPU
+    branch; the VBAR itself needs CUDA)."""
+    import comfy.ops
+    import torch
+
+    from klein_nodes.models import adapters, offload
+    from klein_nodes.nodes.runtime import vbar_weights
+
+    if not hasattr(model_patcher, "ModelPatcherDynamic"):
+        print(f"--  no dynamic VRAM in this core; models register as {model_patcher.ModelPatcher.__name__}")
+        return
+    layer = adapters.Linear(64, 32, bias=True)
+    x = torch.randn(3, 64)
+    expected = layer(x)
+    layer._v = object()  # the VBAR slot ModelPatcherDynamic.load gives a streamed module
+    offload.vbar_caster = vbar_weights
+    with vbar_weights(layer, torch.device("cpu")):
+        got = layer(x)
+    assert offload.vbar_caster is vbar_weights, "core's cast_bias_weight refused our module"
+    assert torch.equal(got, expected), "core's cast changed the weights"
+    print(f"ok  dynamic VRAM: models register as CoreModelPatcher ({model_patcher.CoreModelPatcher.__name__} here), "
+          "core's cast_bias_weight/uncast_bias_weight serve our streamed layers")
+
+
 def main():
     if len(sys.argv) != 2:
         sys.exit(__doc__)
@@ -91,6 +116,7 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         for name, model, forward in tiny_models(kn, Path(folder)):
             check(model_patcher, name, model, forward)
+    check_dynamic_vram(model_patcher)
 
 
 if __name__ == "__main__":
