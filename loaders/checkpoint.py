@@ -64,6 +64,25 @@ class Checkpoint:
         return {name: self.shape(name) for name in self.keys()}
 
 
+class TensorSource:
+    """Tensors already in memory (e.g. the state dict of a model ComfyUI loaded), read like a file."""
+
+    def __init__(self, tensors, label):
+        self.path, self.tensors, self.metadata = label, tensors, {}
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def shape(self, name):
+        return self.tensors[name].shape
+
+    def dtype(self, name):
+        return self.tensors[name].dtype
+
+    def get(self, name):
+        return self.tensors[name]
+
+
 def strip_prefix(name, prefixes):
     for prefix in prefixes:
         if name.startswith(prefix):

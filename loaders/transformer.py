@@ -6,7 +6,8 @@ import torch
 
 from ..errors import CheckpointError, WrongModelError
 from ..models.transformer import Flux2, Flux2Params
-from .checkpoint import MODEL_PREFIXES, check_state_dict, choose_dtype, is_gguf, open_checkpoint, require
+from .checkpoint import (MODEL_PREFIXES, Checkpoint, TensorSource, check_state_dict, choose_dtype, is_gguf,
+                         open_checkpoint, require)
 from .detect import identify
 from .scaled import describe, find_quantized_layers, install_quantized_layers
 
@@ -148,7 +149,18 @@ def load_transformer(path, dtype=None, device="cpu"):
         from .gguf import load_gguf_transformer
 
         return load_gguf_transformer(path, dtype, device)
-    ckpt = open_checkpoint(path, "transformer", "diffusion_pytorch_model", MODEL_PREFIXES)
+    return build_transformer(open_checkpoint(path, "transformer", "diffusion_pytorch_model", MODEL_PREFIXES), dtype, device)
+
+
+def transformer_from_state_dict(tensors, label, dtype=None):
+    """A transformer over tensors already in memory (BFL or diffusers names), sharing them where dtypes allow;
+    `label` names them in messages."""
+    device = next(iter(tensors.values())).device if tensors else "cpu"
+    return build_transformer(Checkpoint([TensorSource(tensors, label)], label, MODEL_PREFIXES), dtype, device)
+
+
+def build_transformer(ckpt, dtype, device):
+    path = ckpt.path
     kind = identify(ckpt.shapes())
     if kind.kind != "transformer" or kind.family != "flux2":
         raise WrongModelError(f"{path}: this is {kind.description}, not a FLUX.2 klein transformer.{slot_hint(kind)}")

@@ -6,7 +6,7 @@ import torch
 
 from ..errors import WrongModelError
 from ..models.autoencoder import AutoEncoder, AutoEncoderParams
-from .checkpoint import check_state_dict, choose_dtype, open_checkpoint, require
+from .checkpoint import Checkpoint, TensorSource, check_state_dict, choose_dtype, open_checkpoint, require
 from .detect import identify
 
 # diffusers -> BFL renames, applied in order to every key; `{n}` style levels are handled by `rename`.
@@ -23,6 +23,7 @@ DIFFUSERS_RENAMES = [
     (r"\.conv_norm_out\.", ".norm_out."),
     (r"\.conv_shortcut\.", ".nin_shortcut."),
 ]
+VAE_PREFIXES = ("first_stage_model.", "vae.")
 UP_BLOCK = re.compile(r"^decoder\.up_blocks\.(\d+)\.(resnets\.(\d+)|upsamplers\.0)\.")
 ATTN_MATRIX = re.compile(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")
 
@@ -67,7 +68,17 @@ def params_from_shapes(shapes, path):
 
 def load_vae(path, dtype=None, device="cpu"):
     """Load the FLUX.2 VAE from a BFL/ComfyUI file or a diffusers `vae/` folder (fp32, bf16 or fp16)."""
-    ckpt = open_checkpoint(path, "vae", "diffusion_pytorch_model", ("first_stage_model.", "vae."))
+    return build_vae(open_checkpoint(path, "vae", "diffusion_pytorch_model", VAE_PREFIXES), dtype, device)
+
+
+def vae_from_state_dict(tensors, label, dtype=None):
+    """The VAE over tensors already in memory (BFL or diffusers names); `label` names them in messages."""
+    device = next(iter(tensors.values())).device if tensors else "cpu"
+    return build_vae(Checkpoint([TensorSource(tensors, label)], label, VAE_PREFIXES), dtype, device)
+
+
+def build_vae(ckpt, dtype, device):
+    path = ckpt.path
     kind = identify(ckpt.shapes())
     if kind.kind != "vae" or kind.family != "flux2":
         hint = " FLUX.2 needs its own VAE (flux2-vae.safetensors / ae.safetensors, 32 latent channels)."

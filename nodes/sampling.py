@@ -13,6 +13,7 @@ from ..sampling.sampler import Conditioning, sample
 from ..sampling.schedule import (ASPECT_RATIOS, MAX_SEED, MEGAPIXEL, fit_size, get_schedule, initial_noise, preset_size,
                                  round_to_multiple)
 from .conditioning import MAX_TOKENS_INPUT, max_length
+from .interop import MODEL_INPUT, VAE_INPUT, klein_transformer, klein_vae
 from .runtime import load_for_inference, progress_callback
 
 log = logging.getLogger("klein_nodes")
@@ -95,7 +96,7 @@ class KleinSampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("KLEIN_MODEL", {"tooltip": "From Klein Load Transformer."}),
+                "model": MODEL_INPUT,
                 "positive": ("CONDITIONING", {"tooltip": "Prompt (and references) from Klein Text Encode / Klein References."}),
                 "latent": ("LATENT", {"tooltip": "Empty latent for new images; an encoded image for img2img/inpainting."}),
                 "seed": SEED_INPUT,
@@ -110,6 +111,7 @@ class KleinSampler:
         }
 
     def sample(self, model, positive, latent, seed, steps=4, guidance=1.0, denoise=1.0, negative=None):
+        model = klein_transformer(model)
         samples = latent["samples"].float()
         batch, _, height, width = samples.shape
         mask = latent.get("noise_mask")
@@ -141,7 +143,7 @@ class KleinReferences:
         return {
             "required": {
                 "conditioning": ("CONDITIONING", {"tooltip": "Prompt conditioning to attach references to."}),
-                "vae": ("KLEIN_VAE", {"tooltip": "From Klein Load VAE."}),
+                "vae": VAE_INPUT,
                 "image_1": ("IMAGE", image),
                 "max_megapixels": ("FLOAT", {"default": 1.0, "min": 0.1, "max": 4.0, "step": 0.1,
                                              "tooltip": "Larger references are downscaled to this area (diffusers: 1.0)."}),
@@ -152,6 +154,7 @@ class KleinReferences:
 
     def add(self, conditioning, vae, image_1, max_megapixels=1.0, tiled="auto", **more):
         images = [image_1] + [more[slot] for slot in IMAGE_SLOTS[1:] if more.get(slot) is not None]
+        vae = klein_vae(vae)
         load_for_inference(vae, "vae")
         latents, _ = encode_references(vae, images, int(max_megapixels * DEFAULT_MAX_PIXELS), TILED[tiled])
         latents = [latent.cpu() for latent in latents]
@@ -169,7 +172,7 @@ class KleinVAEEncode:
     @classmethod
     def INPUT_TYPES(cls):
         return {
-            "required": {"vae": ("KLEIN_VAE", {"tooltip": "From Klein Load VAE."}),
+            "required": {"vae": VAE_INPUT,
                          "image": ("IMAGE", {"tooltip": "Images to encode."}),
                          "tiled": TILED_INPUT},
             "optional": {"mask": ("MASK", {"tooltip": "Inpainting mask, white = repaint (soft edges are kept)."})},
@@ -177,6 +180,7 @@ class KleinVAEEncode:
 
     def encode(self, vae, image, tiled="auto", mask=None):
         pixels, _ = prepare_batch(image)
+        vae = klein_vae(vae)
         load_for_inference(vae, "vae")
         device = next(vae.parameters()).device
         latent = {"samples": tiling.encode(vae, pixels.to(device), TILED[tiled]).cpu()}
@@ -200,11 +204,12 @@ class KleinVAEDecode:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"vae": ("KLEIN_VAE", {"tooltip": "From Klein Load VAE."}),
+        return {"required": {"vae": VAE_INPUT,
                              "latent": ("LATENT", {"tooltip": "From Klein Sampler."}),
                              "tiled": TILED_INPUT}}
 
     def decode(self, vae, latent, tiled="auto"):
+        vae = klein_vae(vae)
         load_for_inference(vae, "vae")
         return (decode_images(vae, latent["samples"], TILED[tiled]),)
 
@@ -221,9 +226,9 @@ class KleinGenerate:
         image = {"tooltip": "Optional reference image for editing or composition."}
         return {
             "required": {
-                "model": ("KLEIN_MODEL", {"tooltip": "From Klein Load Transformer."}),
+                "model": MODEL_INPUT,
                 "text_encoder": ("KLEIN_TEXT_ENCODER", {"tooltip": "From Klein Load Text Encoder."}),
-                "vae": ("KLEIN_VAE", {"tooltip": "From Klein Load VAE."}),
+                "vae": VAE_INPUT,
                 "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip": "What to make."}),
                 "negative_prompt": ("STRING", {"multiline": True, "default": "",
                                                "tooltip": "Used only when guidance > 1 (base models)."}),
@@ -238,6 +243,7 @@ class KleinGenerate:
 
     def generate(self, model, text_encoder, vae, prompt, negative_prompt="", width=1024, height=1024, aspect="custom",
                  megapixels=1.0, seed=0, steps=4, guidance=1.0, batch_size=1, max_tokens=0, **images):
+        model, vae = klein_transformer(model), klein_vae(vae)
         references = [images[slot] for slot in IMAGE_SLOTS if images.get(slot) is not None]
         width, height = output_size(width, height, aspect, megapixels)
         pipeline = KleinPipeline(model, text_encoder, vae)

@@ -5,7 +5,10 @@
 Builds a throwaway base folder (this pack under custom_nodes/, tiny models under the file names the workflows use,
 their input images), starts `main.py --cpu` on it, queues each API twin of example_workflows/api/ through
 POST /prompt, waits for /history and prints one row per workflow (status, seconds, images written, first error
-line). Exits non-zero when a workflow fails. The ComfyUI folder itself is not modified.
+line). On cores with native klein (0.9 and later) it also runs interop graphs, core's loaders and VAE nodes wired to
+Klein nodes both ways, on a small transformer that core can load (128-wide heads) and the full-size VAE, and checks
+that each gives the same image as the all-Klein graph. Exits non-zero when a graph fails or an image differs.
+The ComfyUI folder itself is not modified.
 """
 
 import json
@@ -50,7 +53,57 @@ def prepare(base):
     (base / "custom_nodes" / "ComfyUI-Flux2-Klein").symlink_to(ROOT)
     write_workflow_models(base)
     write_workflow_inputs(base / "input")
+    write_interop_models(base / "models")
     return base / "comfy" / "text_encoders" / "qwen25_tokenizer"
+
+
+def write_interop_models(models):
+    """A transformer core's detection accepts (heads of 128, mlp ratio 3) and the full-size FLUX.2 VAE."""
+    from klein_nodes.models.autoencoder import AutoEncoderParams
+    from klein_nodes.testing import TINY_TRANSFORMER, write_transformer, write_vae
+
+    params = TINY_TRANSFORMER.__class__(**{**TINY_TRANSFORMER.__dict__, "hidden_size": 256, "num_heads": 2,
+                                           "mlp_hidden_dim": 768, "axes_dim": (32, 32, 32, 32)})
+    write_transformer(models / "diffusion_models" / "klein-core-tiny.safetensors", params=params)
+    write_vae(models / "vae" / "flux2-vae-full.safetensors", params=AutoEncoderParams())
+
+
+def interop_graphs():
+    """{name: (graph, the name of the all-Klein graph it must match)}: core's MODEL and VAE into Klein nodes, and
+    Klein latents into core's VAE nodes (EmptyFlux2LatentImage, VAEEncode, VAEDecode)."""
+    def graph(model, decode, empty, image_to_latent=None):
+        nodes = {
+            "1": ("UNETLoader", {"unet_name": "klein-core-tiny.safetensors", "weight_dtype": "default"})
+            if model == "core" else ("KleinTransformerLoader", {"model_name": "klein-core-tiny.safetensors",
+                                                                 "weight_dtype": "default"}),
+            "2": ("KleinTextEncoderLoader", {"text_encoder_name": "qwen_3_4b.safetensors", "weight_dtype": "default"}),
+            "3": ("VAELoader", {"vae_name": "flux2-vae-full.safetensors"}),
+            "4": ("KleinVAELoader", {"vae_name": "flux2-vae-full.safetensors", "weight_dtype": "default"}),
+            "5": ("KleinTextEncode", {"text_encoder": ["2", 0], "text": "a red fox in the snow"}),
+            "6": ("EmptyFlux2LatentImage", {"width": 64, "height": 48, "batch_size": 1}) if empty == "core"
+            else ("KleinEmptyLatent", {"width": 64, "height": 48, "aspect": "custom", "megapixels": 1.0, "batch_size": 1}),
+            "7": ("KleinSampler", {"model": ["1", 0], "positive": ["5", 0], "latent": ["6", 0], "seed": 7, "steps": 2,
+                                   "guidance": 1.0, "denoise": 1.0}),
+            "8": ("VAEDecode", {"vae": ["3", 0], "samples": ["7", 0]}) if decode == "core"
+            else ("KleinVAEDecode", {"vae": ["3" if decode == "klein_on_core" else "4", 0], "latent": ["7", 0],
+                                     "tiled": "disable"}),
+            "9": ("SaveImage", {"images": ["8", 0], "filename_prefix": "interop"}),
+        }
+        if image_to_latent:  # img2img from an encoded input: core's VAEEncode or ours
+            nodes["10"] = ("LoadImage", {"image": "reference_1.png"})
+            nodes["11"] = ("VAEEncode", {"vae": ["3", 0], "pixels": ["10", 0]}) if image_to_latent == "core" \
+                else ("KleinVAEEncode", {"vae": ["4", 0], "image": ["10", 0], "tiled": "disable"})
+            nodes["7"][1].update(latent=["11", 0], denoise=0.6)
+        return {key: {"class_type": kind, "inputs": inputs} for key, (kind, inputs) in nodes.items()}
+
+    return {
+        "interop_all_klein": (graph("klein", "klein", "klein"), None),
+        "interop_core_model_and_latent": (graph("core", "klein", "core"), "interop_all_klein"),
+        "interop_core_vae_in_klein_decode": (graph("klein", "klein_on_core", "klein"), "interop_all_klein"),
+        "interop_core_decode_of_klein_latent": (graph("klein", "core", "klein"), "interop_all_klein"),
+        "interop_img2img_all_klein": (graph("klein", "klein", "klein", "klein"), None),
+        "interop_img2img_core_encode": (graph("core", "core", "klein", "core"), "interop_img2img_all_klein"),
+    }
 
 
 def start(core, base, tokenizer, log):
@@ -73,23 +126,32 @@ def start(core, base, tokenizer, log):
 
 
 def run(url, graph, timeout=900):
-    """(status, seconds, images, message) of one queued graph."""
+    """(status, seconds, [saved image file names], message) of one queued graph."""
     began = time.monotonic()
     try:
         prompt_id = request(f"{url}/prompt", {"prompt": graph, "client_id": "klein-check"})["prompt_id"]
     except urllib.error.HTTPError as e:
-        return "refused", 0.0, 0, json.loads(e.read()).get("error", {}).get("message", str(e))
+        return "refused", 0.0, [], json.dumps(json.loads(e.read()))[:300]
     while time.monotonic() - began < timeout:
         history = request(f"{url}/history/{prompt_id}").get(prompt_id)
         if history and history.get("status", {}).get("completed") is not None:
             status = history["status"]
             seconds = time.monotonic() - began
-            images = sum(len(out.get("images", [])) for out in history.get("outputs", {}).values())
+            images = [image["filename"] for out in history.get("outputs", {}).values() for image in out.get("images", [])
+                      if image.get("type") == "output"]
             errors = [m[1] for m in status.get("messages", []) if m[0] == "execution_error"]
             message = errors[0].get("exception_message", "").strip().splitlines()[0] if errors else ""
             return status.get("status_str", "?"), seconds, images, message
         time.sleep(0.25)
-    return "timeout", time.monotonic() - began, 0, ""
+    return "timeout", time.monotonic() - began, [], ""
+
+
+def max_difference(folder, first, second):
+    import numpy as np
+    from PIL import Image
+
+    a, b = (np.asarray(Image.open(folder / name).convert("RGB"), dtype=np.int16) for name in (first, second))
+    return float(np.abs(a - b).max()) if a.shape == b.shape else float("inf")
 
 
 def main():
@@ -106,11 +168,23 @@ def main():
             server, url = start(core, base, tokenizer, log)
             try:
                 print(f"ComfyUI {version} ({core}), CPU; server log: {base / 'server.log'}")
-                print(f"{'workflow':36} {'status':8} {'seconds':>7} {'images':>6}  error")
-                for path in sorted((ROOT / "example_workflows" / "api").glob("*.json")):
-                    status, seconds, images, message = run(url, json.loads(path.read_text()))
+                print(f"{'graph':38} {'status':8} {'seconds':>7} {'images':>6} {'vs twin':>8}  error")
+                graphs = {path.stem: (json.loads(path.read_text()), None)
+                          for path in sorted((ROOT / "example_workflows" / "api").glob("*.json"))}
+                if "EmptyFlux2LatentImage" in (core / "comfy_extras" / "nodes_flux.py").read_text():
+                    graphs.update(interop_graphs())
+                saved = {}
+                for name, (graph, twin) in graphs.items():
+                    status, seconds, saved[name], message = run(url, graph)
+                    difference = ""
+                    if twin and saved[name] and saved.get(twin):
+                        worst = max_difference(base / "output", saved[name][0], saved[twin][0])
+                        difference = f"{worst:.0f}/255"
+                        if worst > 1:
+                            status, message = "differs", message or f"its image differs from {twin}'s"
                     failed += status != "success"
-                    print(f"{path.stem:36} {status:8} {seconds:7.1f} {images:6d}  {message}", flush=True)
+                    print(f"{name:38} {status:8} {seconds:7.1f} {len(saved[name]):6d} {difference:>8}  {message}",
+                          flush=True)
             finally:
                 server.terminate()
                 server.wait(30)
