@@ -9,12 +9,11 @@ load (most modules left offloaded), a full load, and that the outputs stay ident
 Prints one line per check and exits non-zero on the first failure. tests/test_comfyui_core.py runs it.
 """
 
-import importlib.util
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from comfyui_workflows import import_pack  # this folder is on sys.path when run as a script
 
 
 def import_core(folder):
@@ -26,15 +25,6 @@ def import_core(folder):
     import comfy.model_patcher
 
     return comfy.model_patcher
-
-
-def import_pack():
-    spec = importlib.util.spec_from_file_location("klein_nodes", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["klein_nodes"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_models(kn, folder):

@@ -34,11 +34,12 @@ def free_port():
 def request(url, payload=None):
     data = None if payload is None else json.dumps(payload).encode()
     with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=30) as response:
-        return json.loads(response.read())
+        body = response.read()
+    return json.loads(body) if body else {}
 
 
-def prepare(base):
-    """custom_nodes/<pack>, models/, input/ and the tiny tokenizer under `base`."""
+def import_pack():
+    """This checkout as `klein_nodes`, whatever its folder is called."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("klein_nodes", ROOT / "__init__.py",
@@ -46,11 +47,22 @@ def prepare(base):
     pack = importlib.util.module_from_spec(spec)
     sys.modules["klein_nodes"] = pack
     spec.loader.exec_module(pack)
+    return pack
+
+
+def base_folder(base):
+    """A ComfyUI base directory with this pack as a custom node."""
+    for folder in ("custom_nodes", "user", "output", "input"):
+        (base / folder).mkdir(parents=True, exist_ok=True)
+    (base / "custom_nodes" / "ComfyUI-Flux2-Klein").symlink_to(ROOT)
+
+
+def prepare(base):
+    """custom_nodes/<pack>, models/, input/ and the tiny tokenizer under `base`."""
+    import_pack()
     from klein_nodes.testing import write_workflow_inputs, write_workflow_models
 
-    for folder in ("custom_nodes", "user", "output"):
-        (base / folder).mkdir(parents=True)
-    (base / "custom_nodes" / "ComfyUI-Flux2-Klein").symlink_to(ROOT)
+    base_folder(base)
     write_workflow_models(base)
     write_workflow_inputs(base / "input")
     write_interop_models(base / "models")
@@ -107,8 +119,10 @@ def interop_graphs():
 
 
 def start(core, base, tokenizer, log):
+    """Start `main.py --cpu` on `base`; (process, url) once it answers. `tokenizer`: KLEIN_TOKENIZER, or None for
+    ComfyUI's bundled one."""
     port = free_port()
-    env = {**os.environ, "KLEIN_TOKENIZER": str(tokenizer)}
+    env = {**os.environ, **({"KLEIN_TOKENIZER": str(tokenizer)} if tokenizer else {})}
     server = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                                "--base-directory", str(base), "--disable-auto-launch"],
                               cwd=core, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -1,0 +1,140 @@
+"""Native ComfyUI klein vs this pack, side by side in one real ComfyUI server on the same files (CPU).
+
+    /path/to/ComfyUI/venv/bin/python bench/native_vs_pack.py /path/to/ComfyUI [--models DIR] [--blocks 1]
+        [--qwen-layers 27] [--size 512]
+
+Random weights at klein 4B's real widths (transformer 3072 wide with `--blocks` double and single blocks, Qwen3-4B
+with `--qwen-layers` layers, the full FLUX.2 VAE), written once into `--models` (default: a temporary folder).
+Each side runs ComfyUI's official distilled text-to-image template (native) or the pack's equivalent graph three
+times: cold (models loaded by the graph), warm (a new seed) and with a new prompt. Before each side the server
+unloads every model and the peak RSS counter of the server process is reset, so each peak is that side's own.
+A third side runs the pack with fp32 weights, the precision native ComfyUI uses on a CPU, to compare images at
+matched precision. Prints a table and the pack/native ratios.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import comfyui_workflows as server  # noqa: E402
+
+PROMPTS = ("A hedgehog wearing a tiny party hat surrounded by confetti",
+           "A lighthouse on a cliff at dusk, long exposure, waves crashing below")
+TEMPLATE = Path(__file__).resolve().parents[2] / "shared/reference/comfy_klein_templates/klein4b_distilled_t2i_api.json"
+FILES = {"transformer": "klein-bench.safetensors", "text_encoder": "qwen-bench.safetensors", "vae": "flux2-vae.safetensors"}
+
+
+def write_models(models, blocks, qwen_layers):
+    import torch
+
+    from klein_nodes.models.autoencoder import AutoEncoderParams
+    from klein_nodes.models.text_encoder import Qwen3Params
+    from klein_nodes.models.transformer import Flux2Params
+    from klein_nodes.testing import write_text_encoder, write_transformer, write_vae
+
+    paths = {"transformer": models / "diffusion_models", "text_encoder": models / "text_encoders", "vae": models / "vae"}
+    paths = {kind: folder / FILES[kind] for kind, folder in paths.items()}
+    if not paths["transformer"].exists():
+        write_transformer(paths["transformer"], Flux2Params(depth=blocks, depth_single_blocks=blocks))
+    if not paths["text_encoder"].exists():
+        write_text_encoder(paths["text_encoder"], Qwen3Params(num_layers=qwen_layers), dtype=torch.bfloat16)
+    if not paths["vae"].exists():
+        write_vae(paths["vae"], AutoEncoderParams(), dtype=torch.bfloat16)
+
+
+def native_graph(size, seed, prompt):
+    graph = json.loads(TEMPLATE.read_text())
+    graph["1"]["inputs"]["unet_name"] = FILES["transformer"]
+    graph["2"]["inputs"]["clip_name"] = FILES["text_encoder"]
+    graph["3"]["inputs"]["vae_name"] = FILES["vae"]
+    graph["4"]["inputs"]["text"] = prompt
+    graph["9"]["inputs"]["noise_seed"] = seed
+    for node in ("8", "10"):
+        graph[node]["inputs"].update(width=size, height=size)
+    return graph
+
+
+def pack_graph(size, seed, prompt, dtype="default"):
+    nodes = {
+        "1": ("KleinTransformerLoader", {"model_name": FILES["transformer"], "weight_dtype": dtype}),
+        "2": ("KleinTextEncoderLoader", {"text_encoder_name": FILES["text_encoder"], "weight_dtype": dtype}),
+        "3": ("KleinVAELoader", {"vae_name": FILES["vae"], "weight_dtype": dtype}),
+        "4": ("KleinTextEncode", {"text_encoder": ["2", 0], "text": prompt}),
+        "5": ("KleinEmptyLatent", {"width": size, "height": size, "aspect": "custom", "megapixels": 1.0,
+                                   "batch_size": 1}),
+        "6": ("KleinSampler", {"model": ["1", 0], "positive": ["4", 0], "latent": ["5", 0], "seed": seed, "steps": 4,
+                               "guidance": 1.0, "denoise": 1.0}),
+        "7": ("KleinVAEDecode", {"vae": ["3", 0], "latent": ["6", 0], "tiled": "disable"}),
+        "8": ("SaveImage", {"images": ["7", 0], "filename_prefix": f"pack-{dtype}"}),
+    }
+    return {key: {"class_type": kind, "inputs": inputs} for key, (kind, inputs) in nodes.items()}
+
+
+def peak_rss_gb(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def run_side(url, pid, make_graph, size):
+    """Cold, warm (new seed), new prompt: [(status, seconds, files)], peak RSS in GB."""
+    server.request(f"{url}/free", {"unload_models": True, "free_memory": True})
+    time.sleep(2)
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    runs = [server.run(url, make_graph(size, seed, prompt), timeout=3600)
+            for seed, prompt in ((0, PROMPTS[0]), (1, PROMPTS[0]), (0, PROMPTS[1]))]
+    return runs, peak_rss_gb(pid)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("comfyui", type=Path)
+    parser.add_argument("--models", type=Path, help="where the random models are written once and reused")
+    parser.add_argument("--blocks", type=int, default=1, help="double and single transformer blocks (klein 4B: 5, 20)")
+    parser.add_argument("--qwen-layers", type=int, default=27)
+    parser.add_argument("--size", type=int, default=512)
+    args = parser.parse_args()
+    server.import_pack()
+    base = Path(tempfile.mkdtemp(prefix="klein-native-"))
+    server.base_folder(base)
+    models = (args.models or base / "models").resolve()
+    write_models(models, args.blocks, args.qwen_layers)
+    if args.models:
+        (base / "models").symlink_to(models)
+    sides = {"native": native_graph, "pack": pack_graph,
+             "pack fp32": lambda size, seed, prompt: pack_graph(size, seed, prompt, "fp32")}
+    results = {}
+    with open(base / "server.log", "w") as log:
+        process, url = server.start(args.comfyui.resolve(), base, None, log)  # ComfyUI's own Qwen tokenizer
+        try:
+            for name, make_graph in sides.items():
+                results[name] = run_side(url, process.pid, make_graph, args.size)
+                print(f"{name}: {[r[:2] for r in results[name][0]]}, peak {results[name][1]:.2f} GB", flush=True)
+        finally:
+            process.terminate()
+            process.wait(30)
+    version = (args.comfyui / "comfyui_version.py").read_text().split('"')[1]
+    print(f"\nComfyUI {version}, CPU, {args.size}x{args.size}, 4 steps; transformer 3072 wide, {args.blocks}+"
+          f"{args.blocks} blocks; Qwen3-4B widths, {args.qwen_layers} layers; full VAE; server log {base / 'server.log'}")
+    print(f"{'side':10} {'cold s':>8} {'warm s':>8} {'new prompt s':>13} {'peak RSS GB':>12}")
+    for name, (runs, peak) in results.items():
+        failed = [r for r in runs if r[0] != "success"]
+        if failed:
+            sys.exit(f"{name}: {failed[0][0]}: {failed[0][3]}")
+        print(f"{name:10} {runs[0][1]:8.1f} {runs[1][1]:8.1f} {runs[2][1]:13.1f} {peak:12.2f}")
+    native, pack = results["native"], results["pack"]
+    print("pack/native: " + ", ".join(f"{label} {pack[0][i][1] / native[0][i][1]:.2f}x"
+                                      for i, label in enumerate(("cold", "warm", "new prompt")))
+          + f", peak RSS {pack[1] / native[1]:.2f}x")
+    for name in ("pack", "pack fp32"):
+        worst = server.max_difference(base / "output", results[name][0][0][2][0], native[0][0][2][0])
+        print(f"same seed and prompt, {name} vs native: max pixel difference {worst:.0f}/255")
+
+
+if __name__ == "__main__":
+    main()
