@@ -1,7 +1,7 @@
 """Native ComfyUI klein vs this pack, side by side in one real ComfyUI server on the same files (CPU).
 
     /path/to/ComfyUI/venv/bin/python bench/native_vs_pack.py /path/to/ComfyUI [--models DIR] [--blocks 1]
-        [--qwen-layers 27] [--size 512]
+        [--qwen-layers 36] [--size 512]
 
 Random weights at klein 4B's real widths (transformer 3072 wide with `--blocks` double and single blocks, Qwen3-4B
 with `--qwen-layers` layers, the full FLUX.2 VAE), written once into `--models` (default: a temporary folder).
@@ -9,7 +9,9 @@ Each side runs ComfyUI's official distilled text-to-image template (native) or t
 times: cold (models loaded by the graph), warm (a new seed) and with a new prompt. Before each side the server
 unloads every model and the peak RSS counter of the server process is reset, so each peak is that side's own.
 A third side runs the pack with fp32 weights, the precision native ComfyUI uses on a CPU, to compare images at
-matched precision. Prints a table and the pack/native ratios.
+matched precision. Then both run once more (cold only) on fp8 files our quantizer wrote from the same transformer
+and text encoder: each side's fp8 image is compared with its own bf16 image, so native's reading of our fp8 files
+is measured against ours. Prints a table and the pack/native ratios.
 """
 
 import argparse
@@ -26,6 +28,7 @@ PROMPTS = ("A hedgehog wearing a tiny party hat surrounded by confetti",
            "A lighthouse on a cliff at dusk, long exposure, waves crashing below")
 TEMPLATE = Path(__file__).resolve().parents[2] / "shared/reference/comfy_klein_templates/klein4b_distilled_t2i_api.json"
 FILES = {"transformer": "klein-bench.safetensors", "text_encoder": "qwen-bench.safetensors", "vae": "flux2-vae.safetensors"}
+FP8_FILES = {**FILES, "transformer": "klein-bench-fp8.safetensors", "text_encoder": "qwen-bench-fp8.safetensors"}
 
 
 def write_models(models, blocks, qwen_layers):
@@ -34,6 +37,7 @@ def write_models(models, blocks, qwen_layers):
     from klein_nodes.models.autoencoder import AutoEncoderParams
     from klein_nodes.models.text_encoder import Qwen3Params
     from klein_nodes.models.transformer import Flux2Params
+    from klein_nodes.quant.convert import quantize_file
     from klein_nodes.testing import write_text_encoder, write_transformer, write_vae
 
     paths = {"transformer": models / "diffusion_models", "text_encoder": models / "text_encoders", "vae": models / "vae"}
@@ -44,13 +48,17 @@ def write_models(models, blocks, qwen_layers):
         write_text_encoder(paths["text_encoder"], Qwen3Params(num_layers=qwen_layers), dtype=torch.bfloat16)
     if not paths["vae"].exists():
         write_vae(paths["vae"], AutoEncoderParams(), dtype=torch.bfloat16)
+    for kind in ("transformer", "text_encoder"):
+        fp8 = paths[kind].with_name(FP8_FILES[kind])
+        if not fp8.exists():
+            quantize_file(paths[kind], fp8, "fp8")
 
 
-def native_graph(size, seed, prompt):
+def native_graph(size, seed, prompt, files=FILES):
     graph = json.loads(TEMPLATE.read_text())
-    graph["1"]["inputs"]["unet_name"] = FILES["transformer"]
-    graph["2"]["inputs"]["clip_name"] = FILES["text_encoder"]
-    graph["3"]["inputs"]["vae_name"] = FILES["vae"]
+    graph["1"]["inputs"]["unet_name"] = files["transformer"]
+    graph["2"]["inputs"]["clip_name"] = files["text_encoder"]
+    graph["3"]["inputs"]["vae_name"] = files["vae"]
     graph["4"]["inputs"]["text"] = prompt
     graph["9"]["inputs"]["noise_seed"] = seed
     for node in ("8", "10"):
@@ -58,11 +66,11 @@ def native_graph(size, seed, prompt):
     return graph
 
 
-def pack_graph(size, seed, prompt, dtype="default"):
+def pack_graph(size, seed, prompt, dtype="default", files=FILES):
     nodes = {
-        "1": ("KleinTransformerLoader", {"model_name": FILES["transformer"], "weight_dtype": dtype}),
-        "2": ("KleinTextEncoderLoader", {"text_encoder_name": FILES["text_encoder"], "weight_dtype": dtype}),
-        "3": ("KleinVAELoader", {"vae_name": FILES["vae"], "weight_dtype": dtype}),
+        "1": ("KleinTransformerLoader", {"model_name": files["transformer"], "weight_dtype": dtype}),
+        "2": ("KleinTextEncoderLoader", {"text_encoder_name": files["text_encoder"], "weight_dtype": dtype}),
+        "3": ("KleinVAELoader", {"vae_name": files["vae"], "weight_dtype": dtype}),
         "4": ("KleinTextEncode", {"text_encoder": ["2", 0], "text": prompt}),
         "5": ("KleinEmptyLatent", {"width": size, "height": size, "aspect": "custom", "megapixels": 1.0,
                                    "batch_size": 1}),
@@ -81,14 +89,16 @@ def peak_rss_gb(pid):
     return float("nan")
 
 
-def run_side(url, pid, make_graph, size):
-    """Cold, warm (new seed), new prompt: [(status, seconds, files)], peak RSS in GB."""
+RUNS = ((0, PROMPTS[0]), (1, PROMPTS[0]), (0, PROMPTS[1]))  # cold, warm (new seed), new prompt
+
+
+def run_side(url, pid, make_graph, size, runs=RUNS):
+    """[(status, seconds, files)] per run, and the side's peak RSS in GB."""
     server.request(f"{url}/free", {"unload_models": True, "free_memory": True})
     time.sleep(2)
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    runs = [server.run(url, make_graph(size, seed, prompt), timeout=3600)
-            for seed, prompt in ((0, PROMPTS[0]), (1, PROMPTS[0]), (0, PROMPTS[1]))]
-    return runs, peak_rss_gb(pid)
+    results = [server.run(url, make_graph(size, seed, prompt), timeout=3600) for seed, prompt in runs]
+    return results, peak_rss_gb(pid)
 
 
 def main():
@@ -96,7 +106,7 @@ def main():
     parser.add_argument("comfyui", type=Path)
     parser.add_argument("--models", type=Path, help="where the random models are written once and reused")
     parser.add_argument("--blocks", type=int, default=1, help="double and single transformer blocks (klein 4B: 5, 20)")
-    parser.add_argument("--qwen-layers", type=int, default=27)
+    parser.add_argument("--qwen-layers", type=int, default=36, help="Qwen3-4B has 36; the pack reads 27")
     parser.add_argument("--size", type=int, default=512)
     args = parser.parse_args()
     server.import_pack()
@@ -115,6 +125,10 @@ def main():
             for name, make_graph in sides.items():
                 results[name] = run_side(url, process.pid, make_graph, args.size)
                 print(f"{name}: {[r[:2] for r in results[name][0]]}, peak {results[name][1]:.2f} GB", flush=True)
+            fp8 = {"native fp8": lambda size, seed, prompt: native_graph(size, seed, prompt, FP8_FILES),
+                   "pack fp8": lambda size, seed, prompt: pack_graph(size, seed, prompt, files=FP8_FILES)}
+            for name, make_graph in fp8.items():
+                results[name] = run_side(url, process.pid, make_graph, args.size, RUNS[:1])
         finally:
             process.terminate()
             process.wait(30)
@@ -126,14 +140,16 @@ def main():
         failed = [r for r in runs if r[0] != "success"]
         if failed:
             sys.exit(f"{name}: {failed[0][0]}: {failed[0][3]}")
-        print(f"{name:10} {runs[0][1]:8.1f} {runs[1][1]:8.1f} {runs[2][1]:13.1f} {peak:12.2f}")
+        seconds = [f"{run[1]:.1f}" for run in runs] + ["-"] * (len(RUNS) - len(runs))
+        print(f"{name:10} {seconds[0]:>8} {seconds[1]:>8} {seconds[2]:>13} {peak:12.2f}")
     native, pack = results["native"], results["pack"]
     print("pack/native: " + ", ".join(f"{label} {pack[0][i][1] / native[0][i][1]:.2f}x"
                                       for i, label in enumerate(("cold", "warm", "new prompt")))
           + f", peak RSS {pack[1] / native[1]:.2f}x")
-    for name in ("pack", "pack fp32"):
-        worst = server.max_difference(base / "output", results[name][0][0][2][0], native[0][0][2][0])
-        print(f"same seed and prompt, {name} vs native: max pixel difference {worst:.0f}/255")
+    first_image = {name: runs[0][2][0] for name, (runs, _) in results.items()}
+    for name, other in (("pack", "native"), ("pack fp32", "native"), ("native fp8", "native"), ("pack fp8", "pack")):
+        worst = server.max_difference(base / "output", first_image[name], first_image[other])
+        print(f"same seed and prompt, {name} vs {other}: max pixel difference {worst:.0f}/255")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import KleinError
 from .adapters import Linear, adapting, release_adapters
 from .offload import Offloadable, compute_device, weights_on
 
@@ -183,6 +184,8 @@ class KleinTextEncoder:
         """Tokens per embedding: `max_length`, or with None (every token kept, as ComfyUI does) 512 or the longest
         prompt's length, whichever is more."""
         if max_length is not None:
+            if not isinstance(max_length, int) or max_length < 1:
+                raise KleinError(f"max_length must be a positive number of tokens or None (every token), not {max_length!r}")
             return max_length
         return max([MIN_TOKENS] + [len(self.tokenize(p, None)[0]) for p in prompts])
 

@@ -9,6 +9,7 @@ MAX_TOKENS_INPUT = ("INT", {"default": 0, "min": 0, "max": 32768, "step": 1, "ad
 
 
 def max_length(max_tokens):
+    """The max_tokens widget as encode()'s max_length: 0 keeps every token."""
     return max_tokens or None
 
 

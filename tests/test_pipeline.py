@@ -175,3 +175,21 @@ def test_memory_plans_give_the_same_images(repo, ours, memory):
 def test_unknown_memory_mode(ours):
     with pytest.raises(kn.KleinError, match="memory must be"):
         kn.KleinPipeline(ours.transformer, memory="sometimes")
+
+
+def test_long_prompt_keeping_every_token_matches_diffusers_at_that_length(repo, ours):
+    """max_sequence_length=None (ComfyUI's behaviour) runs the transformer on every prompt token: the same image as
+    diffusers given that many tokens, with guidance (negative "" padded to 512) too."""
+    prompt = " ".join(f"word{i % 37} and more" for i in range(300))
+    tokens = len(transformers.Qwen2Tokenizer.from_pretrained(str(repo / "tokenizer"))(
+        kn.models.text_encoder.KLEIN_TEMPLATE.format(prompt))["input_ids"])
+    assert tokens > 512
+    latents = torch.randn(1, 128, 8, 8, generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        expected = reference_pipeline(repo, True)(prompt=prompt, height=32, width=32, num_inference_steps=2,
+                                                  latents=latents, output_type="pt", max_sequence_length=tokens,
+                                                  text_encoder_out_layers=LAYERS).images
+    got = ours(prompt, width=32, height=32, steps=2, noise=latents, max_sequence_length=None)
+    assert (got.permute(0, 3, 1, 2) - expected).abs().max() <= 1e-4
+    cfg = ours(prompt, width=32, height=32, steps=1, guidance=2.0, noise=latents, max_sequence_length=None)
+    assert cfg.shape == (1, 32, 32, 3) and torch.isfinite(cfg).all()  # positive > 512 tokens, negative 512

@@ -258,3 +258,5 @@ def test_text_encode_node_keeps_every_token_unless_told(files):
         ((cut, _),), = node.encode(te, long_prompt(300), max_tokens=512)
     assert kept.shape[1] > 512 and cut.shape[1] == 512
     assert (kept[:, :512] - cut).abs().max() <= 1e-5  # the same tokens up to the cut
+    with pytest.raises(kn.KleinError, match="max_length must be a positive number of tokens or None"):
+        node.encode(te, "a cat", max_tokens=-1)

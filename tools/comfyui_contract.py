@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from comfyui_workflows import import_pack  # this folder is on sys.path when run as a script
+from comfyui_workflows import has_native_klein, import_pack  # this folder is on sys.path when run as a script
 
 
 def import_core(folder):
@@ -98,15 +98,58 @@ def check_dynamic_vram(model_patcher):
           "core's cast_bias_weight/uncast_bias_weight serve our streamed layers")
 
 
+def check_native_fp8(kn, folder):
+    """Cores with native klein read our fp8 files as we do: core's own loader on our quantizer's fp8 output gives
+    core's bf16 result within fp8's own error (ours, measured the same way); without the comfy_quant markers core
+    would apply no scales."""
+    import comfy.sd
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from klein_nodes.quant.convert import quantize_file
+    from klein_nodes.testing import TINY_TRANSFORMER, sample_forward, write_transformer
+
+    params = TINY_TRANSFORMER.__class__(**{**TINY_TRANSFORMER.__dict__, "hidden_size": 256, "num_heads": 2,
+                                           "mlp_hidden_dim": 768, "axes_dim": (32, 32, 32, 32)})
+    source, _ = write_transformer(folder / "core-klein.safetensors", params=params, dtype=torch.float32, seed=4)
+    quantize_file(source, folder / "core-klein-fp8.safetensors", "fp8")
+    unmarked = {k: v for k, v in load_file(str(folder / "core-klein-fp8.safetensors")).items()
+                if not k.endswith(".comfy_quant")}
+    save_file(unmarked, str(folder / "core-klein-fp8-unmarked.safetensors"))
+    generator = torch.Generator().manual_seed(0)
+    x, context = torch.randn(1, 128, 4, 4, generator=generator), torch.randn(1, 8, 96, generator=generator)
+
+    def core_output(name):
+        model = comfy.sd.load_diffusion_model(str(folder / name)).model.diffusion_model.float()
+        with torch.inference_mode():
+            return model(x, torch.tensor([0.5]), context).float()
+
+    def error(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    reference = core_output("core-klein.safetensors")
+    native = error(core_output("core-klein-fp8.safetensors"), reference)
+    without_markers = error(core_output("core-klein-fp8-unmarked.safetensors"), reference)
+    ours = error(*(sample_forward(kn.load_transformer(folder / name, dtype=torch.float32))
+                   for name in ("core-klein-fp8.safetensors", "core-klein.safetensors")))
+    assert native <= max(2 * ours, 0.01), f"core reads our fp8 file with {native:.1%} error (ours: {ours:.1%})"
+    assert without_markers > 10 * native, "the check cannot tell markers from none"
+    print(f"ok  our fp8 file in core's own loader: {native:.2%} from core's bf16 result (ours: {ours:.2%}; "
+          f"without the markers core would be off by {without_markers:.0%})")
+
+
 def main():
     if len(sys.argv) != 2:
         sys.exit(__doc__)
-    model_patcher = import_core(Path(sys.argv[1]).resolve())
+    core = Path(sys.argv[1]).resolve()
+    model_patcher = import_core(core)
     kn = import_pack()
     with tempfile.TemporaryDirectory() as folder:
         for name, model, forward in tiny_models(kn, Path(folder)):
             check(model_patcher, name, model, forward)
-    check_dynamic_vram(model_patcher)
+        check_dynamic_vram(model_patcher)
+        if has_native_klein(core):
+            check_native_fp8(kn, Path(folder))
 
 
 if __name__ == "__main__":

@@ -160,6 +160,12 @@ def run(url, graph, timeout=900):
     return "timeout", time.monotonic() - began, [], ""
 
 
+def has_native_klein(core):
+    """Core runs klein itself (ComfyUI 0.9 and later)."""
+    nodes = core / "comfy_extras" / "nodes_flux.py"
+    return nodes.exists() and "EmptyFlux2LatentImage" in nodes.read_text()
+
+
 def max_difference(folder, first, second):
     import numpy as np
     from PIL import Image
@@ -185,7 +191,7 @@ def main():
                 print(f"{'graph':38} {'status':8} {'seconds':>7} {'images':>6} {'vs twin':>8}  error")
                 graphs = {path.stem: (json.loads(path.read_text()), None)
                           for path in sorted((ROOT / "example_workflows" / "api").glob("*.json"))}
-                if "EmptyFlux2LatentImage" in (core / "comfy_extras" / "nodes_flux.py").read_text():
+                if has_native_klein(core):
                     graphs.update(interop_graphs())
                 saved = {}
                 for name, (graph, twin) in graphs.items():
