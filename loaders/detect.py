@@ -74,14 +74,13 @@ def describe_file(path):
 
 def describe_gguf(path):
     try:
-        import gguf
+        from .gguf import GGUFFile
     except ImportError:
         return ModelKind("unknown", "gguf", "a GGUF file (install the `gguf` package to inspect it)")
-    reader = gguf.GGUFReader(path)
-    field = reader.fields.get("general.architecture")
-    arch = bytes(field.parts[field.data[0]]).decode() if field else ""
-    if arch.startswith("qwen3"):
-        width = next((int(t.shape[0]) for t in reader.tensors if t.name == "blk.0.attn_norm.weight"), 0)
+    file = GGUFFile(path)
+    arch = file.field("general.architecture", "")
+    if isinstance(arch, str) and arch.startswith("qwen3"):
+        width = file.tensors.get("blk.0.attn_norm.weight", (None, (0,)))[1][0]
         return ModelKind("text_encoder", "qwen3", QWEN3_SIZES.get(width, "Qwen3") + " text encoder (GGUF)", "gguf")
-    kind = identify({t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors})
+    kind = identify({name: shape for name, (_, shape, _) in file.tensors.items()})
     return ModelKind(kind.kind, kind.family, kind.description + " (GGUF)", "gguf")

@@ -11,6 +11,7 @@ from ..quant.dequant import dequantize, type_name
 from ..quant.linear import QuantizedEmbedding, QuantizedLinear, replace_module
 from .checkpoint import MODEL_PREFIXES, check_state_dict, strip_prefix
 from .detect import identify
+from .gguf_header import check_gguf_header
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 TRANSFORMER_ARCHS = ("flux", "")  # ComfyUI-GGUF writes "flux"; stable-diffusion.cpp writes none
@@ -56,10 +57,12 @@ class GGUFFile:
         import gguf
 
         self.path = str(path)
+        check_gguf_header(self.path)
         try:
             self.reader = gguf.GGUFReader(self.path, "c")
-        except (ValueError, OSError, IndexError, KeyError) as e:
-            raise CheckpointError(f"{path}: not a readable GGUF file ({e}); it may be truncated or damaged.") from None
+        except Exception as e:  # noqa: BLE001 (gguf-py's own parser: any failure means a damaged file)
+            raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); it may be truncated "
+                                  "or damaged.") from None
         self.tensors = {}
         for tensor in self.reader.tensors:
             name = getattr(tensor.tensor_type, "name", str(tensor.tensor_type))
