@@ -80,13 +80,17 @@ class SafetensorsFile:
             header = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{self.path}: not a safetensors file: its header is not valid JSON ({e}).") from None
+        except RecursionError:
+            raise CheckpointError(f"{self.path}: not a safetensors file: its header nests JSON too deeply.") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: not a safetensors file: its header is not a JSON object.")
         self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict) or not all(isinstance(v, str) for v in self.metadata.values()):
+            raise CheckpointError(f"{self.path}: malformed safetensors header: __metadata__ must map names to strings.")
         self.data_start = 8 + header_len
         self.data_size = size - self.data_start
         self.entries = {name: self._check_entry(name, entry) for name, entry in header.items()}
-        self._check_overlaps()
+        self._check_layout()
         self._buffer = None
 
     def _check_entry(self, name, entry):
@@ -94,7 +98,7 @@ class SafetensorsFile:
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
             raise CheckpointError(f"{where}: malformed header entry {entry!r}.")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise CheckpointError(f"{where}: unsupported dtype {dtype!r} (supported: {', '.join(DTYPES)}).")
         ok_ints = lambda xs: isinstance(xs, list) and all(isinstance(v, int) and v >= 0 for v in xs)  # noqa: E731
         if not ok_ints(shape) or not ok_ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
@@ -113,11 +117,19 @@ class SafetensorsFile:
             )
         return dtype, tuple(shape), begin, end
 
-    def _check_overlaps(self):
+    def _check_layout(self):
+        """Tensors may not overlap, and the data must end where the last tensor ends, as the safetensors format
+        requires: a header length a few bytes off would otherwise shift every tensor by that much."""
         spans = sorted((b, e, n) for n, (_, _, b, e) in self.entries.items() if e > b)
         for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
             if b1 < e0:
                 raise CheckpointError(f"{self.path}: the header lies: tensors '{n0}' and '{n1}' overlap in the file.")
+        end = max((e for _, e, _ in spans), default=0)
+        if end != self.data_size:
+            raise CheckpointError(
+                f"{self.path}: not a valid safetensors file: its tensors end {self.data_size - end} bytes before the "
+                f"file does (the header length or an offset is wrong, or data was appended)."
+            )
 
     def keys(self):
         return self.entries.keys()

@@ -208,3 +208,36 @@ def test_diffusers_folder_with_missing_shard(tmp_path):
 def test_folder_without_weights(tmp_path):
     (tmp_path / "transformer").mkdir()
     expect_error(tmp_path, kn.CheckpointError, "no diffusion_pytorch_model.safetensors")
+
+
+def test_header_length_a_few_bytes_short_is_refused(good_file):
+    """A length that cuts only the header's padding still parses; every tensor would then be read shifted."""
+    raw = good_file.read_bytes()
+    length = struct.unpack("<Q", raw[:8])[0]
+    header = raw[8: 8 + length]
+    padded = header.rstrip() + b" " * 7
+    good_file.write_bytes(struct.pack("<Q", len(padded) - 5) + padded + raw[8 + length:])
+    expect_error(good_file, kn.CheckpointError, "its tensors end 5 bytes before the file does")
+
+
+def test_appended_bytes_are_refused(good_file):
+    good_file.write_bytes(good_file.read_bytes() + b"\0" * 16)
+    expect_error(good_file, kn.CheckpointError, "its tensors end 16 bytes before the file does")
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    (lambda h: h.update(__metadata__=["not", "a", "map"]), "__metadata__ must map names to strings"),
+    (lambda h: h.update(__metadata__={"_quantization_metadata": {"layers": {}}}), "__metadata__ must map names"),
+    (lambda h: h["img_in.weight"].update(dtype=["F32"]), "unsupported dtype ['F32']"),
+    (lambda h: h["img_in.weight"].update(shape="128x64"), "malformed shape '128x64'"),
+])
+def test_header_fields_of_the_wrong_type_are_refused(good_file, edit, fragment):
+    rewrite_header(good_file, edit)
+    expect_error(good_file, kn.CheckpointError, fragment)
+
+
+def test_deeply_nested_header_is_refused(tmp_path):
+    nested = b"[" * 100_000 + b"]" * 100_000
+    path = tmp_path / "deep.safetensors"
+    path.write_bytes(struct.pack("<Q", len(nested)) + nested)
+    expect_error(path, kn.CheckpointError, "nests JSON too deeply")
