@@ -160,11 +160,17 @@ def choose_dtype(checkpoint, names, dtype):
     return max(counts, key=counts.get) if counts else torch.bfloat16
 
 
-def require(shapes, names, path, what):
-    """The tensors a configuration is read from must exist: name the missing ones."""
-    missing = [name for name in names if name not in shapes]
+def require(shapes, ranks, path, what):
+    """The tensors a configuration is read from ({name: number of dimensions}) must exist with that many
+    dimensions, none of them zero: name the first that does not."""
+    missing = [name for name in ranks if name not in shapes]
     if missing:
         raise CheckpointError(f"{path}: incomplete {what}, missing {', '.join(missing)}.")
+    for name, rank in ranks.items():
+        shape = tuple(shapes[name])
+        if len(shape) != rank or 0 in shape:
+            raise CheckpointError(f"{path}: '{name}' has shape {shape}; a {what} needs a {rank}-D tensor there with "
+                                  "no empty dimension.")
 
 
 def check_state_dict(path, what, expected, shapes, unused=()):

@@ -24,15 +24,19 @@ def layer_formats(ckpt):
         try:
             layers = json.loads(header)["layers"].items()
             formats.update({ckpt.strip(layer): conf.get("format") for layer, conf in layers})
-        except (ValueError, KeyError, AttributeError) as e:
+        except (ValueError, KeyError, AttributeError, TypeError, RecursionError) as e:
             raise CheckpointError(f"{ckpt.path}: unreadable _quantization_metadata header ({e})") from None
     for key in ckpt.keys():
         if key.endswith(".comfy_quant"):
-            raw = bytes(ckpt.get(key).to(torch.uint8).tolist())
+            if ckpt.dtype(key) != torch.uint8 or len(ckpt.shape(key)) != 1 or ckpt.shape(key)[0] > 4096:
+                raise CheckpointError(f"{ckpt.path}: '{key}' is not a quantization marker (expected a short uint8 "
+                                      f"string, found {ckpt.dtype(key)} {tuple(ckpt.shape(key))})")
             try:
-                formats[key[: -len(".comfy_quant")]] = json.loads(raw.decode("utf-8")).get("format")
-            except (ValueError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{ckpt.path}: '{key}' is not a JSON quantization marker ({e})") from None
+                marker = json.loads(bytes(ckpt.get(key).tolist()).decode("utf-8"))
+                formats[key[: -len(".comfy_quant")]] = marker["format"]
+            except (ValueError, UnicodeDecodeError, TypeError, KeyError, RecursionError) as e:
+                raise CheckpointError(f"{ckpt.path}: '{key}' is not a JSON quantization marker with a \"format\" "
+                                      f"({type(e).__name__}: {e})") from None
     return formats
 
 

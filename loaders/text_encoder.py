@@ -20,8 +20,8 @@ DEFAULT_ROPE_THETA = 1_000_000.0
 
 
 def params_from_shapes(shapes, path, num_layers, rope_theta):
-    require(shapes, ("embed_tokens.weight", "layers.0.self_attn.q_proj.weight", "layers.0.self_attn.k_proj.weight",
-                     "layers.0.self_attn.q_norm.weight", "layers.0.mlp.gate_proj.weight"), path, "Qwen3 text encoder")
+    require(shapes, {"embed_tokens.weight": 2, "layers.0.self_attn.q_proj.weight": 2, "layers.0.self_attn.k_proj.weight": 2,
+                     "layers.0.self_attn.q_norm.weight": 1, "layers.0.mlp.gate_proj.weight": 2}, path, "Qwen3 text encoder")
     vocab, hidden = shapes["embed_tokens.weight"]
     head_dim = shapes["layers.0.self_attn.q_norm.weight"][0]
     return Qwen3Params(

@@ -58,7 +58,12 @@ class Source:
         self.swap_halves = swap_halves
 
     def shape(self, ckpt):
-        shapes = [ckpt.shape(n) for n in self.names]
+        shapes = [tuple(ckpt.shape(n)) for n in self.names]
+        if len(shapes) == 1:
+            return shapes[0]
+        if any(not s or s[1:] != shapes[0][1:] for s in shapes):
+            raise CheckpointError(f"{ckpt.path}: {', '.join(self.names)} of shapes {shapes} cannot be joined into one "
+                                  "tensor.")
         return (sum(s[0] for s in shapes), *shapes[0][1:])
 
     def load(self, ckpt):
@@ -107,9 +112,9 @@ def block_indices(keys, prefix):
 
 def params_from_shapes(shapes, path):
     """Flux2Params read off the BFL-named shapes: widths from matrices, depths from key counts."""
-    required = ("img_in.weight", "txt_in.weight", "time_in.in_layer.weight", "double_blocks.0.img_attn.norm.query_norm.scale",
-                "double_blocks.0.img_mlp.2.weight", "final_layer.linear.weight")
-    require(shapes, required, path, "FLUX.2 transformer")
+    require(shapes, {"img_in.weight": 2, "txt_in.weight": 2, "time_in.in_layer.weight": 2,
+                     "double_blocks.0.img_attn.norm.query_norm.scale": 1, "double_blocks.0.img_mlp.2.weight": 2,
+                     "final_layer.linear.weight": 2}, path, "FLUX.2 transformer")
     hidden, in_channels = shapes["img_in.weight"]
     head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
     if hidden % head_dim or head_dim % 8:

@@ -46,9 +46,9 @@ def count(shapes, pattern):
 
 
 def params_from_shapes(shapes, path):
-    require(shapes, ("encoder.conv_in.weight", "decoder.conv_in.weight", "decoder.conv_out.weight",
-                     "encoder.down.0.block.0.conv1.weight", "decoder.up.0.block.0.conv1.weight", "bn.running_mean"),
-            path, "FLUX.2 VAE")
+    require(shapes, {"encoder.conv_in.weight": 4, "decoder.conv_in.weight": 4, "decoder.conv_out.weight": 4,
+                     "encoder.down.0.block.0.conv1.weight": 4, "decoder.up.0.block.0.conv1.weight": 4,
+                     "bn.running_mean": 1}, path, "FLUX.2 VAE")
     levels = count(shapes, r"^encoder\.down\.(\d+)\.")
     up_levels = count(shapes, r"^decoder\.up\.(\d+)\.")
     ch = shapes["encoder.conv_in.weight"][0]

@@ -146,3 +146,25 @@ def test_failing_fp8_matmul_falls_back_to_dequantizing(monkeypatch, caplog):
     x = torch.randn(3, 64)
     assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.dequantized()))
     assert Fp8Linear.native is False and "dequantizing fp8 weights instead" in caplog.text
+
+
+@pytest.mark.parametrize("marker,fragment", [
+    (torch.tensor(list(b'["float8_e4m3fn"]'), dtype=torch.uint8), "not a JSON quantization marker with a \"format\""),
+    (torch.tensor(list(b'{"fmt": 1}'), dtype=torch.uint8), "not a JSON quantization marker with a \"format\""),
+    (torch.tensor(list(b'[' * 5000), dtype=torch.uint8), "expected a short uint8 string, found torch.uint8 (5000,)"),
+    (torch.zeros(4, dtype=torch.float32), "expected a short uint8 string, found torch.float32"),
+])
+def test_markers_of_the_wrong_shape_or_type_are_refused(tmp_path, marker, fragment):
+    tensors, _, _ = to_fp8(transformer_state_dict(TINY_TRANSFORMER), is_block_linear, "comfy_quant")
+    tensors["double_blocks.0.img_mlp.0.comfy_quant"] = marker
+    save_file(tensors, str(tmp_path / "odd.safetensors"))
+    with pytest.raises(kn.CheckpointError, match="double_blocks.0.img_mlp.0.comfy_quant' is not a") as info:
+        kn.load_transformer(tmp_path / "odd.safetensors")
+    assert fragment in str(info.value)
+
+
+def test_quantization_header_of_the_wrong_shape_is_refused(tmp_path):
+    tensors, _, _ = to_fp8(transformer_state_dict(TINY_TRANSFORMER), is_block_linear, "bfl")
+    save_file(tensors, str(tmp_path / "odd.safetensors"), metadata={"_quantization_metadata": '{"layers": ["a"]}'})
+    with pytest.raises(kn.CheckpointError, match="unreadable _quantization_metadata header"):
+        kn.load_transformer(tmp_path / "odd.safetensors")

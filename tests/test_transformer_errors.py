@@ -241,3 +241,13 @@ def test_deeply_nested_header_is_refused(tmp_path):
     path = tmp_path / "deep.safetensors"
     path.write_bytes(struct.pack("<Q", len(nested)) + nested)
     expect_error(path, kn.CheckpointError, "nests JSON too deeply")
+
+
+@pytest.mark.parametrize("name,tensor,fragment", [
+    ("img_in.weight", torch.zeros(0, 128), "'img_in.weight' has shape (0, 128); a FLUX.2 transformer needs a 2-D"),
+    ("double_blocks.0.img_attn.norm.query_norm.scale", torch.tensor(1.0), "query_norm.scale' has shape ()"),
+    ("txt_in.weight", torch.zeros(64, 96, 1), "'txt_in.weight' has shape (64, 96, 1)"),
+])
+def test_config_tensors_of_the_wrong_rank_or_empty_are_refused(tmp_path, state, name, tensor, fragment):
+    save_file({**state, name: tensor}, str(tmp_path / "odd.safetensors"))
+    expect_error(tmp_path / "odd.safetensors", kn.CheckpointError, fragment, "no empty dimension")
