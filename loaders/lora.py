@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, WrongModelError
+from ..errors import CheckpointError, KleinError, WrongModelError
 from ..models.adapters import Adapter, with_adapters
 from ..models.transformer import Flux2
 from .safetensors_io import PICKLE_SUFFIXES, SafetensorsFile, refuse_pickle, sniff_format
@@ -127,6 +127,35 @@ def peft_scale(metadata, component, module, rank):
     return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 
+# factor pairs whose inner dimensions (the rank) must agree: (left, right) with left (out, r) and right (r, in)
+FACTORS = {"lora": (("up", "down"),), "loha": (("w1_a", "w1_b"), ("w2_a", "w2_b")),
+           "lokr": (("w1_a", "w1_b"), ("w2_a", "w2_b")), "diff": ()}
+
+
+def check_structure(kind, tensors, alpha, path):
+    """Refuse, when the LoRA is applied rather than at the first forward, what cannot make a delta: a rank of 0,
+    factors whose ranks disagree, a non-scalar or non-finite alpha, non-finite values."""
+    problem = None
+    if alpha is not None and (alpha.numel() != 1 or not math.isfinite(float(alpha.float().reshape(-1)[0]))):
+        problem = f"its alpha is {alpha.tolist() if alpha.numel() < 8 else tuple(alpha.shape)}, not one finite number"
+    for left, right in FACTORS[kind]:
+        if problem or left not in tensors:
+            continue
+        a, b = tensors[left], tensors[right]
+        if a.ndim < 2 or b.ndim < 2 or a.flatten(1).shape[1] != b.shape[0] or b.shape[0] == 0:
+            problem = (f"{left} {tuple(a.shape)} and {right} {tuple(b.shape)} do not agree on a rank above 0"
+                       if a.ndim >= 2 and b.ndim >= 2 else f"{left} and {right} must be matrices")
+    if kind == "loha" and not problem:
+        w1, w2 = ((tensors[f"{w}_a"].shape[0], tensors[f"{w}_b"].flatten(1).shape[1]) for w in ("w1", "w2"))
+        if w1 != w2:
+            problem = f"its two Hadamard factors make {w1} and {w2}"
+    bad = next((role for role, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if not problem and bad:
+        problem = f"its {bad} holds NaN or infinite values"
+    if problem:
+        raise CheckpointError(f"LoRA layer '{path}': {problem}; the file is damaged or not a LoRA.")
+
+
 def build_adapter(kind, tensors, alpha, rows, metadata, component, module):
     """One Adapter with the scale each format defines (alpha / rank when an alpha is stored)."""
     if kind == "lora":
@@ -169,7 +198,7 @@ def parse(tensors, metadata, model, component):
         group = groups.setdefault(path, {"target": target, "kinds": set(), "tensors": {}, "alpha": None, "keys": []})
         group["keys"].append(key)
         if kind is None:
-            group["alpha"] = float(tensor.float().reshape(-1)[0])
+            group["alpha"] = tensor
         else:
             group["kinds"].add(kind)
             group["tensors"][role] = tensor
@@ -181,7 +210,9 @@ def parse(tensors, metadata, model, component):
             unknown.extend(group["keys"])  # mixed or incomplete: nothing sensible to apply
             continue
         (layer, rows) = group["target"]
-        adapter = build_adapter(kind, group["tensors"], group["alpha"], rows, metadata, component, path)
+        check_structure(kind, group["tensors"], group["alpha"], path)
+        alpha = None if group["alpha"] is None else float(group["alpha"].float().reshape(-1)[0])
+        adapter = build_adapter(kind, group["tensors"], alpha, rows, metadata, component, path)
         check_shape(model, layer, rows, adapter, path)
         layers.setdefault(layer, []).append(adapter)
     return layers, {"layers": len(layers), "unknown": sorted(unknown), "other": sorted(other)}
@@ -231,11 +262,16 @@ def apply_lora_pair(model, text_encoder, path, strength=1.0, text_encoder_streng
 
 def apply_lora_tensors(model, tensors, metadata, strength, label):
     """(patched copy, report) for already-read LoRA tensors."""
+    if not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        raise KleinError(f"{label}: LoRA strength must be a finite number, not {strength!r}")
     is_transformer = isinstance(model, Flux2)
     target = model if is_transformer else getattr(model, "model", None)
     if target is None or not hasattr(target, "params"):
         raise WrongModelError(f"{label}: LoRAs apply to a klein transformer or text encoder, not {type(model).__name__}.")
-    layers, report = parse(tensors, metadata, target, "transformer" if is_transformer else "text_encoder")
+    try:
+        layers, report = parse(tensors, metadata, target, "transformer" if is_transformer else "text_encoder")
+    except (CheckpointError, WrongModelError) as e:
+        raise type(e)(f"{label}: {e}") from None
     what = "transformer" if is_transformer else "text encoder"
     if report["unknown"]:
         shown = ", ".join(report["unknown"][:8]) + (" ..." if len(report["unknown"]) > 8 else "")

@@ -361,3 +361,42 @@ def test_a_run_leaves_no_adapter_copies_behind(ours, tmp_path):
     noise = torch.randn(1, 128, 2, 3, generator=torch.Generator().manual_seed(0))
     sample(patched, noise, Conditioning(torch.randn(1, 5, TINY_TRANSFORMER.context_in_dim)), [1.0, 0.5, 0.0])
     assert not any(a._placed for a in adapters)
+
+
+LAYER = "diffusion_model.double_blocks.0.img_attn.qkv"
+RANDOM = torch.Generator().manual_seed(3)
+
+
+def lora_file(tmp_path, **tensors):
+    path = tmp_path / "lora.safetensors"
+    save_file({f"{LAYER}.{role}": tensor for role, tensor in tensors.items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("tensors,fragment", [
+    ({"lora_down.weight": torch.randn(4, 64, generator=RANDOM), "lora_up.weight": torch.randn(192, 3, generator=RANDOM)},
+     "up (192, 3) and down (4, 64) do not agree on a rank above 0"),
+    ({"lora_down.weight": torch.zeros(0, 64), "lora_up.weight": torch.zeros(192, 0)}, "do not agree on a rank above 0"),
+    ({"lora_down.weight": torch.randn(4, 64, generator=RANDOM), "lora_up.weight": torch.randn(192, 4, generator=RANDOM),
+      "alpha": torch.tensor(float("nan"))}, "its alpha is nan, not one finite number"),
+    ({"lora_down.weight": torch.randn(4, 64, generator=RANDOM), "lora_up.weight": torch.randn(192, 4, generator=RANDOM),
+      "alpha": torch.ones(3)}, "its alpha is [1.0, 1.0, 1.0], not one finite number"),
+    ({"lora_down.weight": torch.full((4, 64), float("inf")), "lora_up.weight": torch.randn(192, 4, generator=RANDOM)},
+     "its down holds NaN or infinite values"),
+    ({"hada_w1_a": torch.randn(192, 2, generator=RANDOM), "hada_w1_b": torch.randn(2, 64, generator=RANDOM),
+      "hada_w2_a": torch.randn(192, 2, generator=RANDOM), "hada_w2_b": torch.randn(2, 32, generator=RANDOM)},
+     "its two Hadamard factors make (192, 64) and (192, 32)"),
+])
+def test_broken_lora_structure_is_refused_when_applied(ours, tmp_path, tensors, fragment):
+    path = lora_file(tmp_path, **tensors)
+    with pytest.raises(kn.CheckpointError, match="lora.safetensors: LoRA layer '.*double_blocks.0.img_attn.qkv'") as info:
+        kn.apply_lora(ours, path)
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("strength", [float("nan"), float("inf"), "0.5"])
+def test_lora_strength_must_be_a_finite_number(ours, tmp_path, strength):
+    path = lora_file(tmp_path, **{"lora_down.weight": torch.randn(4, 64, generator=RANDOM),
+                                  "lora_up.weight": torch.randn(192, 4, generator=RANDOM)})
+    with pytest.raises(kn.KleinError, match="LoRA strength must be a finite number"):
+        kn.apply_lora(ours, path, strength)
