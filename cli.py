@@ -1,6 +1,7 @@
 """`python -m klein_nodes <command>`: generate, quantize, verify, doctor, inspect."""
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -22,11 +23,53 @@ MODEL_FOLDERS = {  # ComfyUI key -> folder names under models/
 KLEIN_FAMILIES = {("transformer", "flux2"), ("text_encoder", "qwen3"), ("vae", "flux2")}
 
 
-def non_negative(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
-    return value
+def bounded(kind, low, high=None):
+    """An argparse type: a `kind` number in [low, high], refused with its range otherwise."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give {low} to {high}" if high is not None
+                                             else f"{text} is out of range: give {low} or more")
+        return value
+    return parse
+
+
+non_negative, positive = bounded(int, 0), bounded(int, 1)
+
+
+def check_generate_inputs(args):
+    """Everything `generate` needs that can be checked without loading a model: files, device, size."""
+    from .sampling.schedule import fit_size, preset_size
+
+    for flag, path in [("--ref", p) for p in args.ref] + [("--lora", lora_spec(s)[0]) for s in args.lora]:
+        if not Path(path).is_file():
+            raise KleinError(f"{flag} {path}: no such file")
+    for path in args.ref:
+        check_image_file(path, "--ref")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise KleinError(f"--device {args.device}: this torch has no CUDA device (torch {torch.__version__}); "
+                         "use --device cpu, or install a CUDA build of torch")
+    width, height = preset_size(args.aspect, args.megapixels) if args.aspect else (args.width, args.height)
+    fit_size(width, height)  # refuses sizes over 4 MP before anything loads
+    return width, height
+
+
+def check_image_file(path, what):
+    """An image Pillow can open (header only), within Pillow's decompression-bomb limit."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.size  # noqa: B018 (the header is read by open)
+    except (OSError, Image.DecompressionBombError, Image.DecompressionBombWarning, ValueError) as e:
+        raise KleinError(f"{what} {path}: not an image this tool can read ({type(e).__name__}: {e})") from None
 
 
 def gpu_capabilities(index):
@@ -193,9 +236,9 @@ def generate(args):
     from .loaders.transformer import load_transformer
     from .loaders.vae import load_vae
     from .sampling.pipeline import KleinPipeline
-    from .sampling.schedule import preset_size
 
     paths = output_paths(args.output, args.batch)
+    width, height = check_generate_inputs(args)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else None, "bf16": torch.bfloat16,
              "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -208,7 +251,6 @@ def generate(args):
     if args.compile:
         compile_blocks(transformer)
     pipeline = KleinPipeline(transformer, text_encoder, load_vae(vae_path), device=device, memory=args.memory)
-    width, height = (preset_size(args.aspect, args.megapixels) if args.aspect else (args.width, args.height))
 
     def progress(step):
         print(f"\rstep {step.index}/{step.total}", end="\n" if step.index == step.total else "", file=sys.stderr, flush=True)
@@ -253,6 +295,9 @@ def verify(args):
 
     from .provenance.save import verify_image
 
+    for path in [args.trust] * bool(args.trust) + args.files:
+        if not Path(path).is_file():
+            raise KleinError(f"{path}: no such file")
     anchor = Path(args.trust).read_bytes() if args.trust else None
     status = 0
     for path in args.files:
@@ -273,17 +318,17 @@ def main(argv=None):
                      help="LoRA file, optionally with a strength: style.safetensors:0.8 (repeat to stack)")
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile the transformer blocks (slow first run, then faster steps; needs a compiler)")
-    gen.add_argument("--steps", type=int, default=4, help="4 for distilled klein, ~50 for base klein")
-    gen.add_argument("--guidance", type=float, default=1.0, help="1.0 = no CFG (distilled); base klein: 4.0")
+    gen.add_argument("--steps", type=bounded(int, 1, 1000), default=4, help="4 for distilled klein, ~50 for base klein")
+    gen.add_argument("--guidance", type=bounded(float, 0.0, 100.0), default=1.0, help="1.0 = no CFG (distilled); base klein: 4.0")
     gen.add_argument("--negative", default="", help="negative prompt (used when guidance > 1)")
     gen.add_argument("--max-tokens", type=non_negative, default=512,
                      help="prompt tokens: 512 cuts longer prompts (diffusers); 0 keeps every token (ComfyUI)")
     gen.add_argument("--seed", type=int, default=-1, help="-1 = random (the seed used is printed)")
-    gen.add_argument("--width", type=int, default=1024)
-    gen.add_argument("--height", type=int, default=1024)
+    gen.add_argument("--width", type=bounded(int, 16, 16384), default=1024)
+    gen.add_argument("--height", type=bounded(int, 16, 16384), default=1024)
     gen.add_argument("--aspect", choices=ASPECT_RATIOS, help="aspect preset, overrides --width/--height")
-    gen.add_argument("--megapixels", type=float, default=1.0, help="size of the aspect preset (1 MP = 1024x1024)")
-    gen.add_argument("--batch", type=int, default=1, help="images to make")
+    gen.add_argument("--megapixels", type=bounded(float, 0.01, 4.0), default=1.0, help="size of the aspect preset (1 MP = 1024x1024)")
+    gen.add_argument("--batch", type=bounded(int, 1, 64), default=1, help="images to make")
     gen.add_argument("--model", help="transformer file or diffusers folder")
     gen.add_argument("--text-encoder", dest="text_encoder", help="Qwen3 text encoder file or folder")
     gen.add_argument("--vae", help="FLUX.2 VAE file or folder")
@@ -295,7 +340,7 @@ def main(argv=None):
     gen.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                      help="weight dtype (auto: bf16 on CUDA, the file's own dtype on CPU)")
     gen.add_argument("--tiny-random", action="store_true", help="tiny random models: checks the wiring, no weights needed")
-    gen.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality 1-100")
+    gen.add_argument("--quality", type=bounded(int, 1, 100), default=90, help="JPEG/WebP quality 1-100")
     gen.add_argument("--no-watermark", action="store_true", help="skip the invisible FLUX watermark")
     gen.add_argument("--no-c2pa", action="store_true", help="skip the signed C2PA manifest")
     gen.add_argument("--allow-unsigned", action="store_true", help="save unsigned if C2PA signing is impossible")
@@ -316,9 +361,18 @@ def main(argv=None):
     ins = commands.add_parser("inspect", help="say what model each weight file holds (reads headers only)")
     ins.add_argument("files", nargs="+")
     ins.set_defaults(run=inspect)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
     args = parser.parse_args(argv)
     try:
         return args.run(args)
     except KleinError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file the user named: missing, unreadable, a folder ...
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 (one line instead of a traceback; --debug shows it)
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(e).__name__}: {e} (run with --debug for the details)", file=sys.stderr)
+        return 1

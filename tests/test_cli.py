@@ -54,7 +54,7 @@ def test_generate_without_models_explains(tmp_path, capsys, monkeypatch):
     assert ".png, .jpg or .webp" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["generate", "a cat", "-o", str(tmp_path / "x.png"), "--tiny-random", "--max-tokens", "-1"])
-    assert "-1 is negative; give 0 or more" in capsys.readouterr().err
+    assert "argument --max-tokens: -1 is out of range: give 0 or more" in capsys.readouterr().err
 
 
 def test_generate_with_loras(tmp_path, capsys, monkeypatch):
@@ -75,3 +75,57 @@ def test_generate_with_loras(tmp_path, capsys, monkeypatch):
     assert main([*base, "-o", str(tmp_path / "lora.png"), "--lora", f"{tmp_path / 'style.safetensors'}:2"]) == 0
     plain, styled = (np.asarray(Image.open(tmp_path / n), dtype=np.float32) for n in ("plain.png", "lora.png"))
     assert np.abs(plain - styled).max() > 8
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--steps", "0"], "argument --steps: 0 is out of range: give 1 to 1000"),
+    (["--steps", "-1"], "argument --steps: -1 is out of range"),
+    (["--batch", "0"], "argument --batch: 0 is out of range"),
+    (["--height", "-64"], "argument --height: -64 is out of range"),
+    (["--quality", "101"], "argument --quality: 101 is out of range: give 1 to 100"),
+    (["--quality", "0"], "argument --quality: 0 is out of range"),
+    (["--guidance", "nan"], "argument --guidance: nan is out of range"),
+    (["--steps", "four"], "argument --steps: 'four' is not a number"),
+    (["--ref", "missing.png"], "--ref missing.png: no such file"),
+    (["--ref", "NOTES"], "--ref NOTES: not an image this tool can read"),
+    (["--lora", "missing.safetensors:0.5"], "--lora missing.safetensors: no such file"),
+    (["--device", "cuda"], "--device cuda: this torch has no CUDA device"),
+    (["--width", "4096", "--height", "4096"], "4096x4096 is"),
+])
+def test_generate_refuses_mistakes_before_loading_anything(tmp_path, monkeypatch, capsys, argv, fragment):
+    if argv[:2] == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "NOTES").write_text("not an image")
+    monkeypatch.setattr("klein_nodes.cli.resolve_models", lambda args: pytest.fail("models were loaded"))
+    try:
+        code = main(["generate", "a cat", "-o", str(tmp_path / "x.png"), *argv])
+    except SystemExit as exit:  # argparse's own usage error
+        code = exit.code
+    err = capsys.readouterr().err
+    assert code == 2 and fragment in err and "Traceback" not in err, err
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["verify", "missing.png"], "missing.png: no such file"),
+    (["verify", "--trust", "missing.pem", "NOTES"], "missing.pem: no such file"),
+])
+def test_verify_refuses_missing_files(tmp_path, monkeypatch, capsys, argv, fragment):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "NOTES").write_text("x")
+    assert main(argv) == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_unexpected_errors_are_one_line_unless_debugging(monkeypatch, capsys):
+    def broken(args):
+        raise ZeroDivisionError("division by zero")
+    from klein_nodes import cli
+
+    monkeypatch.setattr(cli, "doctor", broken)
+    assert main(["doctor"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "error: unexpected ZeroDivisionError: division by zero (run with --debug for the details)"
+    with pytest.raises(ZeroDivisionError):
+        main(["--debug", "doctor"])
