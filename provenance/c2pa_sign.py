@@ -120,7 +120,10 @@ def verify(path, trust_anchor=None):
     settings = {"verify": {"remote_manifest_fetch": False}}
     if trust_anchor:
         settings["trust"] = {"user_anchors": trust_anchor.decode() if isinstance(trust_anchor, bytes) else trust_anchor}
-    mime = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}[Path(path).suffix.lower()]
+    mime = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}.get(Path(path).suffix.lower())
+    if mime is None:  # Content Credentials are read from the formats this pack writes
+        return {"state": "None", "codes": [f"not read: {Path(path).suffix or 'no extension'} is not .png, .jpg or .webp"],
+                "manifest": None}
     try:
         with open(path, "rb") as f, c2pa.Reader(mime, f, None, c2pa.Context.from_dict(settings)) as reader:
             report = json.loads(reader.json())

@@ -21,6 +21,10 @@ from . import c2pa_sign, metadata, watermark
 
 log = logging.getLogger("klein_nodes")
 FORMATS = ("png", "jpeg", "webp")
+MAX_SIDE = {"png": 2**31 - 1, "jpeg": 65500, "webp": 16383}  # the formats' own limits
+MAX_NAME_BYTES = 200  # a file name with the counter and extension stays under the usual 255-byte limit
+VERIFY_MAX_PIXELS = 64 * 2**20
+BYTES_PER_PIXEL = 80  # peak memory of a save above its input: 77 bytes a pixel measured at 2048², watermarked
 
 
 @dataclass
@@ -49,13 +53,43 @@ def to_uint8(image, notes):
 
 
 def output_folder(directory, prefix):
-    """(folder, base name, subfolder) for a prefix like "klein" or "portraits/klein"; no escaping `directory`."""
+    """(folder, base name, subfolder) for a prefix like "klein" or "portraits/klein"; no escaping `directory`,
+    neither by `..` nor through a symlinked subfolder."""
+    if not isinstance(prefix, str) or "\0" in prefix or not prefix.strip():
+        raise KleinError(f"filename prefix {prefix!r} is not a usable file name")
+    if any(len(part.encode()) > MAX_NAME_BYTES for part in re.split(r"[\\/]", prefix)):
+        raise KleinError(f"filename prefix {prefix[:40]!r}... has a name over {MAX_NAME_BYTES} bytes; shorten it")
     directory = os.path.abspath(directory)
     folder = os.path.normpath(os.path.join(directory, os.path.dirname(os.path.normpath(prefix))))
     name = os.path.basename(os.path.normpath(prefix))
-    if os.path.commonpath((directory, folder)) != directory or not name or name in (".", ".."):
+    real_directory = os.path.realpath(directory)
+    if (os.path.commonpath((directory, folder)) != directory or not name or name in (".", "..")
+            or os.path.commonpath((real_directory, os.path.realpath(folder))) != real_directory):
         raise KleinError(f"filename prefix {prefix!r} points outside the output folder {directory}")
     return folder, name, os.path.relpath(folder, directory) if folder != directory else ""
+
+
+def check_images(images, fmt):
+    """Sizes every step can handle, in the memory there is, before any image is processed."""
+    import psutil
+
+    for image in images:
+        shape = tuple(image.shape)
+        if len(shape) not in (2, 3) or 0 in shape[:2] or (len(shape) == 3 and not 1 <= shape[2] <= 4):
+            raise KleinError(f"cannot save an image of shape {shape}: it needs a height, a width and 1-4 channels")
+        height, width = shape[:2]
+        if max(height, width) > MAX_SIDE[fmt]:
+            raise KleinError(f"a {width}x{height} image cannot be saved as {fmt} (at most {MAX_SIDE[fmt]} pixels a "
+                             "side); choose png")
+        needed, available = height * width * BYTES_PER_PIXEL, psutil.virtual_memory().available
+        if needed > available:
+            raise KleinError(f"saving a {width}x{height} image needs about {needed / 2**30:.1f} GB of memory and "
+                             f"{available / 2**30:.1f} GB is available")
+
+
+def check_quality(quality):
+    if isinstance(quality, bool) or not isinstance(quality, (int, float)) or not 1 <= quality <= 100:
+        raise KleinError(f"quality must be a number from 1 to 100, got {quality!r}")
 
 
 def next_counter(folder, name):
@@ -129,8 +163,8 @@ def save_image_records(images, directory, prefix="klein", format="png", quality=
     fmt = {"jpg": "jpeg"}.get(format.lower(), format.lower())
     if fmt not in FORMATS:
         raise KleinError(f"format {format!r} is not supported; choose png, jpeg or webp")
-    if not 1 <= int(quality) <= 100:
-        raise KleinError(f"quality must be 1-100, got {quality}")
+    check_quality(quality)
+    check_images(images, fmt)
     extra = dict(extra_pnginfo or {})
     if workflow is not None:
         extra["workflow"] = workflow
@@ -171,6 +205,8 @@ def save_file(image, path, quality=90, watermark=True, c2pa=True, prompt=None, c
     fmt = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(path.suffix.lower())
     if fmt is None:
         raise KleinError(f"{path}: the output must end in .png, .jpg or .webp")
+    check_quality(quality)
+    check_images([image], fmt)
     signer = signing_credentials(c2pa, credentials, allow_unsigned)
     data, bits, notes = prepare(image, fmt, quality, watermark, metadata.metadata_items(prompt, {}))
     data, signed = sign_or_note(data, fmt, path.name, signer, allow_unsigned, notes)
@@ -196,6 +232,8 @@ def signing_credentials(enabled, credentials, allow_unsigned):
 def verify_image(path, trust_anchor=None):
     """{"c2pa": Trusted/Valid/Invalid/None, "c2pa_codes": [...], "watermark_bits": n of 46 (or None when too small),
     "watermark_detected": bool, "workflow": bool, "prompt": bool}. The pack's local root is the default trust anchor."""
+    if not Path(path).is_file():
+        raise KleinError(f"{path}: no such file")
     if trust_anchor is None:
         root = c2pa_sign.default_credentials_dir() / "root.pem"
         trust_anchor = root.read_bytes() if root.exists() else None
@@ -203,12 +241,19 @@ def verify_image(path, trust_anchor=None):
         report = c2pa_sign.verify(path, trust_anchor)
     except ImportError:
         report = {"state": "unknown (c2pa-python is not installed)", "codes": []}
+    bits, prompt, workflow = None, None, None
     try:
-        rgb = np.asarray(Image.open(path).convert("RGB"))
-        bits = watermark.matched_bits(rgb) if rgb.shape[0] * rgb.shape[1] >= watermark.MIN_PIXELS else None
+        with Image.open(path) as image:
+            width, height = image.size  # from the header: a decompression bomb is refused before decoding
+            if width * height > VERIFY_MAX_PIXELS:
+                report["codes"] = report["codes"] + [f"watermark not read: {width}x{height} is over the "
+                                                     f"{VERIFY_MAX_PIXELS // 2**20} MP verification limit"]
+            else:
+                rgb = np.asarray(image.convert("RGB"))
+                bits = watermark.matched_bits(rgb) if rgb.shape[0] * rgb.shape[1] >= watermark.MIN_PIXELS else None
         prompt, workflow = metadata.read_workflow(path)
-    except OSError:  # pixels that cannot be decoded (truncated or damaged file)
-        bits, prompt, workflow = None, None, None
+    except Exception as e:  # noqa: BLE001 (Pillow's decoders raise many types for damaged pixels or EXIF)
+        report["codes"] = report["codes"] + [f"image not decoded: {type(e).__name__}: {e}"]
     return {"c2pa": report["state"], "c2pa_codes": report["codes"], "watermark_bits": bits,
             "watermark_total": len(watermark.FLUX_BITS), "watermark_detected": bits is not None and bits >= watermark.DETECTED_AT,
             "workflow": workflow is not None, "prompt": prompt is not None}

@@ -2,6 +2,7 @@
 
 import json
 import sys
+import time
 import types
 
 import numpy as np
@@ -76,7 +77,7 @@ def test_path_traversal_and_bad_options_are_refused(tmp_path):
     for prefix in ("../escape", "/etc/klein", "a/../../b"):
         with pytest.raises(kn.KleinError, match="outside the output folder"):
             kn.save_images(pictures(1), tmp_path / "out", prefix=prefix, c2pa=False)
-    with pytest.raises(kn.KleinError, match="quality must be 1-100"):
+    with pytest.raises(kn.KleinError, match="quality must be a number from 1 to 100, got 0"):
         kn.save_images(pictures(1), tmp_path, quality=0, c2pa=False)
     with pytest.raises(kn.KleinError, match="format 'gif'"):
         kn.save_images(pictures(1), tmp_path, format="gif", c2pa=False)
@@ -271,3 +272,57 @@ def test_saved_files_get_the_usual_permissions(tmp_path, credentials):
     finally:
         os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_symlinked_subfolder_cannot_lead_outside_the_output_folder(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "out" / "link").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(kn.KleinError, match="outside the output folder"):
+        kn.save_images(pictures(1), tmp_path / "out", prefix="link/klein", c2pa=False)
+    assert not list((tmp_path / "elsewhere").iterdir())
+
+
+@pytest.mark.parametrize("kwargs,images,fragment", [
+    ({"prefix": "kle\0in"}, None, "is not a usable file name"),
+    ({"prefix": "x" * 300}, None, "has a name over 200 bytes"),
+    ({"quality": "high"}, None, "quality must be a number from 1 to 100, got 'high'"),
+    ({"format": "webp"}, torch.zeros(1, 16, 16400, 3), "a 16400x16 image cannot be saved as webp (at most 16383"),
+    ({}, torch.zeros(1, 0, 0, 3), "cannot save an image of shape (0, 0, 3)"),
+    ({}, torch.zeros(1, 8, 8, 5), "cannot save an image of shape (8, 8, 5)"),
+])
+def test_bad_save_requests_are_refused_before_any_work(tmp_path, kwargs, images, fragment):
+    with pytest.raises(kn.KleinError) as info:
+        kn.save_images(pictures(1) if images is None else images, tmp_path / "out", c2pa=False, **kwargs)
+    assert fragment in str(info.value)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_an_image_too_large_for_memory_is_refused_before_it_is_processed(tmp_path, monkeypatch):
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=1000))
+    with pytest.raises(kn.KleinError, match="saving a 64x64 image needs about 0.0 GB of memory and 0.0 GB is available"):
+        kn.save_images(torch.zeros(1, 64, 64, 3), tmp_path, c2pa=False)
+
+
+def test_verify_answers_hostile_and_odd_files_with_a_report(tmp_path):
+    from PIL import Image
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (9500, 9500)).save(bomb)  # a few hundred KB that decode to 90 MP
+    began = time.monotonic()
+    report = kn.verify_image(bomb)
+    assert time.monotonic() - began < 5 and report["watermark_bits"] is None
+    assert any("over the 64 MP verification limit" in code for code in report["c2pa_codes"])
+    Image.new("RGB", (300, 300)).save(tmp_path / "anim.gif")
+    (tmp_path / "noext").write_bytes((tmp_path / "anim.gif").read_bytes())
+    for name in ("anim.gif", "noext"):
+        report = kn.verify_image(tmp_path / name)
+        assert report["c2pa"] == "None" and report["watermark_bits"] is not None
+    exif = Image.Exif()
+    exif[0x0110] = b"\xff\xfe garbage"
+    Image.new("RGB", (300, 300)).save(tmp_path / "odd.jpg", exif=exif)
+    assert kn.verify_image(tmp_path / "odd.jpg")["workflow"] is False
+    with pytest.raises(kn.KleinError, match="missing.png: no such file"):
+        kn.verify_image(tmp_path / "missing.png")
