@@ -7,6 +7,8 @@ bit-identical to `gguf.quants.dequantize`; the final scale/offset steps run in p
 """
 
 import logging
+import math
+import operator
 import os
 
 import torch
@@ -206,11 +208,14 @@ DEQUANTIZERS = {
 def type_name(qtype):
     """A GGMLQuantizationType, its name or its number -> the name, or a clear error for types we don't run."""
     name = getattr(qtype, "name", qtype)
-    if isinstance(name, int):
+    if isinstance(name, int) and not isinstance(name, bool):
         import gguf
 
-        name = gguf.GGMLQuantizationType(name).name
-    if name not in DEQUANTIZERS:
+        try:
+            name = gguf.GGMLQuantizationType(name).name
+        except ValueError:
+            raise KleinError(f"{name} is not a GGML type number") from None
+    if not isinstance(name, str) or name not in DEQUANTIZERS:
         raise KleinError(f"GGML type {name} is not supported (supported: {', '.join(DEQUANTIZERS)}); "
                          "re-quantize the file to one of these (Q8_0, Q6_K, Q5_K, Q4_K are the usual choices)")
     return name
@@ -221,9 +226,16 @@ def dequantize(data, qtype, shape, dtype=torch.float32, out=None):
     `out` when given. On CUDA the hot types run as Triton kernels (see `use_triton`)."""
     name = type_name(qtype)
     block_size, type_size = BLOCK_SIZES[name]
-    count = 1
-    for dim in shape:
-        count *= dim
+    if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8:
+        raise KleinError(f"dequantize takes the raw blocks as a uint8 tensor, not {type(data).__name__} "
+                         f"{getattr(data, 'dtype', '')}")
+    try:
+        shape = tuple(operator.index(dim) for dim in shape)
+    except TypeError:
+        raise KleinError(f"shape {shape!r} must be a sequence of whole numbers") from None
+    if not shape or min(shape) < 1:
+        raise KleinError(f"shape {shape} must have at least one dimension, none of them below 1")
+    count = math.prod(shape)
     if shape[-1] % block_size or data.numel() != count // block_size * type_size:
         raise KleinError(f"{name} data of {data.numel()} bytes does not hold a {tuple(shape)} tensor "
                          f"({block_size} values per {type_size}-byte block)")

@@ -90,3 +90,19 @@ def test_chunked_cpu_path_is_bit_exact(name, monkeypatch):
     out = torch.empty(shape, dtype=torch.bfloat16)
     assert dequantize(torch.from_numpy(data.copy()), name, shape, out=out) is out
     assert torch.equal(out, torch.from_numpy(expected).bfloat16())
+
+
+@pytest.mark.parametrize("data,qtype,shape,fragment", [
+    (torch.zeros(34, dtype=torch.uint8), "Q8_0", (), "must have at least one dimension"),
+    (torch.zeros(34, dtype=torch.uint8), "Q8_0", (-1, 32), "none of them below 1"),
+    (torch.zeros(34, dtype=torch.uint8), "Q8_0", (1.0, 32.0), "must be a sequence of whole numbers"),
+    (torch.zeros(34, dtype=torch.uint8), "Q8_0", "32", "must be a sequence of whole numbers"),
+    (torch.zeros(34, dtype=torch.uint8), 999, (32,), "999 is not a GGML type number"),
+    (torch.zeros(34, dtype=torch.uint8), ["Q8_0"], (32,), "GGML type ['Q8_0'] is not supported"),
+    (torch.zeros(34, dtype=torch.float32), "Q8_0", (32,), "uint8 tensor, not Tensor torch.float32"),
+    (torch.zeros(33, dtype=torch.uint8), "Q8_0", (32,), "does not hold a (32,) tensor"),
+])
+def test_bad_dequantize_arguments_are_named(data, qtype, shape, fragment):
+    with pytest.raises(kn.KleinError) as info:
+        kn.quant.dequantize(data, qtype, shape)
+    assert fragment in str(info.value)
