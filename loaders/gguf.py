@@ -158,7 +158,9 @@ def load_gguf_text_encoder(path, tokenizer=None, dtype=None, device="cpu", layer
     available = 1 + max((int(m.group(1)) for k in shapes if (m := re.match(r"^layers\.(\d+)\.", k))), default=-1)
     if max(layers) > available:
         raise CheckpointError(f"{path}: layer {max(layers)} was requested but the file has only {available} decoder layers.")
-    theta = float(file.field(f"{arch}.rope.freq_base", 1_000_000.0))
+    theta = file.field(f"{arch}.rope.freq_base", 1_000_000.0)
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < float("inf"):
+        raise CheckpointError(f"{path}: {arch}.rope.freq_base is {theta!r}, not a positive number.")
     params = params_from_shapes(shapes, path, max(layers), theta)
     with torch.device("meta"):
         model = Qwen3(params)
@@ -187,6 +189,12 @@ def tokenizer_from_gguf(file):
         raise CheckpointError(f"{file.path}: no tokenizer files were found and the GGUF has no tokenizer metadata; "
                               "pass tokenizer=<folder with vocab.json + merges.txt>")
     types = file.field("tokenizer.ggml.token_type") or [1] * len(tokens)
+    malformed = [key for key, values, kind in (("tokens", tokens, str), ("merges", merges, str), ("token_type", types, int))
+                 if not isinstance(values, list) or not all(isinstance(v, kind) for v in values)]
+    malformed += ["merges"] * any(len(m.split(" ")) != 2 for m in merges if "merges" not in malformed)
+    if malformed:
+        raise CheckpointError(f"{file.path}: the tokenizer metadata is malformed (tokenizer.ggml.{malformed[0]}); pass "
+                              "tokenizer=<folder with vocab.json + merges.txt>")
     tokenizer = qwen_bpe({token: i for i, token in enumerate(tokens)}, merges)
     # control (3) and user-defined (4) tokens such as <|im_start|> and <think> are matched whole, at their own ids
     tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)

@@ -50,7 +50,8 @@ def sniff_format(path):
         return "gguf"
     if len(head) >= 9 and head[8:9] == b"{":  # 8-byte header length, then the JSON header
         return "safetensors"
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch zip archive, or a raw pickle
+    raw_pickle = len(head) > 1 and head[0] == 0x80 and head[1] in (2, 3, 4, 5)  # PROTO opcode, protocol 2-5
+    if head.startswith(b"PK\x03\x04") or raw_pickle:  # torch's zip archive, or a raw pickle
         return "pickle"
     return "unknown"
 
@@ -66,6 +67,9 @@ class SafetensorsFile:
             refuse_pickle(self.path)
         if fmt == "gguf":
             raise CheckpointError(f"{self.path}: this is a GGUF file, not safetensors (check its extension).")
+        if fmt != "safetensors" and self.path.lower().endswith(".gguf"):
+            raise CheckpointError(f"{self.path}: named .gguf but it does not start with the GGUF magic: not a GGUF file "
+                                  "(a damaged download, or another file renamed).")
         if size < 10:
             raise CheckpointError(f"{self.path}: not a safetensors file ({size} bytes; the file is empty or truncated).")
         with open(self.path, "rb") as f:

@@ -2,6 +2,8 @@
 
 
 import numpy as np
+import types
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -147,3 +149,40 @@ def test_resident_weights_are_the_file_bytes(tmp_path):
     bf16_to_f32 = sum(v.numel() * 2 for k, v in state.items() if "modulation" in k)  # BF16 tensors computed in fp32
     assert abs(resident - (file_bytes + bf16_to_f32)) <= 0.01 * file_bytes
     assert resident < 0.45 * sum(v.numel() * 4 for v in state.values())
+
+
+@pytest.mark.parametrize("fields,fragment", [
+    ({"tokenizer.ggml.tokens": ["a", "b"], "tokenizer.ggml.merges": [3]}, "tokenizer.ggml.merges"),
+    ({"tokenizer.ggml.tokens": ["a", "b"], "tokenizer.ggml.merges": ["a b c"]}, "tokenizer.ggml.merges"),
+    ({"tokenizer.ggml.tokens": "ab", "tokenizer.ggml.merges": ["a b"]}, "tokenizer.ggml.tokens"),
+    ({"tokenizer.ggml.tokens": ["a", "b"], "tokenizer.ggml.merges": ["a b"], "tokenizer.ggml.token_type": ["x"]},
+     "tokenizer.ggml.token_type"),
+])
+def test_malformed_tokenizer_metadata_is_refused(fields, fragment):
+    from klein_nodes.loaders.gguf import tokenizer_from_gguf
+
+    file = types.SimpleNamespace(path="q.gguf", field=lambda key, default=None: fields.get(key, default))
+    with pytest.raises(kn.CheckpointError, match=f"q.gguf: the tokenizer metadata is malformed .{fragment}."):
+        tokenizer_from_gguf(file)
+
+
+def test_rope_base_of_the_wrong_type_is_refused(tmp_path, monkeypatch):
+    from klein_nodes.loaders.gguf import GGUFFile
+
+    tokenizer_dir = write_tokenizer(tmp_path / "tok")
+    write_qwen_gguf(tmp_path / "qwen3.gguf", tokenizer_dir)
+    field = GGUFFile.field
+    monkeypatch.setattr(GGUFFile, "field", lambda self, key, default=None:
+                        "abc" if key == "qwen3.rope.freq_base" else field(self, key, default))
+    with pytest.raises(kn.CheckpointError, match="qwen3.rope.freq_base is 'abc', not a positive number"):
+        kn.load_text_encoder(tmp_path / "qwen3.gguf", tokenizer=tokenizer_dir, layers=(1, 2, 3))
+
+
+def test_misnamed_files_are_called_what_they_are(tmp_path):
+    (tmp_path / "notes.gguf").write_text("these are my notes, not a model")
+    with pytest.raises(kn.CheckpointError, match="named .gguf but it does not start with the GGUF magic"):
+        kn.load_transformer(tmp_path / "notes.gguf")
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x80" + bytes(range(40)))
+    with pytest.raises(kn.CheckpointError) as info:
+        kn.load_transformer(tmp_path / "corrupt.safetensors")
+    assert "pickle" not in str(info.value)
