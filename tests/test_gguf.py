@@ -1,9 +1,8 @@
 """GGUF transformers and Qwen3 encoders load with weights kept packed and match their dequantized twins."""
 
-
-import numpy as np
 import types
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
