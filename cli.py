@@ -165,9 +165,12 @@ def inspect(args):
         try:
             kind = describe_file(path)
             print(f"{path}: {kind.description}" + (f" [{kind.layout} layout]" if kind.layout else ""))
-        except (KleinError, OSError, ValueError) as e:
-            print(f"{path}: error: {e}", file=sys.stderr)
-            status = 1
+        except KleinError as e:
+            print(f"error: {e}", file=sys.stderr)
+            status = 2
+        except OSError as e:
+            print(f"error: {path}: {e.strerror or e}", file=sys.stderr)
+            status = 2
     return status
 
 

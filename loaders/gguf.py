@@ -73,7 +73,10 @@ class GGUFFile:
         field = self.reader.fields.get(key)
         if field is None:
             return default
-        return field.contents()
+        try:
+            return field.contents()
+        except (UnicodeDecodeError, ValueError, IndexError) as e:
+            raise CheckpointError(f"{self.path}: metadata '{key}' is unreadable ({type(e).__name__}: {e}).") from None
 
     def packed(self, name):
         """The raw bytes of a tensor as a uint8 torch tensor sharing the mapping."""

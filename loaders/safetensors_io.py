@@ -43,13 +43,15 @@ def refuse_pickle(path):
 
 
 def sniff_format(path):
-    """'safetensors', 'gguf', 'pickle' or 'unknown', from the first bytes of the file."""
+    """'safetensors', 'gguf', 'pickle', 'image' or 'unknown', from the first bytes of the file."""
     with open(path, "rb") as f:
         head = f.read(16)
     if head.startswith(b"GGUF"):
         return "gguf"
     if len(head) >= 9 and head[8:9] == b"{":  # 8-byte header length, then the JSON header
         return "safetensors"
+    if head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"GIF8")) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return "image"
     raw_pickle = len(head) > 1 and head[0] == 0x80 and head[1] in (2, 3, 4, 5)  # PROTO opcode, protocol 2-5
     if head.startswith(b"PK\x03\x04") or raw_pickle:  # torch's zip archive, or a raw pickle
         return "pickle"
@@ -67,6 +69,8 @@ class SafetensorsFile:
             refuse_pickle(self.path)
         if fmt == "gguf":
             raise CheckpointError(f"{self.path}: this is a GGUF file, not safetensors (check its extension).")
+        if fmt == "image":
+            raise CheckpointError(f"{self.path}: this is an image, not a model file.")
         if fmt != "safetensors" and self.path.lower().endswith(".gguf"):
             raise CheckpointError(f"{self.path}: named .gguf but it does not start with the GGUF magic: not a GGUF file "
                                   "(a damaged download, or another file renamed).")

@@ -160,7 +160,7 @@ def save_image_records(images, directory, prefix="klein", format="png", quality=
     """Save images as `<prefix>_<counter:05>_.<ext>`: optional FLUX watermark (self-checked), ComfyUI metadata
     (prompt/workflow; none when `metadata_enabled` is False, as with --disable-metadata), a signed C2PA manifest.
     If signing is impossible and `allow_unsigned` is False, nothing is written and KleinError is raised."""
-    fmt = {"jpg": "jpeg"}.get(format.lower(), format.lower())
+    fmt = {"jpg": "jpeg"}.get(str(format).lower(), str(format).lower())
     if fmt not in FORMATS:
         raise KleinError(f"format {format!r} is not supported; choose png, jpeg or webp")
     check_quality(quality)
@@ -234,6 +234,9 @@ def verify_image(path, trust_anchor=None):
     "watermark_detected": bool, "workflow": bool, "prompt": bool}. The pack's local root is the default trust anchor."""
     if not Path(path).is_file():
         raise KleinError(f"{path}: no such file")
+    if trust_anchor is not None and b"-----BEGIN CERTIFICATE-----" not in (
+            trust_anchor.encode() if isinstance(trust_anchor, str) else bytes(trust_anchor)):
+        raise KleinError("the trust anchor is not a PEM certificate (-----BEGIN CERTIFICATE-----)")
     if trust_anchor is None:
         root = c2pa_sign.default_credentials_dir() / "root.pem"
         trust_anchor = root.read_bytes() if root.exists() else None
