@@ -89,10 +89,11 @@ def test_doctor_rejects_a_folder_that_is_not_comfyui(tmp_path, capsys):
 def test_inspect(tmp_path, capsys):
     path, _ = write_transformer(tmp_path / "t.safetensors", prefix="model.diffusion_model.")
     (tmp_path / "bad.safetensors").write_text("nope")
-    assert main(["inspect", str(path), str(tmp_path / "bad.safetensors")]) == 1
+    assert main(["inspect", str(path), str(tmp_path / "bad.safetensors"), str(tmp_path)]) == 2  # a user's mistake
     captured = capsys.readouterr()
     assert "FLUX.2-family (text width 96) transformer [bfl layout]" in captured.out
-    assert "bad.safetensors: error:" in captured.err
+    assert f"error: {tmp_path / 'bad.safetensors'}: not a safetensors file" in captured.err
+    assert f"error: {tmp_path}: Is a directory" in captured.err
 
 
 def test_text_encoder_nodes(comfyui, tmp_path, monkeypatch):
