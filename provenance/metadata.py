@@ -20,8 +20,9 @@ def metadata_items(prompt, extra_pnginfo):
     return items + [(key, json.dumps(value)) for key, value in (extra_pnginfo or {}).items()]
 
 
-def exif_for(image, items):
-    exif = image.getexif()
+def exif_for(items):
+    """A fresh EXIF block for the items (never the image's own cached one, which would keep dropped items)."""
+    exif = Image.Exif()
     tag = 0x010F
     for key, text in items:
         if key == "prompt":
@@ -42,14 +43,15 @@ def encode(rgb, fmt, quality=80, items=(), lossless_webp=False, jpeg_full_chroma
             info.add_text(key, text)
         image.save(buffer, "PNG", pnginfo=info, compress_level=4)
     elif fmt == "webp":
-        image.save(buffer, "WEBP", quality=quality, lossless=lossless_webp, method=4, exif=exif_for(image, items))
+        image.save(buffer, "WEBP", quality=quality, lossless=lossless_webp, method=4, exif=exif_for(items))
     elif fmt == "jpeg":
         items = list(items)
-        while items and len(exif_for(image, items).tobytes()) > JPEG_EXIF_LIMIT:
-            dropped = items.pop(0)  # the prompt goes first, then the workflow
-            warnings.warn(f"JPEG EXIF is limited to 64 KB: the {dropped[0]} was not embedded (save PNG or WebP to keep it)",
-                          stacklevel=3)
-        image.save(buffer, "JPEG", quality=quality, subsampling=0 if jpeg_full_chroma else 2, exif=exif_for(image, items))
+        while items and len(exif_for(items).tobytes()) > JPEG_EXIF_LIMIT:
+            dropped = max(items, key=lambda item: len(item[1]))  # the largest first: usually the UI workflow, so the
+            items.remove(dropped)                                 # smaller prompt (which ComfyUI also loads) stays
+            warnings.warn(f"JPEG EXIF is limited to 64 KB: the {dropped[0]} ({len(dropped[1]) // 1024} KB) was not "
+                          "embedded (save PNG or WebP to keep it)", stacklevel=3)
+        image.save(buffer, "JPEG", quality=quality, subsampling=0 if jpeg_full_chroma else 2, exif=exif_for(items))
     else:
         raise ValueError(f"unknown format {fmt!r}; choose png, jpeg or webp")
     return buffer.getvalue()

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,7 +137,10 @@ def prepare(image, fmt, quality, do_watermark, items):
             notes.append(f"watermark skipped: {rgb.shape[1]}x{rgb.shape[0]} is below the 256x256 minimum")
         else:
             rgb, marked = watermark.embed(rgb), True
-    data = metadata.encode(rgb, fmt, quality, items)
+    with warnings.catch_warnings(record=True) as dropped:  # metadata over a format's limit: reported per image
+        warnings.simplefilter("always")
+        data = metadata.encode(rgb, fmt, quality, items)
+    notes += [str(warning.message) for warning in dropped]
     bits = None
     if marked:  # self-check on what is actually written: lossy formats and dark content can erase the mark
         bits = watermark.matched_bits(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))

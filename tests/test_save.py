@@ -326,3 +326,17 @@ def test_verify_answers_hostile_and_odd_files_with_a_report(tmp_path):
     assert kn.verify_image(tmp_path / "odd.jpg")["workflow"] is False
     with pytest.raises(kn.KleinError, match="missing.png: no such file"):
         kn.verify_image(tmp_path / "missing.png")
+
+
+def test_a_large_workflow_never_costs_the_jpeg(tmp_path):
+    """JPEG EXIF holds 64 KB: with a 100 KB workflow the image is still written, the workflow is dropped with a
+    note and the prompt kept; PNG keeps everything."""
+    workflow = {"nodes": [{"id": i, "type": "KleinSampler", "widgets_values": ["x" * 90]} for i in range(1000)]}
+    prompt = {"1": {"class_type": "KleinSampler", "inputs": {"seed": 1}}}
+    assert len(json.dumps(workflow)) > 100_000
+    (jpeg,) = save_image_records(pictures(1), tmp_path, format="jpeg", c2pa=False, prompt=prompt, workflow=workflow)
+    assert jpeg.path.exists()
+    assert any("the workflow (" in note and "was not embedded" in note for note in jpeg.notes)
+    assert metadata.read_workflow(jpeg.path) == (json.dumps(prompt), None)
+    (png,) = save_image_records(pictures(1), tmp_path, format="png", c2pa=False, prompt=prompt, workflow=workflow)
+    assert metadata.read_workflow(png.path) == (json.dumps(prompt), json.dumps(workflow)) and not png.notes
