@@ -27,6 +27,13 @@ def metadata_disabled():
     return bool(getattr(args, "disable_metadata", False))
 
 
+def report(record):
+    """One line per saved image for the node's UI: watermark bits read back, C2PA state, anything dropped."""
+    mark = "no watermark" if record.watermark_bits is None else f"watermark {record.watermark_bits}/46 bits read back"
+    c2pa = "C2PA signed" if record.signed else "not signed"
+    return "; ".join([record.path.name, mark, c2pa, *record.notes])
+
+
 class KleinSave:
     DESCRIPTION = ("Saves images with BFL's invisible FLUX watermark (self-checked), a signed C2PA manifest "
                    "(trainedAlgorithmicMedia; the prompt stays out of it) and ComfyUI's workflow metadata.")
@@ -62,7 +69,7 @@ class KleinSave:
                                      prompt=prompt, extra_pnginfo=extra_pnginfo, credentials=credentials_directory(),
                                      allow_unsigned=allow_unsigned, metadata_enabled=not metadata_disabled())
         ui = [{"filename": r.path.name, "subfolder": r.subfolder, "type": "output"} for r in records]
-        return {"ui": {"images": ui}, "result": (images,)}
+        return {"ui": {"images": ui, "text": [report(r) for r in records]}, "result": (images,)}
 
 
 class KleinVerify:

@@ -143,6 +143,8 @@ def test_save_and_verify_nodes(comfyui, monkeypatch):
                       extra_pnginfo={"workflow": WORKFLOW})
     (entry,) = out["ui"]["images"]
     assert entry == {"filename": "klein_00001_.png", "subfolder": "batch", "type": "output"}
+    (line,) = out["ui"]["text"]
+    assert line.startswith("klein_00001_.png; watermark 4") and line.endswith("/46 bits read back; C2PA signed")
     assert out["result"][0].shape == (1, 320, 384, 3)
     assert (comfyui.parent / "user" / "klein_nodes" / "c2pa" / "signer.key").exists()  # credentials: user folder
     assert not list((comfyui.parent / "output").rglob("*.pem")) and not list((comfyui.parent / "output").rglob("*.key"))
