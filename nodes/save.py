@@ -60,14 +60,18 @@ class KleinSave:
                 "allow_unsigned": ("BOOLEAN", {"default": False, "tooltip": "If signing is impossible, save unsigned "
                                                                             "instead of failing."}),
             },
+            "optional": {"mask": ("MASK", {"tooltip": "Transparency, as Load Image gives it (1 = transparent): saved "
+                                                      "as the alpha channel of PNG/WebP; JPEG is composited on white."})},
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
 
     def save(self, images, filename_prefix="klein", format="png", quality=80, watermark=True, c2pa=True,
-             allow_unsigned=False, prompt=None, extra_pnginfo=None):
+             allow_unsigned=False, mask=None, prompt=None, extra_pnginfo=None):
+        alpha = None if mask is None else 1 - mask.reshape(-1, *mask.shape[-2:]).float()
         records = save_image_records(images, comfy_output_directory(), filename_prefix, format, quality, watermark, c2pa,
                                      prompt=prompt, extra_pnginfo=extra_pnginfo, credentials=credentials_directory(),
-                                     allow_unsigned=allow_unsigned, metadata_enabled=not metadata_disabled())
+                                     allow_unsigned=allow_unsigned, metadata_enabled=not metadata_disabled(),
+                                     alpha=alpha)
         ui = [{"filename": r.path.name, "subfolder": r.subfolder, "type": "output"} for r in records]
         return {"ui": {"images": ui, "text": [report(r) for r in records]}, "result": (images,)}
 

@@ -8,6 +8,7 @@ import io
 import json
 import warnings
 
+import numpy as np
 from PIL import Image, PngImagePlugin
 
 MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -33,9 +34,10 @@ def exif_for(items):
     return exif
 
 
-def encode(rgb, fmt, quality=80, items=(), lossless_webp=False, jpeg_full_chroma=True):
-    """uint8 RGB array -> encoded bytes with the metadata items embedded (the file is signed after this)."""
-    image = Image.fromarray(rgb)
+def encode(rgb, fmt, quality=80, items=(), lossless_webp=False, jpeg_full_chroma=True, alpha=None):
+    """uint8 RGB array (and optional uint8 alpha plane, PNG/WebP) -> encoded bytes with the metadata items embedded
+    (the file is signed after this)."""
+    image = Image.fromarray(rgb) if alpha is None else Image.fromarray(np.dstack((rgb, alpha)), "RGBA")
     buffer = io.BytesIO()
     if fmt == "png":
         info = PngImagePlugin.PngInfo()
@@ -43,7 +45,8 @@ def encode(rgb, fmt, quality=80, items=(), lossless_webp=False, jpeg_full_chroma
             info.add_text(key, text)
         image.save(buffer, "PNG", pnginfo=info, compress_level=4)
     elif fmt == "webp":
-        image.save(buffer, "WEBP", quality=quality, lossless=lossless_webp, method=4, exif=exif_for(items))
+        # exact: colour under fully transparent pixels is kept, so the watermark in it survives
+        image.save(buffer, "WEBP", quality=quality, lossless=lossless_webp, method=4, exif=exif_for(items), exact=True)
     elif fmt == "jpeg":
         items = list(items)
         while items and len(exif_for(items).tobytes()) > JPEG_EXIF_LIMIT:

@@ -128,10 +128,28 @@ def write_new(folder, name, counter, extension, data):
     return target, counter
 
 
-def prepare(image, fmt, quality, do_watermark, items):
-    """Watermarked (when asked and large enough) and encoded bytes, the matched bits read back, and notes."""
+def to_alpha(opacity, fmt, rgb, notes):
+    """Opacity (H, W) in [0, 1] -> (uint8 alpha plane or None, rgb): PNG and WebP keep it; JPEG, which has no
+    transparency, gets the image composited on white, with a note."""
+    if opacity is None:
+        return None, rgb
+    array = opacity.float().cpu().numpy() if hasattr(opacity, "cpu") else np.asarray(opacity, dtype=np.float32)
+    if array.shape != rgb.shape[:2] or not np.isfinite(array).all():
+        raise KleinError(f"the opacity must be an (H, W) = {rgb.shape[:2]} array of finite values in 0..1, not "
+                         f"{array.shape}")
+    array = np.clip(array, 0, 1)
+    if fmt == "jpeg":
+        notes.append("JPEG has no transparency: the image was composited on white (save PNG or WebP to keep it)")
+        return None, (rgb * array[..., None] + 255 * (1 - array[..., None])).astype(np.uint8)
+    return (255.0 * array).astype(np.uint8), rgb
+
+
+def prepare(image, fmt, quality, do_watermark, items, opacity=None):
+    """Watermarked (when asked and large enough) and encoded bytes, the matched bits read back, and notes. The
+    watermark goes into the colour; an opacity plane is added to it afterwards."""
     notes = []
-    rgb, marked = to_uint8(image, notes), False
+    alpha, rgb = to_alpha(opacity, fmt, to_uint8(image, notes), notes)
+    marked = False
     if do_watermark:
         if rgb.shape[0] * rgb.shape[1] < watermark.MIN_PIXELS:
             notes.append(f"watermark skipped: {rgb.shape[1]}x{rgb.shape[0]} is below the 256x256 minimum")
@@ -139,7 +157,7 @@ def prepare(image, fmt, quality, do_watermark, items):
             rgb, marked = watermark.embed(rgb), True
     with warnings.catch_warnings(record=True) as dropped:  # metadata over a format's limit: reported per image
         warnings.simplefilter("always")
-        data = metadata.encode(rgb, fmt, quality, items)
+        data = metadata.encode(rgb, fmt, quality, items, alpha=alpha)
     notes += [str(warning.message) for warning in dropped]
     bits = None
     if marked:  # self-check on what is actually written: lossy formats and dark content can erase the mark
@@ -151,18 +169,20 @@ def prepare(image, fmt, quality, do_watermark, items):
 
 
 def save_images(images, directory, prefix="klein", format="png", quality=80, watermark=True, c2pa=True, prompt=None,
-                workflow=None, credentials=None, allow_unsigned=False, metadata_enabled=True, extra_pnginfo=None):
+                workflow=None, credentials=None, allow_unsigned=False, metadata_enabled=True, extra_pnginfo=None,
+                alpha=None):
     """Save (B, H, W, 3) images in [0, 1]; returns the written paths. See `save_image_records` for details."""
     return [record.path for record in save_image_records(
         images, directory, prefix, format, quality, watermark, c2pa, prompt, workflow, credentials, allow_unsigned,
-        metadata_enabled, extra_pnginfo)]
+        metadata_enabled, extra_pnginfo, alpha)]
 
 
 def save_image_records(images, directory, prefix="klein", format="png", quality=80, watermark=True, c2pa=True,
                        prompt=None, workflow=None, credentials=None, allow_unsigned=False, metadata_enabled=True,
-                       extra_pnginfo=None):
+                       extra_pnginfo=None, alpha=None):
     """Save images as `<prefix>_<counter:05>_.<ext>`: optional FLUX watermark (self-checked), ComfyUI metadata
     (prompt/workflow; none when `metadata_enabled` is False, as with --disable-metadata), a signed C2PA manifest.
+    `alpha`: opacity (B or 1, H, W) in [0, 1] for RGBA PNG/WebP (JPEG: composited on white, noted).
     If signing is impossible and `allow_unsigned` is False, nothing is written and KleinError is raised."""
     fmt = {"jpg": "jpeg"}.get(str(format).lower(), str(format).lower())
     if fmt not in FORMATS:
@@ -175,7 +195,10 @@ def save_image_records(images, directory, prefix="klein", format="png", quality=
     items = metadata.metadata_items(prompt, extra) if metadata_enabled else []
     folder, name, subfolder = output_folder(directory, prefix)
     signer = signing_credentials(c2pa, credentials, allow_unsigned)
-    prepared = [prepare(image, fmt, quality, watermark, items) for image in images]
+    if alpha is not None and len(alpha) not in (1, len(images)):
+        raise KleinError(f"{len(alpha)} opacity masks for {len(images)} images: give one, or one per image")
+    prepared = [prepare(image, fmt, quality, watermark, items, None if alpha is None else alpha[min(i, len(alpha) - 1)])
+                for i, image in enumerate(images)]
     records, counter = [], next_counter(folder, name)
     for data, bits, notes in prepared:
         data, signed = sign_or_note(data, fmt, f"{name}_{counter:05}_.{metadata.EXTENSIONS[fmt]}", signer, allow_unsigned,

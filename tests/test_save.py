@@ -342,3 +342,45 @@ def test_a_large_workflow_never_costs_the_jpeg(tmp_path):
     assert metadata.read_workflow(jpeg.path) == (json.dumps(prompt), None)
     (png,) = save_image_records(pictures(1), tmp_path, format="png", c2pa=False, prompt=prompt, workflow=workflow)
     assert metadata.read_workflow(png.path) == (json.dumps(prompt), json.dumps(workflow)) and not png.notes
+
+
+@pytest.mark.parametrize("fmt", ["png", "webp"])
+def test_transparency_is_saved_as_alpha_with_the_watermark_in_the_colour(tmp_path, credentials, fmt):
+    images = pictures(1, size=(320, 320))
+    opacity = torch.ones(1, 320, 320)
+    opacity[:, :, :100] = 0.0  # a transparent band
+    opacity[:, :, 100:140] = 0.5
+    (record,) = save_image_records(images, tmp_path, format=fmt, quality=90, credentials=credentials, alpha=opacity)
+    written = Image.open(record.path)
+    assert written.mode == "RGBA"
+    alpha = np.asarray(written)[..., 3]
+    expected = (255.0 * opacity[0].numpy()).astype(np.uint8)
+    assert np.abs(alpha.astype(int) - expected).max() <= (0 if fmt == "png" else 2)
+    assert record.signed and record.watermark_bits is not None
+    if fmt == "png":  # lossy WebP erases BFL's mark with or without alpha (a separate problem)
+        assert record.watermark_bits >= watermark.DETECTED_AT
+    assert c2pa_sign.verify(record.path, (credentials / "root.pem").read_bytes())["state"] == "Trusted"
+
+
+def test_jpeg_composites_transparency_on_white_and_says_so(tmp_path):
+    opacity = torch.zeros(1, 320, 384)
+    (record,) = save_image_records(pictures(1), tmp_path, format="jpeg", c2pa=False, alpha=opacity, watermark=False)
+    assert np.asarray(Image.open(record.path)).min() >= 250  # fully transparent: white
+    assert any("JPEG has no transparency" in note for note in record.notes)
+
+
+def test_opacity_must_fit_the_images(tmp_path):
+    with pytest.raises(kn.KleinError, match="must be an .H, W. = .320, 384. array"):
+        kn.save_images(pictures(1), tmp_path, c2pa=False, alpha=torch.ones(1, 10, 10))
+    with pytest.raises(kn.KleinError, match="3 opacity masks for 2 images"):
+        kn.save_images(pictures(2), tmp_path, c2pa=False, alpha=torch.ones(3, 320, 384))
+
+
+def test_save_node_takes_comfyuis_mask_as_transparency(comfyui):
+    from klein_nodes.nodes import NODE_CLASS_MAPPINGS
+
+    mask = torch.zeros(1, 320, 384)
+    mask[:, :50] = 1.0  # Load Image's convention: 1 = transparent
+    NODE_CLASS_MAPPINGS["KleinSave"]().save(pictures(1), "alpha", "png", 80, True, False, True, mask=mask)
+    alpha = np.asarray(Image.open(comfyui.parent / "output" / "alpha_00001_.png"))[..., 3]
+    assert (alpha[:50] == 0).all() and (alpha[50:] == 255).all()
