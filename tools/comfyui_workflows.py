@@ -80,6 +80,14 @@ def write_interop_models(models):
     write_vae(models / "vae" / "flux2-vae-full.safetensors", params=AutoEncoderParams())
 
 
+TRANSPARENT_SAVE = {  # Load Image's mask (1 = transparent) into Klein Watermark & Save: an RGBA PNG
+    "1": {"class_type": "LoadImage", "inputs": {"image": "inpaint_source.png"}},
+    "2": {"class_type": "KleinSave", "inputs": {"images": ["1", 0], "mask": ["1", 1], "filename_prefix": "alpha",
+                                               "format": "png", "quality": 80, "watermark": True, "c2pa": True,
+                                               "allow_unsigned": False}},
+}
+
+
 def interop_graphs():
     """{name: (graph, the name of the all-Klein graph it must match)}: core's MODEL and VAE into Klein nodes, and
     Klein latents into core's VAE nodes (EmptyFlux2LatentImage, VAEEncode, VAEDecode)."""
@@ -191,6 +199,7 @@ def main():
                 print(f"{'graph':38} {'status':8} {'seconds':>7} {'images':>6} {'vs twin':>8}  error")
                 graphs = {path.stem: (json.loads(path.read_text()), None)
                           for path in sorted((ROOT / "example_workflows" / "api").glob("*.json"))}
+                graphs["save_transparent_png"] = (TRANSPARENT_SAVE, None)
                 if has_native_klein(core):
                     graphs.update(interop_graphs())
                 saved = {}
