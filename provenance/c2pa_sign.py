@@ -5,6 +5,7 @@ signing certificate's lifetime, so the certificate the pack creates is long-live
 """
 
 import datetime
+import hashlib
 import io
 import json
 import os
@@ -13,6 +14,8 @@ from pathlib import Path
 from ..errors import KleinError
 
 TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
+COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA = ("http://cv.iptc.org/newscodes/digitalsourcetype/"
+                                            "compositeWithTrainedAlgorithmicMedia")
 SOFTWARE_AGENT = "FLUX.2 [klein] via Klein Nodes"
 VALIDITY_YEARS = 10
 
@@ -87,27 +90,48 @@ def load_credentials(credentials=None):
             "tsa_url": None, "root": (folder / "root.pem").read_bytes()}
 
 
-def manifest(title, mime, version):
+def manifest(title, mime, version, sources=()):
+    """The claim. Without `sources` the image was created by the model. `sources` ({"role", "title", "png"}) are
+    the images that shaped it, as ingredients: "edited" (img2img / inpainting input: opened, then edited) and
+    "reference" (input to the model)."""
+    agent = {"name": SOFTWARE_AGENT, "version": version}
+    references = [f"source-{i}" for i, s in enumerate(sources) if s["role"] == "reference"]
+    edited = [f"source-{i}" for i, s in enumerate(sources) if s["role"] == "edited"]
+    with_references = {"parameters": {"ingredientIds": references}} if references else {}
+    if edited:
+        actions = [{"action": "c2pa.opened", "parameters": {"ingredientIds": edited[:1]}},
+                   {"action": "c2pa.edited", "digitalSourceType": COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA,
+                    "softwareAgent": agent, **with_references}]
+    else:
+        actions = [{"action": "c2pa.created", "digitalSourceType": TRAINED_ALGORITHMIC_MEDIA, "softwareAgent": agent,
+                    **with_references}]
     return {
         "claim_generator_info": [{"name": "Klein Nodes", "version": version}],
         "title": title,
         "format": mime,
-        "assertions": [{"label": "c2pa.actions", "data": {"actions": [{
-            "action": "c2pa.created",
-            "digitalSourceType": TRAINED_ALGORITHMIC_MEDIA,
-            "softwareAgent": {"name": SOFTWARE_AGENT, "version": version},
-        }]}}],
+        "assertions": [{"label": "c2pa.actions.v2" if sources else "c2pa.actions", "data": {"actions": actions}}],
     }
 
 
-def sign(data, mime, title, credentials, version):
-    """Encoded image bytes -> the same image with a signed C2PA manifest (nothing may be written after this)."""
+def ingredient(index, source):
+    """The ingredient record of a source image: its role, title and the SHA-256 of the bytes it was read from."""
+    relationship = "parentOf" if source["role"] == "edited" and index == 0 else "inputTo"
+    return {"title": source["title"], "relationship": relationship, "label": f"source-{index}",
+            "instance_id": "sha256:" + hashlib.sha256(source["png"]).hexdigest()}
+
+
+def sign(data, mime, title, credentials, version, sources=()):
+    """Encoded image bytes -> the same image with a signed C2PA manifest (nothing may be written after this);
+    `sources`: see `manifest`."""
     import c2pa
 
     info = c2pa.C2paSignerInfo(credentials["alg"].encode(), credentials["chain"], credentials["key"],
                                credentials["tsa_url"].encode() if credentials["tsa_url"] else None)
     context = c2pa.Context.from_dict({"builder": {"thumbnail": {"enabled": False}}})
-    with c2pa.Signer.from_info(info) as signer, c2pa.Builder(manifest(title, mime, version), context) as builder:
+    sources = sorted(sources, key=lambda s: s["role"] != "edited")  # the edited image first: it is the parent
+    with c2pa.Signer.from_info(info) as signer, c2pa.Builder(manifest(title, mime, version, sources), context) as builder:
+        for index, source in enumerate(sources):
+            builder.add_ingredient(ingredient(index, source), "image/png", io.BytesIO(source["png"]))
         out = io.BytesIO()
         builder.sign(signer, mime, io.BytesIO(data), out)
     return out.getvalue()

@@ -170,19 +170,20 @@ def prepare(image, fmt, quality, do_watermark, items, opacity=None):
 
 def save_images(images, directory, prefix="klein", format="png", quality=80, watermark=True, c2pa=True, prompt=None,
                 workflow=None, credentials=None, allow_unsigned=False, metadata_enabled=True, extra_pnginfo=None,
-                alpha=None):
+                alpha=None, sources=None):
     """Save (B, H, W, 3) images in [0, 1]; returns the written paths. See `save_image_records` for details."""
     return [record.path for record in save_image_records(
         images, directory, prefix, format, quality, watermark, c2pa, prompt, workflow, credentials, allow_unsigned,
-        metadata_enabled, extra_pnginfo, alpha)]
+        metadata_enabled, extra_pnginfo, alpha, sources)]
 
 
 def save_image_records(images, directory, prefix="klein", format="png", quality=80, watermark=True, c2pa=True,
                        prompt=None, workflow=None, credentials=None, allow_unsigned=False, metadata_enabled=True,
-                       extra_pnginfo=None, alpha=None):
+                       extra_pnginfo=None, alpha=None, sources=None):
     """Save images as `<prefix>_<counter:05>_.<ext>`: optional FLUX watermark (self-checked), ComfyUI metadata
     (prompt/workflow; none when `metadata_enabled` is False, as with --disable-metadata), a signed C2PA manifest.
     `alpha`: opacity (B or 1, H, W) in [0, 1] for RGBA PNG/WebP (JPEG: composited on white, noted).
+    `sources`: the images that shaped the result, recorded in the manifest as ingredients (see `source_records`).
     If signing is impossible and `allow_unsigned` is False, nothing is written and KleinError is raised."""
     fmt = {"jpg": "jpeg"}.get(str(format).lower(), str(format).lower())
     if fmt not in FORMATS:
@@ -195,6 +196,7 @@ def save_image_records(images, directory, prefix="klein", format="png", quality=
     items = metadata.metadata_items(prompt, extra) if metadata_enabled else []
     folder, name, subfolder = output_folder(directory, prefix)
     signer = signing_credentials(c2pa, credentials, allow_unsigned)
+    ingredients = source_records(sources) if signer is not None else []
     if alpha is not None and len(alpha) not in (1, len(images)):
         raise KleinError(f"{len(alpha)} opacity masks for {len(images)} images: give one, or one per image")
     prepared = [prepare(image, fmt, quality, watermark, items, None if alpha is None else alpha[min(i, len(alpha) - 1)])
@@ -202,7 +204,7 @@ def save_image_records(images, directory, prefix="klein", format="png", quality=
     records, counter = [], next_counter(folder, name)
     for data, bits, notes in prepared:
         data, signed = sign_or_note(data, fmt, f"{name}_{counter:05}_.{metadata.EXTENSIONS[fmt]}", signer, allow_unsigned,
-                                    notes)
+                                    notes, ingredients)
         path, counter = write_new(folder, name, counter, metadata.EXTENSIONS[fmt], data)
         counter += 1
         for note in notes:
@@ -211,12 +213,33 @@ def save_image_records(images, directory, prefix="klein", format="png", quality=
     return records
 
 
-def sign_or_note(data, fmt, title, signer, allow_unsigned, notes):
+def source_records(sources):
+    """[{"role", "title", "png"}] for the C2PA ingredients: `sources` is [(role, title, image)], role "edited"
+    (the image img2img / inpainting changed) or "reference", image a tensor (H, W, 3) or (1, H, W, 3) in 0..1, a PIL
+    image or a file path; each is recorded as the PNG of its pixels."""
+    records = []
+    for role, title, image in sources or ():
+        if role not in ("edited", "reference"):
+            raise KleinError(f"source role {role!r}: use 'edited' or 'reference'")
+        if isinstance(image, (str, os.PathLike)):
+            with Image.open(image) as opened:
+                image = opened.convert("RGB")
+        if isinstance(image, Image.Image):
+            rgb = np.asarray(image.convert("RGB"))
+        else:
+            rgb = to_uint8(image.reshape(image.shape[-3:]) if hasattr(image, "reshape") else image, [])
+        buffer = io.BytesIO()
+        Image.fromarray(rgb).save(buffer, "PNG")
+        records.append({"role": role, "title": str(title), "png": buffer.getvalue()})
+    return records
+
+
+def sign_or_note(data, fmt, title, signer, allow_unsigned, notes, sources=()):
     """(bytes, signed): C2PA-signed bytes, or the unsigned bytes with a note when that is allowed."""
     if signer is None:
         return data, False
     try:
-        return c2pa_sign.sign(data, metadata.MIME[fmt], title, signer, __version__), True
+        return c2pa_sign.sign(data, metadata.MIME[fmt], title, signer, __version__, sources), True
     except Exception as e:  # c2pa raises its own error types; the message is what the user needs
         if not allow_unsigned:
             raise KleinError(f"C2PA signing failed ({e}); nothing was written for this image. Allow unsigned "
@@ -284,6 +307,12 @@ def verify_image(path, trust_anchor=None):
         prompt, workflow = metadata.read_workflow(path)
     except Exception as e:  # noqa: BLE001 (Pillow's decoders raise many types for damaged pixels or EXIF)
         report["codes"] = report["codes"] + [f"image not decoded: {type(e).__name__}: {e}"]
-    return {"c2pa": report["state"], "c2pa_codes": report["codes"], "watermark_bits": bits,
+    manifest = report.get("manifest") or {}
+    actions = [a.get("action") for assertion in manifest.get("assertions", [])
+               if assertion.get("label", "").startswith("c2pa.actions") for a in assertion["data"].get("actions", [])]
+    ingredients = [{key: i.get(key) for key in ("title", "relationship", "instance_id")}
+                   for i in manifest.get("ingredients", [])]
+    return {"c2pa": report["state"], "c2pa_codes": report["codes"], "c2pa_actions": actions,
+            "c2pa_ingredients": ingredients, "watermark_bits": bits,
             "watermark_total": len(watermark.FLUX_BITS), "watermark_detected": bits is not None and bits >= watermark.DETECTED_AT,
             "workflow": workflow is not None, "prompt": prompt is not None}

@@ -1,5 +1,6 @@
 """Watermark & save: naming, metadata, C2PA signing and verification, failure handling, never overwriting."""
 
+import io
 import json
 import sys
 import time
@@ -384,3 +385,25 @@ def test_save_node_takes_comfyuis_mask_as_transparency(comfyui):
     NODE_CLASS_MAPPINGS["KleinSave"]().save(pictures(1), "alpha", "png", 80, True, False, True, mask=mask)
     alpha = np.asarray(Image.open(comfyui.parent / "output" / "alpha_00001_.png"))[..., 3]
     assert (alpha[:50] == 0).all() and (alpha[50:] == 255).all()
+
+
+def test_an_edits_manifest_lists_the_images_that_shaped_it(tmp_path, credentials):
+    import hashlib
+
+    source, reference = pictures(1, seed=1), Image.fromarray(np.full((64, 80, 3), 200, dtype=np.uint8))
+    sources = [("reference", "reference_1.png", reference), ("edited", "photo.png", source)]
+    (path,) = kn.save_images(pictures(1), tmp_path, credentials=credentials, sources=sources)
+    report = kn.verify_image(path, (credentials / "root.pem").read_bytes())
+    assert report["c2pa"] == "Trusted" and report["c2pa_actions"] == ["c2pa.opened", "c2pa.edited"]
+    by_title = {i["title"]: i for i in report["c2pa_ingredients"]}
+    assert by_title["photo.png"]["relationship"] == "parentOf"
+    assert by_title["reference_1.png"]["relationship"] == "inputTo"
+    png = io.BytesIO()
+    reference.save(png, "PNG")
+    assert by_title["reference_1.png"]["instance_id"] == "sha256:" + hashlib.sha256(png.getvalue()).hexdigest()
+    (created,) = kn.save_images(pictures(1), tmp_path, credentials=credentials, sources=sources[:1])
+    report = kn.verify_image(created, (credentials / "root.pem").read_bytes())
+    assert report["c2pa"] == "Trusted" and report["c2pa_actions"] == ["c2pa.created"]
+    assert [i["relationship"] for i in report["c2pa_ingredients"]] == ["inputTo"]
+    (plain,) = kn.save_images(pictures(1), tmp_path, credentials=credentials)
+    assert kn.verify_image(plain, (credentials / "root.pem").read_bytes())["c2pa_ingredients"] == []
