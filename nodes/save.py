@@ -4,6 +4,7 @@ import json
 import os
 
 from ..provenance.save import FORMATS, save_image_records, verify_image
+from .sampling import IMAGE_SLOTS
 
 
 def comfy_output_directory():
@@ -25,6 +26,39 @@ def metadata_disabled():
     except ImportError:
         return False
     return bool(getattr(args, "disable_metadata", False))
+
+
+# inputs through which a loaded image shapes a result: as a reference, or as the image being edited
+REFERENCE_INPUTS = {"KleinReferences": IMAGE_SLOTS, "KleinGenerate": IMAGE_SLOTS}
+EDITED_INPUTS = {"KleinVAEEncode": ("image",), "VAEEncode": ("pixels",), "VAEEncodeForInpaint": ("pixels",)}
+
+
+def graph_sources(prompt, node_id):
+    """[(role, file name)] of the Load Image nodes whose image reaches node `node_id` of the API `prompt` through a
+    reference input or an encode-for-editing input, for the C2PA ingredients."""
+    found, seen, stack = [], set(), [str(node_id)]
+    while stack:
+        current = stack.pop()
+        if current in seen or current not in (prompt or {}):
+            continue
+        seen.add(current)
+        kind = prompt[current].get("class_type")
+        for name, value in prompt[current].get("inputs", {}).items():
+            if not (isinstance(value, list) and len(value) == 2):
+                continue
+            upstream = prompt.get(str(value[0]), {})
+            stack.append(str(value[0]))
+            role = ("reference" if name in REFERENCE_INPUTS.get(kind, ()) else
+                    "edited" if name in EDITED_INPUTS.get(kind, ()) else None)
+            if role and upstream.get("class_type") == "LoadImage" and (role, upstream["inputs"].get("image")) not in found:
+                found.append((role, upstream["inputs"].get("image")))
+    return found
+
+
+def input_file(name):
+    import folder_paths
+
+    return folder_paths.get_annotated_filepath(name)
 
 
 def report(record):
@@ -62,16 +96,18 @@ class KleinSave:
             },
             "optional": {"mask": ("MASK", {"tooltip": "Transparency, as Load Image gives it (1 = transparent): saved "
                                                       "as the alpha channel of PNG/WebP; JPEG is composited on white."})},
-            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
+            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "unique_id": "UNIQUE_ID"},
         }
 
     def save(self, images, filename_prefix="klein", format="png", quality=80, watermark=True, c2pa=True,
-             allow_unsigned=False, mask=None, prompt=None, extra_pnginfo=None):
+             allow_unsigned=False, mask=None, prompt=None, extra_pnginfo=None, unique_id=None):
         alpha = None if mask is None else 1 - mask.reshape(-1, *mask.shape[-2:]).float()
+        sources = [(role, name, path) for role, name in (graph_sources(prompt, unique_id) if c2pa else [])
+                   if os.path.isfile(path := input_file(name))]  # an input deleted since the run is left out
         records = save_image_records(images, comfy_output_directory(), filename_prefix, format, quality, watermark, c2pa,
                                      prompt=prompt, extra_pnginfo=extra_pnginfo, credentials=credentials_directory(),
                                      allow_unsigned=allow_unsigned, metadata_enabled=not metadata_disabled(),
-                                     alpha=alpha)
+                                     alpha=alpha, sources=sources)
         ui = [{"filename": r.path.name, "subfolder": r.subfolder, "type": "output"} for r in records]
         return {"ui": {"images": ui, "text": [report(r) for r in records]}, "result": (images,)}
 

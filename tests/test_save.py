@@ -407,3 +407,27 @@ def test_an_edits_manifest_lists_the_images_that_shaped_it(tmp_path, credentials
     assert [i["relationship"] for i in report["c2pa_ingredients"]] == ["inputTo"]
     (plain,) = kn.save_images(pictures(1), tmp_path, credentials=credentials)
     assert kn.verify_image(plain, (credentials / "root.pem").read_bytes())["c2pa_ingredients"] == []
+
+
+def test_save_node_records_the_loaded_images_that_shaped_the_result(comfyui, monkeypatch):
+    """The API prompt tells which Load Image files reached the save node as references or as the edited image."""
+    from klein_nodes.nodes import NODE_CLASS_MAPPINGS, save
+
+    inputs = comfyui.parent / "input"
+    inputs.mkdir()
+    for name in ("photo.png", "ref.png", "unused.png"):
+        Image.fromarray(np.full((64, 64, 3), len(name), dtype=np.uint8)).save(inputs / name)
+    monkeypatch.setattr(save, "input_file", lambda name: str(inputs / name))
+    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
+              "2": {"class_type": "LoadImage", "inputs": {"image": "ref.png"}},
+              "3": {"class_type": "LoadImage", "inputs": {"image": "unused.png"}},
+              "4": {"class_type": "KleinVAEEncode", "inputs": {"image": ["1", 0], "vae": ["9", 0]}},
+              "5": {"class_type": "KleinReferences", "inputs": {"image_1": ["2", 0], "conditioning": ["8", 0]}},
+              "6": {"class_type": "KleinSampler", "inputs": {"latent": ["4", 0], "positive": ["5", 0]}},
+              "7": {"class_type": "KleinSave", "inputs": {"images": ["6", 0]}}}
+    assert save.graph_sources(prompt, "7") == [("reference", "ref.png"), ("edited", "photo.png")]
+    NODE_CLASS_MAPPINGS["KleinSave"]().save(pictures(1), "edit", prompt=prompt, unique_id="7")
+    report = kn.verify_image(comfyui.parent / "output" / "edit_00001_.png",
+                             (comfyui.parent / "user" / "klein_nodes" / "c2pa" / "root.pem").read_bytes())
+    assert report["c2pa"] == "Trusted" and report["c2pa_actions"] == ["c2pa.opened", "c2pa.edited"]
+    assert sorted(i["title"] for i in report["c2pa_ingredients"]) == ["photo.png", "ref.png"]
