@@ -88,6 +88,16 @@ TRANSPARENT_SAVE = {  # Load Image's mask (1 = transparent) into Klein Watermark
 }
 
 
+EDIT_SAVE = {  # an encoded and decoded input saved by Klein Watermark & Save: its manifest lists the input
+    "1": {"class_type": "LoadImage", "inputs": {"image": "reference_1.png"}},
+    "2": {"class_type": "KleinVAELoader", "inputs": {"vae_name": "flux2-vae.safetensors", "weight_dtype": "default"}},
+    "3": {"class_type": "KleinVAEEncode", "inputs": {"vae": ["2", 0], "image": ["1", 0], "tiled": "disable"}},
+    "4": {"class_type": "KleinVAEDecode", "inputs": {"vae": ["2", 0], "latent": ["3", 0], "tiled": "disable"}},
+    "5": {"class_type": "KleinSave", "inputs": {"images": ["4", 0], "filename_prefix": "edit", "format": "png",
+                                               "quality": 80, "watermark": True, "c2pa": True, "allow_unsigned": False}},
+}
+
+
 def interop_graphs():
     """{name: (graph, the name of the all-Klein graph it must match)}: core's MODEL and VAE into Klein nodes, and
     Klein latents into core's VAE nodes (EmptyFlux2LatentImage, VAEEncode, VAEDecode)."""
@@ -200,6 +210,7 @@ def main():
                 graphs = {path.stem: (json.loads(path.read_text()), None)
                           for path in sorted((ROOT / "example_workflows" / "api").glob("*.json"))}
                 graphs["save_transparent_png"] = (TRANSPARENT_SAVE, None)
+                graphs["save_edit_with_ingredients"] = (EDIT_SAVE, None)
                 if has_native_klein(core):
                     graphs.update(interop_graphs())
                 saved = {}
