@@ -227,7 +227,9 @@ def source_records(sources):
         if isinstance(image, Image.Image):
             rgb = np.asarray(image.convert("RGB"))
         else:
-            rgb = to_uint8(image.reshape(image.shape[-3:]) if hasattr(image, "reshape") else image, [])
+            if len(image.shape) == 4 and image.shape[0] != 1:
+                raise KleinError(f"source {title!r} is a batch of {image.shape[0]} images; give one per source")
+            rgb = to_uint8(image[0] if len(image.shape) == 4 else image, [])
         buffer = io.BytesIO()
         Image.fromarray(rgb).save(buffer, "PNG")
         records.append({"role": role, "title": str(title), "png": buffer.getvalue()})

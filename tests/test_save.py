@@ -431,3 +431,10 @@ def test_save_node_records_the_loaded_images_that_shaped_the_result(comfyui, mon
                              (comfyui.parent / "user" / "klein_nodes" / "c2pa" / "root.pem").read_bytes())
     assert report["c2pa"] == "Trusted" and report["c2pa_actions"] == ["c2pa.opened", "c2pa.edited"]
     assert sorted(i["title"] for i in report["c2pa_ingredients"]) == ["photo.png", "ref.png"]
+
+
+def test_sources_are_checked(tmp_path, credentials):
+    with pytest.raises(kn.KleinError, match="source role 'input': use 'edited' or 'reference'"):
+        kn.save_images(pictures(1), tmp_path, credentials=credentials, sources=[("input", "a.png", pictures(1))])
+    with pytest.raises(kn.KleinError, match="source 'b.png' is a batch of 2 images"):
+        kn.save_images(pictures(1), tmp_path, credentials=credentials, sources=[("reference", "b.png", pictures(2))])
