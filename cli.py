@@ -37,7 +37,7 @@ def bounded(kind, low, high=None):
     return parse
 
 
-non_negative, positive = bounded(int, 0), bounded(int, 1)
+non_negative = bounded(int, 0)
 
 
 def check_generate_inputs(args):

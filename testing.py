@@ -26,6 +26,9 @@ TINY_TRANSFORMER = Flux2Params(
     mlp_hidden_dim=192,
     axes_dim=(8, 8, 8, 8),
 )
+# the smallest transformer ComfyUI's own klein detection accepts: heads of 128, mlp ratio 3
+CORE_TINY_TRANSFORMER = Flux2Params(**{**TINY_TRANSFORMER.__dict__, "hidden_size": 256, "num_heads": 2,
+                                       "mlp_hidden_dim": 768, "axes_dim": (32, 32, 32, 32)})
 
 
 def random_state_dict(module, seed=0, dtype=torch.float32):

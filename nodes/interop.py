@@ -33,6 +33,13 @@ def core_vae_conv(match):
     return ("encoder." if match.group(1) == "quant_conv" else "decoder.") + match.group(0)
 
 
+def cached_view(owner, build):
+    """The klein module built once over core module `owner`, kept as a plain attribute (never a submodule)."""
+    if "klein_view" not in owner.__dict__:
+        owner.__dict__["klein_view"] = build()
+    return owner.__dict__["klein_view"]
+
+
 def klein_transformer(model):
     """A KLEIN_MODEL as is; a core MODEL holding FLUX.2 klein as our transformer over its weights."""
     if isinstance(model, torch.nn.Module):
@@ -44,13 +51,11 @@ def klein_transformer(model):
     if getattr(model, "patches", None):
         raise KleinError("this MODEL carries ComfyUI weight patches (a LoRA from Load LoRA, ...), which Klein Sampler "
                          "cannot apply: load the LoRA with Klein LoRA on a Klein model, or sample with core's KSampler")
-    view = diffusion.__dict__.get("klein_view")
-    if view is None:
+    def build():
         tensors = plain_tensors(diffusion, "MODEL", "load the file with Klein Load Transformer, which keeps it quantized")
-        view = transformer_from_state_dict({CORE_QK_NORM.sub(r".\1.scale", k): v for k, v in tensors.items()},
+        return transformer_from_state_dict({CORE_QK_NORM.sub(r".\1.scale", k): v for k, v in tensors.items()},
                                            f"ComfyUI MODEL ({type(model.model).__name__})")
-        diffusion.__dict__["klein_view"] = view  # a plain attribute: never a submodule of core's model
-    return view
+    return cached_view(diffusion, build)
 
 
 def klein_vae(vae):
@@ -60,9 +65,7 @@ def klein_vae(vae):
     first_stage = getattr(vae, "first_stage_model", None)
     if first_stage is None:
         raise KleinError(f"the vae input got a {type(vae).__name__}: connect Klein Load VAE or ComfyUI's Load VAE")
-    view = first_stage.__dict__.get("klein_view")
-    if view is None:
+    def build():
         tensors = plain_tensors(first_stage, "VAE", "load the file with Klein Load VAE")
-        view = vae_from_state_dict({CORE_VAE_CONVS.sub(core_vae_conv, k): v for k, v in tensors.items()}, "ComfyUI VAE")
-        first_stage.__dict__["klein_view"] = view
-    return view
+        return vae_from_state_dict({CORE_VAE_CONVS.sub(core_vae_conv, k): v for k, v in tensors.items()}, "ComfyUI VAE")
+    return cached_view(first_stage, build)

@@ -107,11 +107,10 @@ def check_native_fp8(kn, folder):
     from safetensors.torch import load_file, save_file
 
     from klein_nodes.quant.convert import quantize_file
-    from klein_nodes.testing import TINY_TRANSFORMER, sample_forward, write_transformer
+    from klein_nodes.testing import CORE_TINY_TRANSFORMER, sample_forward, write_transformer
 
-    params = TINY_TRANSFORMER.__class__(**{**TINY_TRANSFORMER.__dict__, "hidden_size": 256, "num_heads": 2,
-                                           "mlp_hidden_dim": 768, "axes_dim": (32, 32, 32, 32)})
-    source, _ = write_transformer(folder / "core-klein.safetensors", params=params, dtype=torch.float32, seed=4)
+    source, _ = write_transformer(folder / "core-klein.safetensors", params=CORE_TINY_TRANSFORMER, dtype=torch.float32,
+                                  seed=4)
     quantize_file(source, folder / "core-klein-fp8.safetensors", "fp8")
     unmarked = {k: v for k, v in load_file(str(folder / "core-klein-fp8.safetensors")).items()
                 if not k.endswith(".comfy_quant")}

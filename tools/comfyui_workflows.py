@@ -72,11 +72,9 @@ def prepare(base):
 def write_interop_models(models):
     """A transformer core's detection accepts (heads of 128, mlp ratio 3) and the full-size FLUX.2 VAE."""
     from klein_nodes.models.autoencoder import AutoEncoderParams
-    from klein_nodes.testing import TINY_TRANSFORMER, write_transformer, write_vae
+    from klein_nodes.testing import CORE_TINY_TRANSFORMER, write_transformer, write_vae
 
-    params = TINY_TRANSFORMER.__class__(**{**TINY_TRANSFORMER.__dict__, "hidden_size": 256, "num_heads": 2,
-                                           "mlp_hidden_dim": 768, "axes_dim": (32, 32, 32, 32)})
-    write_transformer(models / "diffusion_models" / "klein-core-tiny.safetensors", params=params)
+    write_transformer(models / "diffusion_models" / "klein-core-tiny.safetensors", params=CORE_TINY_TRANSFORMER)
     write_vae(models / "vae" / "flux2-vae-full.safetensors", params=AutoEncoderParams())
 
 
