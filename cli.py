@@ -267,8 +267,9 @@ def generate(args):
     from .provenance.save import save_file
 
     for image, path in zip(images, paths):
-        record = save_file(image, path, quality=args.quality, watermark=not args.no_watermark, c2pa=not args.no_c2pa,
-                           prompt={"prompt": args.prompt, "seed": pipeline.last_seed}, allow_unsigned=args.allow_unsigned)
+        record = save_file(image, path, quality=args.quality, watermark=not args.no_watermark and args.watermark_mode,
+                           c2pa=not args.no_c2pa, prompt={"prompt": args.prompt, "seed": pipeline.last_seed},
+                           allow_unsigned=args.allow_unsigned)
         for note in record.notes:
             print(f"note: {path.name}: {note}", file=sys.stderr)
         print(path)
@@ -345,6 +346,9 @@ def main(argv=None):
     gen.add_argument("--tiny-random", action="store_true", help="tiny random models: checks the wiring, no weights needed")
     gen.add_argument("--quality", type=bounded(int, 1, 100), default=90, help="JPEG/WebP quality 1-100")
     gen.add_argument("--no-watermark", action="store_true", help="skip the invisible FLUX watermark")
+    gen.add_argument("--watermark-mode", default="robust", choices=("robust", "standard"),
+                     help="robust (default): survives JPEG/WebP saves at quality 75+; standard: BFL's embedding, "
+                          "byte-identical to imwatermark")
     gen.add_argument("--no-c2pa", action="store_true", help="skip the signed C2PA manifest")
     gen.add_argument("--allow-unsigned", action="store_true", help="save unsigned if C2PA signing is impossible")
     gen.set_defaults(run=generate)

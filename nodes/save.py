@@ -85,26 +85,32 @@ class KleinSave:
                 "filename_prefix": ("STRING", {"default": "klein", "tooltip": "File name prefix; 'folder/name' saves "
                                                                              "into a subfolder of the output folder."}),
                 "format": (list(FORMATS), {"default": "png", "tooltip": "PNG keeps the watermark and loads the workflow "
-                                                                       "on drop; JPEG is saved 4:4:4 so the mark survives."}),
+                                                                       "on drop; JPEG is saved 4:4:4."}),
                 "quality": ("INT", {"default": 80, "min": 1, "max": 100,
                                     "tooltip": "JPEG/WebP quality (the hosted klein APIs use 80). Ignored for PNG."}),
-                "watermark": ("BOOLEAN", {"default": True, "tooltip": "Embed the invisible FLUX watermark."}),
+                "watermark": ("BOOLEAN", {"default": True, "tooltip": "Embed the invisible FLUX watermark (any FLUX "
+                                                                      "watermark detector reads it)."}),
                 "c2pa": ("BOOLEAN", {"default": True, "tooltip": "Sign Content Credentials (C2PA) with the local "
                                                                  "credentials (created on first use in ComfyUI's user folder)."}),
                 "allow_unsigned": ("BOOLEAN", {"default": False, "tooltip": "If signing is impossible, save unsigned "
                                                                             "instead of failing."}),
             },
             "optional": {"mask": ("MASK", {"tooltip": "Transparency, as Load Image gives it (1 = transparent): saved "
-                                                      "as the alpha channel of PNG/WebP; JPEG is composited on white."})},
+                                                      "as the alpha channel of PNG/WebP; JPEG is composited on white."}),
+                         "watermark_mode": (["robust", "standard"], {
+                             "default": "robust", "tooltip": "robust: placed so the mark survives JPEG/WebP saves and "
+                             "re-saves at quality 75+ (PSNR >= 35 dB). standard: BFL's embedding, byte-identical to "
+                             "imwatermark; lost by most lossy saves."})},
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "unique_id": "UNIQUE_ID"},
         }
 
     def save(self, images, filename_prefix="klein", format="png", quality=80, watermark=True, c2pa=True,
-             allow_unsigned=False, mask=None, prompt=None, extra_pnginfo=None, unique_id=None):
+             allow_unsigned=False, mask=None, watermark_mode="robust", prompt=None, extra_pnginfo=None, unique_id=None):
         alpha = None if mask is None else 1 - mask.reshape(-1, *mask.shape[-2:]).float()
         sources = [(role, name, path) for role, name in (graph_sources(prompt, unique_id) if c2pa else [])
                    if os.path.isfile(path := input_file(name))]  # an input deleted since the run is left out
-        records = save_image_records(images, comfy_output_directory(), filename_prefix, format, quality, watermark, c2pa,
+        mode = watermark and watermark_mode
+        records = save_image_records(images, comfy_output_directory(), filename_prefix, format, quality, mode, c2pa,
                                      prompt=prompt, extra_pnginfo=extra_pnginfo, credentials=credentials_directory(),
                                      allow_unsigned=allow_unsigned, metadata_enabled=not metadata_disabled(),
                                      alpha=alpha, sources=sources)

@@ -22,6 +22,7 @@ from . import c2pa_sign, metadata, watermark
 
 log = logging.getLogger("klein_nodes")
 FORMATS = ("png", "jpeg", "webp")
+WATERMARK_MODES = (True, False, "robust", "standard")
 MAX_SIDE = {"png": 2**31 - 1, "jpeg": 65500, "webp": 16383}  # the formats' own limits
 MAX_NAME_BYTES = 200  # a file name with the counter and extension stays under the usual 255-byte limit
 VERIFY_MAX_PIXELS = 64 * 2**20
@@ -144,6 +145,17 @@ def to_alpha(opacity, fmt, rgb, notes):
     return (255.0 * array).astype(np.uint8), rgb
 
 
+def decoded(data):
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def check_watermark_mode(mode):
+    if mode not in WATERMARK_MODES:
+        raise KleinError(f"watermark={mode!r}: use True or 'robust' (survives JPEG/WebP), 'standard' (BFL's "
+                         "embedding, byte-identical to imwatermark) or False")
+    return {True: "robust"}.get(mode, mode)
+
+
 def prepare(image, fmt, quality, do_watermark, items, opacity=None):
     """Watermarked (when asked and large enough) and encoded bytes, the matched bits read back, and notes. The
     watermark goes into the colour; an opacity plane is added to it afterwards."""
@@ -153,15 +165,18 @@ def prepare(image, fmt, quality, do_watermark, items, opacity=None):
     if do_watermark:
         if rgb.shape[0] * rgb.shape[1] < watermark.MIN_PIXELS:
             notes.append(f"watermark skipped: {rgb.shape[1]}x{rgb.shape[0]} is below the 256x256 minimum")
-        else:
+        elif do_watermark == "standard":
             rgb, marked = watermark.embed(rgb), True
+        else:  # robust, compensated also for this very save when it is lossy
+            this_save = [] if fmt == "png" else [lambda x: decoded(metadata.encode(x, fmt, quality, alpha=alpha))]
+            rgb, marked = watermark.embed_robust(rgb, codecs=this_save), True
     with warnings.catch_warnings(record=True) as dropped:  # metadata over a format's limit: reported per image
         warnings.simplefilter("always")
         data = metadata.encode(rgb, fmt, quality, items, alpha=alpha)
     notes += [str(warning.message) for warning in dropped]
     bits = None
     if marked:  # self-check on what is actually written: lossy formats and dark content can erase the mark
-        bits = watermark.matched_bits(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+        bits = watermark.matched_bits(decoded(data))
         if bits < watermark.DETECTED_AT:
             notes.append(f"watermark embedded but only {bits}/{len(watermark.FLUX_BITS)} bits read back "
                          f"({'lossy ' + fmt if fmt != 'png' else 'dark or flat content'}); it will not be detected")
@@ -180,7 +195,8 @@ def save_images(images, directory, prefix="klein", format="png", quality=80, wat
 def save_image_records(images, directory, prefix="klein", format="png", quality=80, watermark=True, c2pa=True,
                        prompt=None, workflow=None, credentials=None, allow_unsigned=False, metadata_enabled=True,
                        extra_pnginfo=None, alpha=None, sources=None):
-    """Save images as `<prefix>_<counter:05>_.<ext>`: optional FLUX watermark (self-checked), ComfyUI metadata
+    """Save images as `<prefix>_<counter:05>_.<ext>`: optional FLUX watermark (self-checked; `watermark` True or
+    "robust": survives JPEG/WebP saves, "standard": BFL's embedding, byte-identical to imwatermark), ComfyUI metadata
     (prompt/workflow; none when `metadata_enabled` is False, as with --disable-metadata), a signed C2PA manifest.
     `alpha`: opacity (B or 1, H, W) in [0, 1] for RGBA PNG/WebP (JPEG: composited on white, noted).
     `sources`: the images that shaped the result, recorded in the manifest as ingredients (see `source_records`).
@@ -189,6 +205,7 @@ def save_image_records(images, directory, prefix="klein", format="png", quality=
     if fmt not in FORMATS:
         raise KleinError(f"format {format!r} is not supported; choose png, jpeg or webp")
     check_quality(quality)
+    watermark = check_watermark_mode(watermark)
     check_images(images, fmt)
     extra = dict(extra_pnginfo or {})
     if workflow is not None:
@@ -258,6 +275,7 @@ def save_file(image, path, quality=90, watermark=True, c2pa=True, prompt=None, c
     if fmt is None:
         raise KleinError(f"{path}: the output must end in .png, .jpg or .webp")
     check_quality(quality)
+    watermark = check_watermark_mode(watermark)
     check_images([image], fmt)
     signer = signing_credentials(c2pa, credentials, allow_unsigned)
     data, bits, notes = prepare(image, fmt, quality, watermark, metadata.metadata_items(prompt, {}))

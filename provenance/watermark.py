@@ -117,3 +117,108 @@ def decode(rgb, length=len(FLUX_BITS)):
 def matched_bits(rgb, bits=FLUX_BITS):
     """How many of the FLUX watermark's bits the image carries (46 = all; unmarked images score ~18 or 28)."""
     return sum(a == b for a, b in zip(decode(rgb, len(bits)), bits))
+
+
+# Robust mode: the same mark for the same decoder, placed where JPEG and WebP keep it. BFL's embedding moves one 2x2
+# pixel spot of U per 8x8 block; chroma subsampling and quantisation average such spots away (reads fall to ~18/46).
+# Here whole 8x8 blocks of U move uniformly (the block's peak stays its peak; JPEG's and WebP's chroma transforms are
+# aligned to these blocks, so the shift survives as a DC term), each block only into the +-ZONE window around its
+# bit's bin centre, pre-compensated for what the codecs below do to it, and on the cheapest blocks of every bit up
+# to a PSNR budget: the decoder's per-bit majority needs most blocks of each bit, not all.
+ZONE = 6.0  # LL units either side of a bin centre (the bins are 18 wide)
+BUDGET_DB = 35.5  # PSNR the block selection aims at
+MIN_PSNR_DB = 35.0  # never below this
+PIXEL = 8  # a 4x4 block of the half-size low band
+KEEP_Y = np.array([0.0, -0.395, 2.032])  # RGB change that moves U by 1 with Y and V unchanged
+U_GRADIENT = np.array([-0.299, -0.587, 0.886]) * 0.492  # dU/d(R, G, B)
+MAX_SIDE = {"jpeg": 65500, "webp": 16383}
+SHARING_CODECS = (("jpeg", 75, 2), ("jpeg", 75, 0), ("webp", 75, None), ("jpeg", 90, 2), ("webp", 90, None))
+
+
+def roundtrip(rgb, fmt, quality, subsampling=0):
+    """What an image looks like after a JPEG (subsampling 0 = 4:4:4, 2 = 4:2:0) or WebP save at `quality`."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    options = {"subsampling": subsampling} if fmt == "jpeg" else {"method": 4}
+    Image.fromarray(rgb).save(buffer, fmt.upper(), quality=quality, **options)
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+def bin_errors(rgb, bits):
+    """Per block, the signed distance (LL units) from what the decoder reads to the centre of the wanted bin."""
+    height, width = rgb.shape[0] // 4 * 4, rgb.shape[1] // 4 * 4
+    ll, _ = dwt2(bgr_to_yuv(rgb[..., ::-1])[:height, :width, 1])
+    flat, peak, _ = block_peaks(ll)
+    error = (0.25 + 0.5 * bits) * STEP - np.abs(flat[np.arange(len(flat)), peak]) % STEP
+    return (error + STEP / 2) % STEP - STEP / 2
+
+
+def shift_blocks(rgb, delta, grid):
+    """`rgb` with U moved by delta/2 over each 8x8 block (delta in LL units): along Y- and V-neutral blue/green,
+    and where that clips, along U's gradient through the channels that can still move."""
+    rows, cols = grid
+    target = np.zeros(rgb.shape[:2], dtype=np.float32)
+    per_block = (delta.reshape(rows, cols) / 2).astype(np.float32)
+    target[: rows * PIXEL, : cols * PIXEL] = per_block.repeat(PIXEL, 0).repeat(PIXEL, 1)
+    out = rgb.astype(np.float32)
+    out += target[..., None] * KEEP_Y.astype(np.float32)
+    clipped = ((out < 0) | (out > 255)).any(-1)
+    start, want = rgb[clipped].astype(np.float64), target[clipped]
+    fixed = np.clip(out[clipped], 0, 255)
+    for _ in range(2):
+        short = want - (fixed - start) @ U_GRADIENT
+        movable = np.where(short[..., None] * U_GRADIENT > 0, fixed < 255, fixed > 0)
+        direction = U_GRADIENT * movable
+        norm = (direction * direction).sum(-1)
+        fixed = np.clip(fixed + (short / np.maximum(norm, 1e-9) * (norm > 0))[..., None] * direction, 0, 255)
+    out[clipped] = fixed
+    return np.clip(np.round(out, out=out), 0, 255, out=out).astype(np.uint8)
+
+
+def into_zone(error):
+    return np.sign(error) * np.maximum(np.abs(error) - ZONE, 0)
+
+
+def cheapest(cost, period, share):
+    """Per bit (blocks i, i + period, ...), the cheapest `share` of its blocks."""
+    bit = np.arange(len(cost)) % period
+    order = np.lexsort((cost, bit))
+    rank = np.empty(len(cost), dtype=np.int64)
+    starts = np.searchsorted(bit[order], np.arange(period))
+    rank[order] = np.arange(len(cost)) - starts[bit[order]]
+    return rank < np.ceil(share * np.bincount(bit, minlength=period))[bit]
+
+
+def psnr(a, b):
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def embed_robust(rgb, bits=FLUX_BITS, codecs=(), iterations=2):
+    """Watermark a uint8 RGB image so that `decode` (and imwatermark's dwtDct decoder) still reads it after JPEG
+    4:2:0/4:4:4 and WebP saves at quality 75-90; `codecs` adds callables rgb -> rgb (the save that will follow) to
+    the compensation. Costs at least MIN_PSNR_DB."""
+    check_size(rgb)
+    rows, cols = rgb.shape[0] // 4 * 2 // BLOCK, rgb.shape[1] // 4 * 2 // BLOCK  # low-band blocks
+    wanted = np.asarray(bits, dtype=np.float64)[np.arange(rows * cols) % len(bits)]
+    fits = [c for c in SHARING_CODECS if max(rgb.shape[:2]) <= MAX_SIDE[c[0]]]
+    simulated = [lambda x, c=c: roundtrip(x, *c) for c in fits] + list(codecs)
+    delta = into_zone(bin_errors(rgb, wanted))
+    for _ in range(iterations):  # pre-compensate each block for the mean shift the codecs give it
+        marked = shift_blocks(rgb, delta, (rows, cols))
+        errors = np.mean([bin_errors(marked, wanted)] + [bin_errors(c(marked), wanted) for c in simulated], axis=0)
+        delta = np.clip(delta + np.sign(errors) * np.maximum(np.abs(errors) - ZONE / 2, 0), -2 * STEP, 2 * STEP)
+    cost = delta**2
+    budget = rgb.shape[0] * rgb.shape[1] * 255.0**2 / 10 ** (BUDGET_DB / 10) / (1.428 / 4 * PIXEL * PIXEL)
+    low, high = 0.0, 1.0
+    for _ in range(12):  # the largest share of every bit's blocks that fits the budget
+        share = (low + high) / 2
+        low, high = (share, high) if cost[cheapest(cost, len(bits), share)].sum() <= budget else (low, share)
+    while True:
+        marked = shift_blocks(rgb, np.where(cheapest(cost, len(bits), low), delta, 0.0), (rows, cols))
+        if psnr(rgb, marked) >= MIN_PSNR_DB or low <= 0:
+            return marked
+        low = max(low - 0.05, 0.0)
