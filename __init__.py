@@ -26,5 +26,5 @@ except ImportError:
 else:
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-    WEB_DIRECTORY = "./js"  # loads workflows from dropped JPEGs saved by Klein Watermark & Save
+    WEB_DIRECTORY = "./js"  # node report lines in the UI; workflows from dropped JPEGs saved by Klein Watermark & Save
     __all__ += ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

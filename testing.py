@@ -401,3 +401,20 @@ def sample_forward(model, height=2, width=3, text_tokens=5, sigma=0.5, seed=0):
     ctx = torch.randn(1, text_tokens, params.context_in_dim, generator=generator)
     with torch.inference_mode():
         return model(x, image_ids(height, width)[None], torch.tensor([sigma]), ctx, text_ids(text_tokens)[None])
+
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "motorcycle", "rocket", "retina")
+
+
+def natural_photo(name, size=1024):
+    """One of scikit-image's colour test photos (a test dependency), centre-cropped and resized to size x size."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    pixels = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
+    image = Image.fromarray(pixels).convert("RGB")
+    scale = size / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return np.asarray(image.crop((left, top, left + size, top + size)))

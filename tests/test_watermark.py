@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from klein_nodes.provenance import watermark as wm
+from klein_nodes.testing import PHOTOS, natural_photo
 
 cv2 = pytest.importorskip("cv2")
 imwatermark = pytest.importorskip("imwatermark")
@@ -68,18 +69,12 @@ def test_small_images_are_refused():
 
 
 # Robust mode, on natural photos (scikit-image's test data) at klein's default 1024x1024 output.
-PHOTOS = ["astronaut", "chelsea", "coffee", "hubble_deep_field", "motorcycle", "rocket", "retina"]
 SHARING_SAVES = [("JPEG", 75, {"subsampling": 2}), ("JPEG", 75, {"subsampling": 0}), ("WEBP", 80, {})]
 
 
 def photo(name, size=1024):
-    data = pytest.importorskip("skimage.data")
-    pixels = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
-    image = Image.fromarray(pixels).convert("RGB")
-    scale = size / min(image.size)
-    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
-    left, top = (image.width - size) // 2, (image.height - size) // 2
-    return np.asarray(image.crop((left, top, left + size, top + size)))
+    pytest.importorskip("skimage")
+    return natural_photo(name, size)
 
 
 def reencoded(rgb, fmt, quality, options):
