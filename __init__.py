@@ -5,7 +5,7 @@ the same package also registers its nodes.
 """
 
 from . import quant
-from .errors import CheckpointError, KleinError, WrongModelError
+from .errors import CheckpointError, KleinError, KleinNote, WrongModelError
 from .loaders.lora import apply_lora
 from .loaders.text_encoder import ensure_text_encoder_fits, load_text_encoder
 from .loaders.transformer import load_transformer
@@ -15,7 +15,7 @@ from .provenance.save import save_images, verify_image
 from .sampling.pipeline import KleinPipeline
 from .sampling.sampler import Cancelled
 from .version import __version__
-__all__ = ["Cancelled", "CheckpointError", "KleinError", "KleinPipeline", "WrongModelError", "apply_lora",
+__all__ = ["Cancelled", "CheckpointError", "KleinError", "KleinNote", "KleinPipeline", "WrongModelError", "apply_lora",
            "compile_blocks", "ensure_text_encoder_fits",
            "load_text_encoder", "load_transformer", "load_vae", "quant", "save_images", "verify_image", "__version__"]
 

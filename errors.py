@@ -11,3 +11,8 @@ class CheckpointError(KleinError):
 
 class WrongModelError(KleinError):
     """A readable file that holds a different model than the slot expects."""
+
+
+class KleinNote(UserWarning):
+    """Something the pack changed or left out of the user's input (a size rounded, a reference cropped, a prompt cut,
+    LoRA keys unused): a warning for library users, a line under the node in ComfyUI, one `note:` line in the CLI."""

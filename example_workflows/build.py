@@ -53,12 +53,26 @@ class Graph:
         self.nodes.append((node_id, class_type, inputs))
         return node_id
 
+    def layout(self):
+        """{node id: [x, y]}: a column per dependency depth (loaders left, savers right), nodes stacked in each."""
+        depth = {}
+        for node_id, _, inputs in self.nodes:  # nodes are added after their sources
+            depth[node_id] = max((depth[v[0]] + 1 for v in inputs.values() if isinstance(v, tuple)), default=0)
+        places, filled = {}, {}
+        for node_id, class_type, inputs in self.nodes:
+            column = depth[node_id]
+            places[node_id] = [40 + 360 * column, filled.get(column, 60)]
+            rows = len(node_inputs(class_type)) + len(node_outputs(class_type))
+            filled[column] = places[node_id][1] + 60 + 24 * rows + 40
+        return places
+
     def api(self):
         return {str(node_id): {"class_type": class_type, "_meta": {"title": class_type},
                                "inputs": {k: [str(v[0]), v[1]] if isinstance(v, tuple) else v for k, v in inputs.items()}}
                 for node_id, class_type, inputs in self.nodes}
 
-    def ui(self):
+    def ui(self, note=None):
+        """The UI workflow; `note`: the text of a Note node placed above the graph."""
         links, nodes = [], []
         for node_id, class_type, inputs in self.nodes:
             for name, value in inputs.items():
@@ -66,6 +80,7 @@ class Graph:
                     source_id, slot = value
                     source_type = next(t for i, t, _ in self.nodes if i == source_id)
                     links.append([len(links) + 1, source_id, slot, node_id, name, node_outputs(source_type)[slot]])
+        places = self.layout()
         for order, (node_id, class_type, inputs) in enumerate(self.nodes):
             sockets, widgets = [], []
             for name, kind, control, default in node_inputs(class_type):
@@ -80,8 +95,8 @@ class Graph:
             outputs = [{"name": kind, "type": kind, "slot_index": slot,
                         "links": [link[0] for link in links if link[1] == node_id and link[2] == slot]}
                        for slot, kind in enumerate(node_outputs(class_type))]
-            nodes.append({"id": node_id, "type": class_type, "pos": [40 + 340 * (order % 4), 60 + 380 * (order // 4)],
-                          "size": [300, 120], "flags": {}, "order": order, "mode": 0, "inputs": sockets,
+            nodes.append({"id": node_id, "type": class_type, "pos": places[node_id],
+                          "size": [300, node_height(sockets, widgets, outputs)], "flags": {}, "order": order, "mode": 0, "inputs": sockets,
                           "outputs": outputs, "properties": {"Node name for S&R": class_type},
                           "widgets_values": widgets})
         ui_links = []
@@ -89,8 +104,17 @@ class Graph:
             target_slot = next(i for i, s in enumerate(next(n for n in nodes if n["id"] == target)["inputs"])
                                if s["name"] == name)
             ui_links.append([link_id, source, slot, target, target_slot, kind])
+        if note is not None:  # a frontend-only node: in the template, not in the API twin
+            right = max(n["pos"][0] for n in nodes) + 360
+            nodes.append({"id": len(nodes) + 1, "type": "Note", "pos": [right, 60], "size": [420, 260],
+                          "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
+                          "properties": {"text": ""}, "widgets_values": [note], "color": "#432", "bgcolor": "#653"})
         return {"last_node_id": len(nodes), "last_link_id": len(links), "nodes": nodes, "links": ui_links,
                 "groups": [], "config": {}, "extra": {"title": self.title}, "version": 0.4}
+
+
+def node_height(sockets, widgets, outputs):
+    return 60 + 24 * (max(len(sockets), len(outputs)) + len(widgets))
 
 
 def loaders(graph, model="flux-2-klein-4b.safetensors", text_encoder="qwen_3_4b.safetensors"):
@@ -208,27 +232,96 @@ def one_node():
     return graph
 
 
-WORKFLOWS = {
-    "klein_text_to_image": text_to_image,
-    "klein_base_cfg": base_with_cfg,
-    "klein_edit_single_reference": lambda: reference_edit(1),
-    "klein_compose_four_references": lambda: reference_edit(4),
-    "klein_inpainting": inpainting,
-    "klein_low_vram_gguf": low_vram_gguf,
-    "klein_loras": loras,
-    "klein_watermark_and_save": watermark_and_save,
-    "klein_generate_one_node": one_node,
+# API twin name: (template title: the UI file's name, which ComfyUI's template browser shows as title and description;
+# builder). The thumbnail beside each is `<title>.jpg`, as the browser asks for it.
+TEMPLATES = {
+    "klein_text_to_image": ("Klein text to image", text_to_image),
+    "klein_base_cfg": ("Klein base model with CFG", base_with_cfg),
+    "klein_edit_single_reference": ("Klein edit an image", lambda: reference_edit(1)),
+    "klein_compose_four_references": ("Klein compose four references", lambda: reference_edit(4)),
+    "klein_inpainting": ("Klein inpainting", inpainting),
+    "klein_low_vram_gguf": ("Klein low VRAM GGUF for 8 GB cards", low_vram_gguf),
+    "klein_loras": ("Klein two LoRAs stacked", loras),
+    "klein_watermark_and_save": ("Klein watermark and signed save", watermark_and_save),
+    "klein_generate_one_node": ("Klein everything in one node", one_node),
 }
+WORKFLOWS = {name: build for name, (_, build) in TEMPLATES.items()}
+FILE_WIDGETS = {"model_name": "diffusion_models", "text_encoder_name": "text_encoders", "vae_name": "vae",
+                "lora_name": "loras", "image": "input"}
+
+
+def files_needed(graph):
+    return list(dict.fromkeys(f"{FILE_WIDGETS[k]}/{v}" for _, _, inputs in graph.nodes for k, v in inputs.items()
+                              if k in FILE_WIDGETS and isinstance(v, str)))
+
+
+def note_text(graph):
+    """The Note every template opens with: what it does and which files go where."""
+    return (f"{graph.title}\n\nFiles (under ComfyUI/models/, images under ComfyUI/input/):\n"
+            + "\n".join(f"- {path}" for path in files_needed(graph))
+            + "\n\nNotes from the nodes (sizes rounded, references cropped, watermark bits) appear under each node.")
 
 
 def render():
-    """{relative path: JSON text} for every workflow and its API twin."""
+    """{relative path: JSON text} for every template (UI workflow) and its API twin."""
     files = {}
-    for name, build in WORKFLOWS.items():
+    for name, (title, build) in TEMPLATES.items():
         graph = build()
-        files[f"{name}.json"] = json.dumps(graph.ui(), indent=2) + "\n"
+        files[f"{title}.json"] = json.dumps(graph.ui(note_text(graph)), indent=2) + "\n"
         files[f"api/{name}.json"] = json.dumps(graph.api(), indent=2) + "\n"
     return files
+
+
+def thumbnail(graph, size=(640, 400)):
+    """A diagram of the graph (no weights to render a real output here): its nodes where the workflow places them,
+    coloured by kind, and its links."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    workflow = graph.ui()
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    image = Image.new("RGB", size, (24, 26, 30))
+    draw = ImageDraw.Draw(image)
+    draw.text((16, 12), graph.title.split(": ", 1)[-1], fill=(235, 235, 235), font=ImageFont.load_default(17))
+    right = max(n["pos"][0] + n["size"][0] for n in nodes.values()) + 40
+    bottom = max(n["pos"][1] + n["size"][1] for n in nodes.values()) + 40
+    scale = min((size[0] - 24) / right, (size[1] - 56) / bottom)
+
+    def box(node):
+        x, y = node["pos"]
+        return 12 + x * scale, 44 + y * scale, 12 + (x + node["size"][0]) * scale, 44 + (y + node["size"][1]) * scale
+
+    for _, source, _, target, _, kind in workflow["links"]:
+        (_, y0, x0, y1), (x2, y2, _, y3) = box(nodes[source]), box(nodes[target])
+        draw.line([(x0, (y0 + y1) / 2), (x2, (y2 + y3) / 2)], fill=LINK_COLOURS.get(kind, (150, 150, 150)), width=2)
+    font = ImageFont.load_default(max(9, min(13, round(40 * scale))))
+    for node in nodes.values():
+        left, top, right_edge, lower = box(node)
+        kind = next((colour for prefix, colour in NODE_COLOURS if node["type"].startswith(prefix)), (70, 74, 84))
+        draw.rounded_rectangle((left, top, right_edge, lower), radius=6, fill=kind, outline=(200, 200, 200))
+        words, lines = display_name(node["type"]).split(), [""]
+        for word in words:  # wrap the node's name into its box
+            if draw.textlength(f"{lines[-1]} {word}".strip(), font=font) > right_edge - left - 10:
+                lines.append("")
+            lines[-1] = f"{lines[-1]} {word}".strip()
+        step = font.size + 2
+        for k, line in enumerate(lines[: max(1, int((lower - top - 6) // step))]):
+            draw.text((left + 5, top + 4 + step * k), line, fill=(245, 245, 245), font=font)
+    return image
+
+
+NODE_COLOURS = [("KleinTransformerLoader", (52, 88, 140)), ("KleinTextEncoderLoader", (52, 88, 140)),
+                ("KleinVAELoader", (52, 88, 140)), ("KleinLora", (92, 70, 140)), ("KleinTextEncode", (140, 110, 40)),
+                ("KleinSave", (40, 120, 80)), ("SaveImage", (40, 120, 80)), ("LoadImage", (120, 70, 60)),
+                ("KleinSampler", (150, 60, 90)), ("KleinGenerate", (150, 60, 90))]
+LINK_COLOURS = {"KLEIN_MODEL": (120, 160, 230), "KLEIN_TEXT_ENCODER": (230, 200, 90), "KLEIN_VAE": (230, 110, 110),
+                "CONDITIONING": (240, 170, 60), "LATENT": (240, 130, 200), "IMAGE": (110, 200, 240), "MASK": (120, 220, 120)}
+
+
+def display_name(class_type):
+    from klein_nodes.nodes import NODE_DISPLAY_NAME_MAPPINGS
+
+    return NODE_DISPLAY_NAME_MAPPINGS.get(class_type, {"LoadImage": "Load Image", "SaveImage": "Save Image"}.get(
+        class_type, class_type))
 
 
 if __name__ == "__main__":
@@ -236,3 +329,6 @@ if __name__ == "__main__":
         (HERE / relative).parent.mkdir(exist_ok=True)
         (HERE / relative).write_text(text)
         print(HERE / relative)
+    for title, build in TEMPLATES.values():
+        thumbnail(build()).save(HERE / f"{title}.jpg", quality=88)
+        print(HERE / f"{title}.jpg")

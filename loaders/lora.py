@@ -8,13 +8,14 @@ LyCORIS LoKr/LoHa (`lycoris_transformer_blocks_0_attn_to_q.lokr_w1`), DoRA (`lor
 import copy
 import json
 import logging
+import warnings
 import math
 import re
 from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, KleinError, WrongModelError
+from ..errors import CheckpointError, KleinError, KleinNote, WrongModelError
 from ..models.adapters import Adapter, with_adapters
 from ..models.transformer import Flux2
 from .safetensors_io import PICKLE_SUFFIXES, SafetensorsFile, refuse_pickle, sniff_format
@@ -254,7 +255,7 @@ def apply_lora_pair(model, text_encoder, path, strength=1.0, text_encoder_streng
     te_strength = strength if text_encoder_strength is None else text_encoder_strength
     has_te_keys = any(k.startswith(TEXT_ENCODER_PREFIXES) for k in tensors)
     if has_te_keys and text_encoder is None:
-        log.warning("%s: has text-encoder layers; connect a text encoder to apply them", label)
+        warnings.warn(f"{label}: has text-encoder layers; connect a text encoder to apply them", KleinNote, stacklevel=2)
     elif has_te_keys and te_strength:
         text_encoder, _ = apply_lora_tensors(text_encoder, tensors, metadata, te_strength, label)
     return model, text_encoder
@@ -275,8 +276,8 @@ def apply_lora_tensors(model, tensors, metadata, strength, label):
     what = "transformer" if is_transformer else "text encoder"
     if report["unknown"]:
         shown = ", ".join(report["unknown"][:8]) + (" ..." if len(report["unknown"]) > 8 else "")
-        log.warning("%s: %d keys match no klein %s layer and were not applied: %s", label, len(report["unknown"]),
-                    what, shown)
+        warnings.warn(f"{label}: {len(report['unknown'])} keys match no klein {what} layer and were not applied: "
+                      f"{shown}", KleinNote, stacklevel=3)
     if report["other"]:
         log.debug("%s: %d keys are for the %s and were not applied here", label, len(report["other"]),
                  "text encoder" if is_transformer else "transformer")

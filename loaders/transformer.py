@@ -193,9 +193,9 @@ def build_transformer(ckpt, dtype, device):
 
 def slot_hint(kind):
     if kind.kind == "text_encoder":
-        return " Load it in the text encoder slot (kn.load_text_encoder / Klein Text Encoder Loader)."
+        return " Load it in the text encoder slot (kn.load_text_encoder / Klein Load Text Encoder)."
     if kind.kind == "vae":
-        return " Load it in the VAE slot (kn.load_vae / Klein VAE Loader)."
+        return " Load it in the VAE slot (kn.load_vae / Klein Load VAE)."
     if kind.family == "flux1":
         return " FLUX.1 models use a different architecture; use a FLUX.2 [klein] file such as flux-2-klein-4b.safetensors."
     return " Expected a file such as flux-2-klein-4b.safetensors or a diffusers 'transformer/' folder."

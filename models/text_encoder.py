@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import KleinError
+from ..errors import KleinError, KleinNote
 from .adapters import Linear, adapting, release_adapters
 from .offload import Offloadable, compute_device, weights_on
 
@@ -174,7 +174,8 @@ class KleinTextEncoder:
         ids = self.tokenizer.encode(KLEIN_TEMPLATE.format(prompt), add_special_tokens=False).ids
         if max_length is not None and len(ids) > max_length:
             warnings.warn(f"Prompt is {len(ids)} tokens with the chat template; the last {len(ids) - max_length} tokens "
-                          f"were cut to fit max_length={max_length} (the prompt starts: {prompt[:40]!r}).", stacklevel=3)
+                          f"were cut to fit max_length={max_length} (the prompt starts: {prompt[:40]!r}).", KleinNote,
+                          stacklevel=3)
             ids = ids[:max_length]
         length = length or max_length or len(ids)
         mask = [1] * len(ids) + [0] * (length - len(ids))

@@ -1,11 +1,12 @@
 """Latent, sampler, reference and VAE nodes, and the one-node Klein Generate."""
 
 import logging
+import warnings
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import KleinError
+from ..errors import KleinError, KleinNote
 from ..sampling import tiling
 from ..sampling.pipeline import KleinPipeline, decode_images, encode_references
 from ..sampling.references import DEFAULT_MAX_PIXELS, prepare_batch
@@ -53,7 +54,7 @@ def first_conditioning(conditioning, name):
     if not conditioning:
         raise KleinError(f"the {name} conditioning is empty")
     if len(conditioning) > 1:
-        log.warning("klein: %s has %d entries; the first is used", name, len(conditioning))
+        warnings.warn(f"the {name} conditioning has {len(conditioning)} entries; the first is used", KleinNote)
     embeddings, extras = conditioning[0]
     return Conditioning(embeddings, tuple(extras.get("reference_latents", ())))
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..errors import KleinError
+from ..errors import KleinError, KleinNote
 
 DEFAULT_MAX_PIXELS = 1024 * 1024
 MULTIPLE = 16
@@ -113,7 +113,7 @@ def prepare_batch(images):
     if len({f.shape for f in frames}) > 1:
         raise KleinError("images of one batch must have the same size")
     for note in dict.fromkeys(notes):
-        warnings.warn(note, stacklevel=2)
+        warnings.warn(note, KleinNote, stacklevel=2)
     return torch.stack(frames) * 2 - 1, notes
 
 
@@ -129,7 +129,7 @@ def prepare_references(images, max_pixels=DEFAULT_MAX_PIXELS):
                      f"{RECOMMENDED_REFERENCES} is allowed, but attention memory and time grow with the square of "
                      "the token count.")
     for note in notes:
-        warnings.warn(note, stacklevel=2)
+        warnings.warn(note, KleinNote, stacklevel=2)
     return prepared, notes
 
 
@@ -141,7 +141,7 @@ def prepare_image(image, width, height):
     chw, notes = to_rgb(frames[0]), []
     if chw.shape[-2:] != (height, width):
         notes.append(f"source image: resized {chw.shape[-1]}x{chw.shape[-2]} -> {width}x{height} (the output size)")
-        warnings.warn(notes[-1], stacklevel=2)
+        warnings.warn(notes[-1], KleinNote, stacklevel=2)
         chw = F.interpolate(chw[None], size=(height, width), mode="bicubic", antialias=True, align_corners=False)[0]
     return chw.clamp(0, 1)[None] * 2 - 1, notes
 

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import torch
 
-from ..errors import KleinError
+from ..errors import KleinError, KleinNote
 
 MULTIPLE = 16
 MAX_PIXELS = 4 * 1024 * 1024
@@ -61,7 +61,7 @@ def fit_size(width, height):
     notes = []
     if fitted != (width, height):
         notes.append(f"size {width}x{height} rounded to {fitted[0]}x{fitted[1]} (multiples of {MULTIPLE})")
-        warnings.warn(notes[-1], stacklevel=3)
+        warnings.warn(notes[-1], KleinNote, stacklevel=3)
     if fitted[0] * fitted[1] > MAX_PIXELS:
         raise KleinError(f"size {fitted[0]}x{fitted[1]} is {fitted[0] * fitted[1] / MEGAPIXEL:.2f} MP; klein supports up "
                          f"to {MAX_PIXELS // MEGAPIXEL} MP (e.g. 2048x2048)")

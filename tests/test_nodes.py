@@ -107,8 +107,9 @@ def test_sampler_noise_mask_keeps_unmasked_latents(model):
 
 def test_empty_latent_sizes():
     assert KleinEmptyLatent().create(1024, 1024, aspect="16:9", megapixels=1.0)[1:] == (1360, 768)
-    with pytest.warns(UserWarning, match="rounded to 1008x496"):
-        latent, width, height = KleinEmptyLatent().create(1000, 500)
+    rounded = KleinEmptyLatent().create(1000, 500)  # the note goes under the node, not only to the console
+    assert rounded["ui"]["text"] == ["size 1000x500 rounded to 1008x496 (multiples of 16)"]
+    latent, width, height = rounded["result"]
     assert latent["samples"].shape == (1, 128, 31, 63) and (width, height) == (1008, 496)
     photo = torch.rand(1, 3000, 2000, 3)
     assert KleinEmptyLatent().create(1024, 1024, megapixels=1.0, size_from=photo)[1:] == (832, 1248)
@@ -128,8 +129,9 @@ def test_vae_encode_crops_image_and_mask_together(vae):
     image = torch.rand(1, 70, 68, 3)
     mask = torch.zeros(1, 70, 68)
     mask[:, :, 34:] = 1
-    with pytest.warns(UserWarning, match="centre-cropped 68x70 -> 64x64"):
-        (latent,) = KleinVAEEncode().encode(vae, image, mask=mask)
+    encoded = KleinVAEEncode().encode(vae, image, mask=mask)
+    assert encoded["ui"]["text"] == ["image 1: centre-cropped 68x70 -> 64x64 (multiples of 16)"]
+    (latent,) = encoded["result"]
     assert latent["samples"].shape == (1, 128, 16, 16)
     assert latent["noise_mask"].shape == (1, 1, 64, 64)
     assert torch.equal(latent["noise_mask"][0, 0], mask[0, 3:67, 2:66])
@@ -162,6 +164,7 @@ def test_lora_node_patches_copies_and_uses_the_base_models_memory_slot(comfyui, 
     assert (lora_out["samples"] - base_out["samples"]).abs().max() > 1e-3
     assert runtime["loaded"] == [model, model]  # the copy registers as its base: one set of weights, one slot
     with caplog.at_level("WARNING", logger="klein_nodes"):
-        alone, no_encoder = KleinLora().apply(model, "style.safetensors", 1.0)
-    assert no_encoder is None and "connect a text encoder" in caplog.text
+        alone = KleinLora().apply(model, "style.safetensors", 1.0)
+    assert alone["result"][1] is None and "connect a text encoder" in caplog.text
+    assert alone["ui"]["text"] == ["style.safetensors: has text-encoder layers; connect a text encoder to apply them"]
     assert KleinLora().apply(model, "style.safetensors", 0.0, encoder, 0.0) == (model, encoder)

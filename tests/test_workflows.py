@@ -21,8 +21,22 @@ NAMES = list(build.WORKFLOWS)
 def test_files_are_up_to_date():
     for relative, text in build.render().items():
         assert (WORKFLOWS / relative).read_text() == text, f"{relative} is stale: run python example_workflows/build.py"
-    listed = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
-    assert listed == sorted(NAMES)  # only UI workflows at the level ComfyUI lists
+    titles = sorted(title for title, _ in build.TEMPLATES.values())
+    assert sorted(p.stem for p in WORKFLOWS.glob("*.json")) == titles  # only templates where ComfyUI lists them
+
+
+def test_every_template_has_its_thumbnail_and_a_note_naming_its_files():
+    assert sorted(p.stem for p in WORKFLOWS.glob("*.jpg")) == sorted(title for title, _ in build.TEMPLATES.values())
+    for title, make in build.TEMPLATES.values():
+        with Image.open(WORKFLOWS / f"{title}.jpg") as thumbnail:  # ComfyUI asks for exactly <title>.jpg
+            assert thumbnail.format == "JPEG" and thumbnail.size == (640, 400)
+        drawn = np.asarray(build.thumbnail(make()), dtype=np.int16)
+        saved = np.asarray(Image.open(WORKFLOWS / f"{title}.jpg").convert("RGB"), dtype=np.int16)
+        assert np.abs(drawn - saved).mean() < 6, f"{title}.jpg is stale: run python example_workflows/build.py"
+        workflow = json.loads((WORKFLOWS / f"{title}.json").read_text())
+        (note,) = [node for node in workflow["nodes"] if node["type"] == "Note"]
+        for path in build.files_needed(make()):
+            assert path in note["widgets_values"][0]
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +57,10 @@ def models(comfyui, model_files):
 def test_ui_workflow_fits_the_nodes(models, name):
     from klein_nodes.nodes import NODE_CLASS_MAPPINGS
 
-    ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    ui = json.loads((WORKFLOWS / f"{build.TEMPLATES[name][0]}.json").read_text())
     for node in ui["nodes"]:
-        assert node["type"] in NODE_CLASS_MAPPINGS or node["type"] in build.CORE_NODES, node["type"]
-        if node["type"] in build.CORE_NODES:
+        assert node["type"] in NODE_CLASS_MAPPINGS or node["type"] in (*build.CORE_NODES, "Note"), node["type"]
+        if node["type"] in (*build.CORE_NODES, "Note"):
             continue
         spec = NODE_CLASS_MAPPINGS[node["type"]].INPUT_TYPES()
         widgets = [(name, kind, options) for section in ("required", "optional")
