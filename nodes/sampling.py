@@ -49,13 +49,50 @@ def output_size(width, height, aspect, megapixels):
     return width, height
 
 
-def first_conditioning(conditioning, name):
-    """(embeddings, reference latents) from core-format CONDITIONING: [[tensor, {"reference_latents": [...]}], ...]."""
+LATENT_CHANNELS = {4: "SD 1.x/SDXL, as core's Empty Latent Image makes", 16: "SD3/FLUX.1, as Empty SD3 Latent Image makes"}
+TEXT_FEATURES = {768: "CLIP-L (SD 1.x)", 1024: "OpenCLIP (SD 2.x)", 2048: "SDXL's CLIP", 4096: "T5-XXL (FLUX.1, SD3)",
+                 3584: "Qwen2.5-VL (Qwen-Image)", 7680: "Qwen3-4B (klein 4B)", 12288: "Qwen3-8B (klein 9B)",
+                 15360: "Mistral Small 3 (FLUX.2 dev)"}
+
+
+def klein_latent(latent, node):
+    """A LATENT's samples as a (B, 128, h, w) FLUX.2 latent. An empty latent of another family (all zeros, as core's
+    Empty Latent Image gives) becomes the klein empty latent of the same pixel size, with a note; others are refused
+    with what to connect instead."""
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
+        shape = "no samples" if not isinstance(samples, torch.Tensor) else f"shape {tuple(samples.shape)}"
+        raise KleinError(f"{node}: the latent input has {shape}, not an image latent: connect Klein Empty Latent, "
+                         "Klein VAE Encode or a Klein Sampler")
+    channels = samples.shape[1]
+    if channels == 128:
+        return samples
+    family = LATENT_CHANNELS.get(channels, "another model's latent")
+    if channels in LATENT_CHANNELS and "noise_mask" not in latent and not samples.any():
+        width, height = output_size(samples.shape[3] * 8, samples.shape[2] * 8, "custom", 1.0)
+        warnings.warn(f"{node}: an empty {channels}-channel latent ({family}) was read as an empty {width}x{height} "
+                      "klein latent; use Klein Empty Latent (or Empty Flux 2 Latent) to set klein sizes directly",
+                      KleinNote)
+        return samples.new_zeros(samples.shape[0], 128, height // 16, width // 16)
+    raise KleinError(f"{node}: this LATENT has {channels} channels ({family}); FLUX.2 [klein] works on 128-channel "
+                     "latents. For new images connect Klein Empty Latent (or core's Empty Flux 2 Latent); for an "
+                     "image, encode it with Klein VAE Encode (or VAE Encode with the FLUX.2 VAE)")
+
+
+def first_conditioning(conditioning, name, features=None):
+    """(embeddings, reference latents) from core-format CONDITIONING: [[tensor, {"reference_latents": [...]}], ...];
+    `features`: what the transformer takes per token, checked so another model's text encoding is named."""
     if not conditioning:
         raise KleinError(f"the {name} conditioning is empty")
     if len(conditioning) > 1:
         warnings.warn(f"the {name} conditioning has {len(conditioning)} entries; the first is used", KleinNote)
     embeddings, extras = conditioning[0]
+    found = embeddings.shape[-1]
+    if features is not None and found != features:
+        source, wanted = TEXT_FEATURES.get(found, "an unknown text encoder"), TEXT_FEATURES.get(features, "its own")
+        raise KleinError(f"the {name} conditioning has {found} features per token ({source}); this klein transformer "
+                         f"takes {features} ({wanted}): encode the prompt with Klein Text Encode, or core's CLIP Text "
+                         "Encode on a CLIP loaded with type flux2")
     return Conditioning(embeddings, tuple(extras.get("reference_latents", ())))
 
 
@@ -113,7 +150,7 @@ class KleinSampler:
 
     def sample(self, model, positive, latent, seed, steps=4, guidance=1.0, denoise=1.0, negative=None):
         model = klein_transformer(model)
-        samples = latent["samples"].float()
+        samples = klein_latent(latent, "Klein Sampler").float()
         batch, _, height, width = samples.shape
         mask = latent.get("noise_mask")
         init = samples if denoise < 1.0 or mask is not None else None
@@ -121,11 +158,13 @@ class KleinSampler:
             raise KleinError("guidance > 1 needs a negative conditioning: connect a Klein Text Encode (an empty prompt "
                              "for the base models), or set guidance to 1.0 for the distilled models")
         log.info("klein: seed %d", seed)
+        features = model.params.context_in_dim
+        first_conditioning(positive, "positive", features)  # checked before the model loads
         load_for_inference(model, "transformer")
         sigmas = get_schedule(steps, height * width, denoise)
         latents = sample(model, initial_noise(seed, batch, samples.shape[1], height, width),
-                         first_conditioning(positive, "positive"), sigmas,
-                         negative=None if negative is None else first_conditioning(negative, "negative"),
+                         first_conditioning(positive, "positive", features), sigmas,
+                         negative=None if negative is None else first_conditioning(negative, "negative", features),
                          guidance=guidance, init_latents=init, mask=mask, callback=progress_callback(steps))
         return ({"samples": latents.cpu()},)
 
@@ -210,9 +249,10 @@ class KleinVAEDecode:
                              "tiled": TILED_INPUT}}
 
     def decode(self, vae, latent, tiled="auto"):
+        samples = klein_latent(latent, "Klein VAE Decode")
         vae = klein_vae(vae)
         load_for_inference(vae, "vae")
-        return (decode_images(vae, latent["samples"], TILED[tiled]),)
+        return (decode_images(vae, samples, TILED[tiled]),)
 
 
 class KleinGenerate:

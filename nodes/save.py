@@ -3,6 +3,7 @@
 import json
 import os
 
+from ..errors import KleinError
 from ..provenance.save import FORMATS, save_image_records, verify_image
 from .sampling import IMAGE_SLOTS
 
@@ -133,6 +134,9 @@ class KleinVerify:
 
     def verify(self, path):
         full = path if os.path.isabs(path) else os.path.join(comfy_output_directory(), path)
+        if not os.path.isfile(full):
+            raise KleinError(f"Klein Verify Image: {path!r} is not a file (looked for {full}); give a path relative to "
+                             "ComfyUI's output folder, such as 'klein/signed_00001_.png', or an absolute path")
         anchor = os.path.join(credentials_directory(), "root.pem")
         report = verify_image(full, open(anchor, "rb").read() if os.path.exists(anchor) else None)
         text = json.dumps(report, indent=2)

@@ -168,3 +168,23 @@ def test_lora_node_patches_copies_and_uses_the_base_models_memory_slot(comfyui, 
     assert alone["result"][1] is None and "connect a text encoder" in caplog.text
     assert alone["ui"]["text"] == ["style.safetensors: has text-encoder layers; connect a text encoder to apply them"]
     assert KleinLora().apply(model, "style.safetensors", 0.0, encoder, 0.0) == (model, encoder)
+
+
+def test_latents_and_conditionings_of_other_models_are_named_at_the_socket(runtime, model, vae):
+    from klein_nodes.errors import KleinError
+
+    core_empty = {"samples": torch.zeros(1, 4, 8, 12)}  # core's Empty Latent Image at 96x64
+    converted = KleinSampler().sample(model, conditioning(), core_empty, seed=1, steps=1)
+    assert converted["result"][0]["samples"].shape == (1, 128, 4, 6)
+    assert converted["ui"]["text"] == ["Klein Sampler: an empty 4-channel latent (SD 1.x/SDXL, as core's Empty Latent "
+                                       "Image makes) was read as an empty 96x64 klein latent; use Klein Empty Latent "
+                                       "(or Empty Flux 2 Latent) to set klein sizes directly"]
+    encoded_elsewhere = {"samples": torch.randn(1, 16, 8, 8)}
+    with pytest.raises(KleinError, match="16 channels \\(SD3/FLUX.1.*Klein Empty Latent.*Klein VAE Encode"):
+        KleinSampler().sample(model, conditioning(), encoded_elsewhere, seed=1, steps=1)
+    with pytest.raises(KleinError, match="Klein VAE Decode: this LATENT has 4 channels"):
+        KleinVAEDecode().decode(vae, {"samples": torch.randn(1, 4, 8, 8)})
+    t5 = [[torch.randn(1, 7, 4096), {}]]
+    with pytest.raises(KleinError, match="4096 features per token \\(T5-XXL.*takes 96.*Klein Text Encode"):
+        KleinSampler().sample(model, t5, KleinEmptyLatent().create(64, 64)[0], seed=1, steps=1)
+    assert runtime["loaded"] == [model]  # refused before the transformer was loaded (the first run loaded it)

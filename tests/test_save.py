@@ -150,6 +150,8 @@ def test_save_and_verify_nodes(comfyui, monkeypatch):
     assert not list((comfyui.parent / "output").rglob("*.pem")) and not list((comfyui.parent / "output").rglob("*.key"))
     report = json.loads(verify().verify("batch/klein_00001_.png")["result"][0])
     assert report["c2pa"] == "Trusted" and report["workflow"] and report["prompt"]
+    with pytest.raises(kn.KleinError, match="Klein Verify Image: 'batch/klein_00009_.png' is not a file.*relative to"):
+        verify().verify("batch/klein_00009_.png")
     cli_args = types.ModuleType("comfy.cli_args")
     cli_args.args = types.SimpleNamespace(disable_metadata=True)
     monkeypatch.setitem(sys.modules, "comfy.cli_args", cli_args)
