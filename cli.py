@@ -1,17 +1,20 @@
 """`python -m klein_nodes <command>`: generate, quantize, verify, doctor, inspect."""
 
 import argparse
+import contextlib
 import math
 import os
 import platform
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import torch
 
 from .version import __version__
-from .errors import KleinError
-from .loaders.detect import WEIGHT_SUFFIXES, describe_file
+from .errors import KleinError, KleinNote
+from .loaders.detect import WEIGHT_SUFFIXES
 from .sampling.schedule import ASPECT_RATIOS
 
 MODEL_FOLDERS = {  # ComfyUI key -> folder names under models/
@@ -132,6 +135,8 @@ def comfyui_model_dirs(comfyui_root):
 
 
 def model_report(comfyui_root):
+    from .loaders.inventory import inventory, weight_bytes
+
     dirs = comfyui_model_dirs(comfyui_root)
     if not dirs:
         return ["Model files: not inside ComfyUI; pass --comfyui PATH (or set COMFYUI_PATH) to scan an install."]
@@ -142,9 +147,9 @@ def model_report(comfyui_root):
         lines.append(f"{key}: {len(files)} weight file(s) in {', '.join(folders)}")
         for path in files:
             try:
-                kind = describe_file(path)
-                mark = "klein" if (kind.kind, kind.family) in KLEIN_FAMILIES else "     "
-                lines.append(f"  [{mark}] {path.name}: {kind.description}")
+                inv = inventory(path)
+                mark = "klein" if (inv.kind.kind, inv.kind.family) in KLEIN_FAMILIES else "     "
+                lines.append(f"  [{mark}] {path.name}: {inv.lines()[0]}, {weight_bytes(inv) / 2**30:.2f} GiB")
             except (KleinError, OSError, ValueError) as e:
                 lines.append(f"  [error] {path.name}: {e}")
     return lines
@@ -159,51 +164,106 @@ def doctor(args):
     return 0
 
 
+def weight_files(path):
+    """A file as itself; a folder as the weight files under it."""
+    path = Path(path)
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.suffix.lower() in WEIGHT_SUFFIXES and p.is_file())
+    return [path]
+
+
 def inspect(args):
+    from .loaders.inventory import inventory
+    from .loaders.safetensors_io import sniff_format
+
     status = 0
-    for path in args.files:
-        try:
-            kind = describe_file(path)
-            print(f"{path}: {kind.description}" + (f" [{kind.layout} layout]" if kind.layout else ""))
-        except KleinError as e:
-            print(f"error: {e}", file=sys.stderr)
+    for given in args.files:
+        files = weight_files(given)
+        if not files:
+            print(f"error: {given}: no weight files (.safetensors, .sft, .gguf) in this folder", file=sys.stderr)
             status = 2
-        except OSError as e:
-            print(f"error: {path}: {e.strerror or e}", file=sys.stderr)
-            status = 2
+        for path in files:
+            try:
+                if Path(path).is_file() and sniff_format(path) == "image":
+                    raise KleinError(f"{path}: an image, not a weight file (use `verify` for images)")
+                print(f"{path}: " + "\n".join(inventory(path).lines()))
+            except KleinError as e:
+                print(f"error: {e}", file=sys.stderr)
+                status = 2
+            except OSError as e:
+                print(f"error: {path}: {e.strerror or e}", file=sys.stderr)
+                status = 2
     return status
 
 
-def find_model(root, key, kind, family):
-    """The first file in a ComfyUI install's `key` folders that holds the wanted model, or None."""
+def model_candidates(root, key, kind, family):
+    """[(path, Inventory)] of every file in a ComfyUI install's `key` folders that holds the wanted model."""
+    from .loaders.inventory import inventory
+
+    found = []
     for folder in comfyui_model_dirs(root).get(key, []):
         for path in sorted(Path(folder).rglob("*")) if os.path.isdir(folder) else []:
-            if path.suffix.lower() in (".safetensors", ".sft"):
+            if path.suffix.lower() in WEIGHT_SUFFIXES and path.is_file():
                 try:
-                    found = describe_file(path)
+                    inv = inventory(path)
                 except (KleinError, OSError, ValueError):
                     continue
-                if (found.kind, found.family) == (kind, family):
-                    return path
-    return None
+                if (inv.kind.kind, inv.kind.family) == (kind, family):
+                    found.append((path, inv))
+    return found
 
 
-def resolve_models(args):
-    """Paths for transformer, text encoder and VAE: given, found in ComfyUI's folders, or tiny random ones."""
+def memory_budget(device):
+    """(bytes one component may take, in words): free VRAM on CUDA, available RAM on the CPU."""
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return free, f"{free / 2**30:.1f} GiB free VRAM"
+    import psutil
+
+    available = psutil.virtual_memory().available
+    return available, f"{available / 2**30:.1f} GiB available RAM"
+
+
+def choose_model(name, candidates, budget):
+    """The file to use among several of one model: the largest (most precise) that fits the memory budget with
+    room for activations; if none fits, the smallest (the planner streams it). Returns (path, why or None)."""
+    from .loaders.inventory import weight_bytes
+
+    sized = sorted(((weight_bytes(inv), path, inv) for path, inv in candidates), key=lambda item: item[0])
+    if len(sized) == 1:
+        return sized[0][1], None
+    limit, words = budget
+    fitting = [item for item in sized if item[0] <= 0.8 * limit]
+    size, path, inv = fitting[-1] if fitting else sized[0]
+    others = ", ".join(f"{p.name} ({i.format}, {b / 2**30:.1f} GiB)" for b, p, i in sized if p != path)
+    reason = (f"the largest of {len(sized)} that fits {words}" if fitting else
+              f"none of {len(sized)} fits {words}: the smallest, streamed")
+    return path, f"{name}: {path.name} ({inv.format}, {size / 2**30:.1f} GiB), {reason}; also found: {others}"
+
+
+def resolve_models(args, budget, cleanup):
+    """Paths for transformer, text encoder and VAE: given, found in ComfyUI's folders (every format the loaders take;
+    with several, the one that fits `budget`), or tiny random ones (removed by `cleanup` after the run)."""
     if args.tiny_random:
         import tempfile
 
         from .testing import write_tiny_model_set
 
-        folder = tempfile.mkdtemp(prefix="klein-tiny-")
-        print(f"tiny random models (a wiring check, the image is noise) in {folder}", file=sys.stderr)
+        folder = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="klein-tiny-"))
+        print("tiny random models (a wiring check, the image is noise)", file=sys.stderr)
         return write_tiny_model_set(folder)
     root = args.comfyui or os.environ.get("COMFYUI_PATH")
     wanted = {"model": ("diffusion_models", "transformer", "flux2"), "text_encoder": ("text_encoders", "text_encoder", "qwen3"),
               "vae": ("vae", "vae", "flux2")}
     paths = []
     for name, (key, kind, family) in wanted.items():
-        path = getattr(args, name) or (find_model(root, key, kind, family) if root or importable("folder_paths") else None)
+        path = getattr(args, name)
+        if path is None and (root or importable("folder_paths")):
+            candidates = model_candidates(root, key, kind, family)
+            if candidates:
+                path, why = choose_model(name.replace("_", " "), candidates, budget)
+                if why:
+                    print(f"note: {why}", file=sys.stderr)
         if path is None:
             raise KleinError(f"no {name.replace('_', ' ')} given: pass --{name.replace('_', '-')} PATH, or --comfyui PATH "
                              f"to search ComfyUI's models/{key} folder (or --tiny-random for a wiring check)")
@@ -233,11 +293,17 @@ def lora_spec(spec):
 
 
 def generate(args):
+    with contextlib.ExitStack() as cleanup:  # tiny random models live until the images are saved
+        return generate_images(args, cleanup)
+
+
+def generate_images(args, cleanup):
     from .loaders.lora import apply_lora_pair
-    from .models.transformer import compile_blocks
     from .loaders.text_encoder import load_text_encoder
+    from .loaders.tokenizer import find_tokenizer
     from .loaders.transformer import load_transformer
     from .loaders.vae import load_vae
+    from .models.transformer import compile_blocks
     from .sampling.pipeline import KleinPipeline
 
     paths = output_paths(args.output, args.batch)
@@ -245,24 +311,25 @@ def generate(args):
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else None, "bf16": torch.bfloat16,
              "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    model_path, text_encoder_path, vae_path = resolve_models(args)
+    model_path, text_encoder_path, vae_path = resolve_models(args, memory_budget(device), cleanup)
+    tokenizer = args.tokenizer  # checked before any model loads; a GGUF without one uses the tokenizer it embeds
+    if tokenizer or not str(text_encoder_path).lower().endswith(".gguf"):
+        tokenizer = find_tokenizer(text_encoder_path, tokenizer)
     # weights load (memory-mapped) on the CPU; the memory plan moves each component to the device for its turn
-    transformer, text_encoder = load_transformer(model_path, dtype=dtype), load_text_encoder(text_encoder_path, dtype=dtype)
+    transformer = load_transformer(model_path, dtype=dtype)
+    text_encoder = load_text_encoder(text_encoder_path, tokenizer=tokenizer, dtype=dtype)
     for spec in args.lora:
         path, strength = lora_spec(spec)
         transformer, text_encoder = apply_lora_pair(transformer, text_encoder, path, strength)
     if args.compile:
         compile_blocks(transformer)
     pipeline = KleinPipeline(transformer, text_encoder, load_vae(vae_path), device=device, memory=args.memory)
-
-    def progress(step):
-        print(f"\rstep {step.index}/{step.total}", end="\n" if step.index == step.total else "", file=sys.stderr, flush=True)
-
+    progress = cleanup.enter_context(step_progress(args.steps))
     images = pipeline(args.prompt, width=width, height=height, steps=args.steps, guidance=args.guidance, seed=args.seed,
                       negative_prompt=args.negative, references=[load_reference(p) for p in args.ref] or None,
                       batch_size=args.batch, callback=progress, max_sequence_length=args.max_tokens or None)
     for note in pipeline.notes:
-        print(f"note: {note}", file=sys.stderr)
+        warnings.warn(note, KleinNote, stacklevel=1)  # printed once: most were noted as they happened
     print(f"memory plan: {pipeline.plan.describe()}", file=sys.stderr)
     from .provenance.save import save_file
 
@@ -275,6 +342,38 @@ def generate(args):
         print(path)
     print(f"seed {pipeline.last_seed}", file=sys.stderr)
     return 0
+
+
+@contextlib.contextmanager
+def step_progress(steps):
+    """A step callback: a tqdm bar on a terminal, one plain line per step in logs and pipes."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        with tqdm(total=steps, desc="sampling", unit="step", file=sys.stderr, leave=True) as bar:
+            yield lambda step: bar.update(step.index - bar.n)
+        return
+    began = time.monotonic()
+    yield lambda step: print(f"step {step.index}/{step.total} ({time.monotonic() - began:.1f} s)", file=sys.stderr,
+                             flush=True)
+
+
+@contextlib.contextmanager
+def notes_once():
+    """Warnings become one `note:` line each (KleinNote; `warning:` for others), without source paths, never
+    repeated within a command."""
+    said = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        if text not in said:
+            said.add(text)
+            print(f"{'note' if issubclass(category, KleinNote) else 'warning'}: {text}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        yield
 
 
 def load_reference(path):
@@ -336,7 +435,10 @@ def main(argv=None):
     gen.add_argument("--model", help="transformer file or diffusers folder")
     gen.add_argument("--text-encoder", dest="text_encoder", help="Qwen3 text encoder file or folder")
     gen.add_argument("--vae", help="FLUX.2 VAE file or folder")
-    gen.add_argument("--comfyui", help="ComfyUI install to find models in (or set COMFYUI_PATH)")
+    gen.add_argument("--tokenizer", help="Qwen tokenizer: tokenizer.json, or a folder with vocab.json + merges.txt "
+                                         "(found beside the text encoder, in ComfyUI, or via KLEIN_TOKENIZER)")
+    gen.add_argument("--comfyui", help="ComfyUI install to find models in (or set COMFYUI_PATH): safetensors, fp8, "
+                                       "nvfp4 and GGUF files; with several, the one that fits the device")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     gen.add_argument("--memory", default="auto", choices=("auto", "resident", "offload", "stream"),
                      help="auto plans from free memory; or keep everything resident, offload each component after its "
@@ -365,13 +467,15 @@ def main(argv=None):
     doc = commands.add_parser("doctor", help="report torch/CUDA/VRAM, native quantized paths and klein model files")
     doc.add_argument("--comfyui", help="ComfyUI install folder to scan for model files")
     doc.set_defaults(run=doctor)
-    ins = commands.add_parser("inspect", help="say what model each weight file holds (reads headers only)")
-    ins.add_argument("files", nargs="+")
+    ins = commands.add_parser("inspect", help="what each weight file holds: model, layout, storage format and quant "
+                                             "types with counts and bytes; LoRA format, rank, targets, base model")
+    ins.add_argument("files", nargs="+", help="weight files or folders")
     ins.set_defaults(run=inspect)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        with notes_once():
+            return args.run(args)
     except KleinError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

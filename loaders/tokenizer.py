@@ -54,8 +54,9 @@ def find_tokenizer(weights_path, tokenizer=None):
     looked = "\n  ".join(str(c) for c in dict.fromkeys(candidates))
     raise CheckpointError(
         f"{weights_path}: no Qwen tokenizer found. Looked in:\n  {looked}\n"
-        "Pass tokenizer=<folder with vocab.json + merges.txt, or tokenizer.json>, set KLEIN_TOKENIZER, or run inside "
-        "ComfyUI (its bundled comfy/text_encoders/qwen25_tokenizer is used)."
+        "Give the Qwen tokenizer (tokenizer.json, or a folder with vocab.json + merges.txt, e.g. from "
+        "huggingface.co/Qwen/Qwen3-4B): tokenizer=... in Python, --tokenizer on the command line, KLEIN_TOKENIZER, "
+        "or put it beside the weights; inside ComfyUI its bundled comfy/text_encoders/qwen25_tokenizer is used."
     )
 
 

@@ -8,7 +8,7 @@ import torch
 from ..errors import KleinError, WrongModelError
 from ..models.text_encoder import KLEIN_LAYERS
 from . import memory, tiling
-from .references import DEFAULT_MAX_PIXELS, image_size, prepare_image, prepare_references
+from .references import DEFAULT_MAX_PIXELS, image_size, prepare_image, prepare_references, to_mask
 from .sampler import Conditioning, sample
 from .schedule import fit_size, get_schedule, initial_noise, resolve_seed
 
@@ -95,7 +95,7 @@ class KleinPipeline:
             log.info("klein: seed %d", self.last_seed)
             noise = initial_noise(self.last_seed, batch, self.transformer.params.in_channels, height // scale, width // scale)
         init_latents = None if image is None else self._init(image, width, height, tiled)
-        latent_mask = None if image is None else mask
+        latent_mask = None if image is None else to_mask(mask)
         sigmas = get_schedule(steps, noise.shape[-2] * noise.shape[-1], denoise)
         references = tuple(reference_latents)
         per_prompt = lambda embeds: Conditioning(embeds.repeat_interleave(batch // embeds.shape[0], 0), references)  # noqa: E731

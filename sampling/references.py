@@ -150,3 +150,17 @@ def image_size(image):
     """(width, height) of a PIL image or an image tensor, without preparing it."""
     frame = to_hwc(image)[0]
     return frame.shape[1], frame.shape[0]
+
+
+def to_mask(mask):
+    """An inpainting mask, 1 = repaint, as (B, H, W) or (H, W) floats: a PIL image (white = repaint, as diffusers'
+    mask_image; colour and alpha images are read as grey), a numpy array or a tensor (integers are scaled from 255)."""
+    if mask is None:
+        return None
+    if isinstance(mask, Image.Image):
+        return torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)
+    if isinstance(mask, np.ndarray):
+        mask = torch.from_numpy(mask)
+    if not isinstance(mask, torch.Tensor):
+        raise KleinError(f"mask must be a PIL image, a numpy array or a tensor, not {type(mask).__name__}")
+    return mask.float() / 255.0 if not mask.is_floating_point() else mask.float()

@@ -15,11 +15,13 @@ from klein_nodes.testing import write_tiny_model_set
 
 def test_generate_tiny_random_in_a_fresh_process(tmp_path):
     out = tmp_path / "fox.png"
-    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config"), "TMPDIR": str(tmp_path / "tmp")}
     proc = subprocess.run([sys.executable, "-m", "klein_nodes", "generate", "a red fox", "-o", str(out), "--tiny-random",
                            "--aspect", "4:3", "--megapixels", "0.1", "--seed", "5"], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert "seed 5" in proc.stderr and "step 4/4" in proc.stderr
+    assert "seed 5" in proc.stderr and "\nstep 4/4 (" in proc.stderr and "\r" not in proc.stderr  # log-friendly lines
+    assert list((tmp_path / "tmp").glob("klein-*")) == []  # the tiny random models are removed after the run
     assert "memory plan: text encoder resident, transformer resident" in proc.stderr
     assert Image.open(out).size == (368, 272)
     assert (tmp_path / "config" / "klein_nodes" / "c2pa" / "signer.key").exists()
@@ -30,7 +32,7 @@ def test_generate_tiny_random_in_a_fresh_process(tmp_path):
     assert report["c2pa"] == "Trusted" and report["prompt"] and report["watermark_bits"] is not None
 
 
-def test_generate_finds_models_in_comfyui_and_never_overwrites(tmp_path, capsys, recwarn, monkeypatch):
+def test_generate_finds_models_in_comfyui_and_never_overwrites(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     write_tiny_model_set(tmp_path / "ComfyUI")
     reference = tmp_path / "ref.png"
@@ -38,9 +40,9 @@ def test_generate_finds_models_in_comfyui_and_never_overwrites(tmp_path, capsys,
     args = ["generate", "a cat", "-o", str(tmp_path / "cat.png"), "--comfyui", str(tmp_path / "ComfyUI"),
             "--width", "100", "--height", "64", "--batch", "2", "--seed", "1", "--ref", str(reference), "--no-c2pa"]
     assert main(args) == 0
-    assert "rounded to 96x64" in str(recwarn.pop(UserWarning).message)
     captured = capsys.readouterr()
-    assert "note: size 100x64 rounded to 96x64" in captured.err
+    assert captured.err.count("rounded to 96x64") == 1 and "note: size 100x64 rounded to 96x64" in captured.err
+    assert "Warning" not in captured.err and ".py" not in captured.err  # one note, no raw warning with a source path
     assert [Image.open(tmp_path / f"cat_0000{i}.png").size for i in (1, 2)] == [(96, 64)] * 2
     assert main(args) == 2
     assert "already exist" in capsys.readouterr().err
@@ -129,3 +131,70 @@ def test_unexpected_errors_are_one_line_unless_debugging(monkeypatch, capsys):
     assert err.strip() == "error: unexpected ZeroDivisionError: division by zero (run with --debug for the details)"
     with pytest.raises(ZeroDivisionError):
         main(["--debug", "doctor"])
+
+
+def test_comfyui_search_takes_every_format_and_picks_what_fits(tmp_path, capsys, monkeypatch):
+    from klein_nodes.quant.convert import quantize_file
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    transformer, _, _ = write_tiny_model_set(tmp_path / "ComfyUI")
+    folder = transformer.parent
+    quantize_file(transformer, folder / "klein-Q4_K.gguf", "Q4_K")
+    quantize_file(transformer, folder / "klein-fp8.safetensors", "fp8")
+    args = ["generate", "a cat", "-o", str(tmp_path / "cat.png"), "--comfyui", str(tmp_path / "ComfyUI"),
+            "--width", "64", "--height", "64", "--steps", "1", "--no-c2pa"]
+    monkeypatch.setattr("klein_nodes.cli.memory_budget", lambda device: (10**9, "1.0 GiB free VRAM"))
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert f"note: model: {transformer.name} (bf16, " in err and "the largest of 3 that fits 1.0 GiB free VRAM" in err
+    assert "klein-Q4_K.gguf (GGUF Q8_0 (with Q4_K)" in err and "klein-fp8.safetensors (fp8 (scaled)" in err
+    sizes = {p.name: p.stat().st_size for p in folder.iterdir()}
+    monkeypatch.setattr("klein_nodes.cli.memory_budget",  # room for the GGUF only
+                        lambda device: (int(sizes["klein-Q4_K.gguf"] * 1.3), "little VRAM"))
+    assert main(args[:3] + [str(tmp_path / "cat2.png")] + args[4:]) == 0
+    assert "note: model: klein-Q4_K.gguf (GGUF" in capsys.readouterr().err
+    transformer.unlink()
+    (folder / "klein-fp8.safetensors").unlink()  # a GGUF alone is found too (README: the low-VRAM path)
+    assert main(args[:3] + [str(tmp_path / "cat3.png")] + args[4:]) == 0
+    assert Image.open(tmp_path / "cat3.png").size == (64, 64)
+
+
+def test_tokenizer_option_and_a_missing_tokenizer_before_loading(tmp_path, capsys, monkeypatch):
+    from klein_nodes.models.text_encoder import Qwen3Params
+    from klein_nodes.testing import TINY_QWEN3, write_text_encoder, write_tokenizer
+
+    monkeypatch.delenv("KLEIN_TOKENIZER", raising=False)
+    transformer, _, vae = write_tiny_model_set(tmp_path / "models")
+    (tmp_path / "alone").mkdir()
+    encoder, _ = write_text_encoder(tmp_path / "alone" / "qwen_3_4b.safetensors",  # no tokenizer beside it
+                                    Qwen3Params(**{**TINY_QWEN3.__dict__, "num_layers": 28}))
+    loaded = []
+    monkeypatch.setattr("klein_nodes.loaders.transformer.load_transformer", lambda *a, **k: loaded.append(a))
+    args = ["generate", "a cat", "-o", str(tmp_path / "cat.png"), "--model", str(transformer), "--text-encoder",
+            str(encoder), "--vae", str(vae), "--width", "64", "--height", "64", "--steps", "1", "--no-c2pa"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "no Qwen tokenizer found" in err and "--tokenizer" in err and loaded == []
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    assert main(args + ["--tokenizer", str(write_tokenizer(tmp_path / "tok"))]) == 0
+    assert Image.open(tmp_path / "cat.png").size == (64, 64)
+
+
+def test_inspect_files_and_folders(tmp_path, capsys):
+    from klein_nodes.quant.convert import quantize_file
+    from klein_nodes.testing import write_workflow_loras
+
+    transformer, encoder, _ = write_tiny_model_set(tmp_path / "models")
+    quantize_file(transformer, tmp_path / "models" / "klein-fp8.safetensors", "fp8")
+    quantize_file(encoder, tmp_path / "models" / "qwen-Q4_K.gguf", "Q4_K")
+    write_workflow_loras(tmp_path / "loras")
+    assert main(["inspect", str(tmp_path / "models"), str(tmp_path / "loras")]) == 0
+    out = capsys.readouterr().out
+    assert "klein-fp8.safetensors: FLUX.2-family (text width 96) transformer [bfl layout]; stored as fp8 (scaled)" in out
+    assert "qwen-Q4_K.gguf: Qwen3 text encoder (GGUF) [gguf layout]; stored as GGUF Q8_0" in out  # tiny rows: Q8_0
+    assert " F8_E4M3 " in out and " Q8_0 " in out and " tensors " in out and " MiB" in out
+    assert ("klein_style_lora.safetensors: LoRA (BFL/ComfyUI names) for an unknown model, rank 4, targets: 1 "
+            "transformer layers, 1 text encoder layers") in out
+    assert "klein_detail_lokr.safetensors: LyCORIS LoKr (BFL/ComfyUI names)" in out
+    assert main(["inspect", str(tmp_path / "empty-folder")]) == 2

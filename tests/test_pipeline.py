@@ -130,6 +130,13 @@ def test_inpainting_keeps_the_unmasked_half(ours):
     encoded = ours.vae.encode(kn.sampling.references.prepare_image(source, 64, 32)[0])
     assert torch.allclose(latents[..., :8], encoded[..., :8], atol=1e-5)  # left half: the image itself
     assert not torch.allclose(latents[..., 8:], encoded[..., 8:], atol=1e-2)
+    painted = np.zeros((32, 64), dtype=np.uint8)
+    painted[:, 32:] = 255  # the same mask drawn as a PIL image (white = repaint) and as a uint8 array
+    for given in (Image.fromarray(painted), Image.fromarray(painted).convert("RGB"), painted):
+        again = ours("a cat", width=64, height=32, seed=9, image=source, mask=given, output_type="latent")
+        assert torch.equal(again, latents)
+    with pytest.raises(kn.KleinError, match="mask must be a PIL image, a numpy array or a tensor, not str"):
+        ours("a cat", width=64, height=32, seed=9, image=source, mask="mask.png")
 
 
 def test_progress_callback_and_cancellation(ours):

@@ -1,0 +1,119 @@
+"""What a weight file holds, from its header: the model, how it is stored (tensor types with counts and bytes) and
+in one word (bf16, fp8, nvfp4, GGUF Q4_K, ...), and for LoRA files their format, rank, targets and base model.
+Used by `inspect`, `doctor`, and `generate --comfyui` to choose among several files of one model."""
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checkpoint import Checkpoint
+from .detect import ModelKind, describe_file
+from .lora import TEXT_ENCODER_PREFIXES, split_key
+from .safetensors_io import SafetensorsFile, sniff_format
+from .scaled import layer_formats
+
+FLOAT_NAMES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp64"}
+LORA_BASES = {3072: "FLUX.2 [klein] 4B", 4096: "FLUX.2 [klein] 9B", 6144: "FLUX.2 [dev]"}
+KLEIN_DOUBLE_BLOCKS = {3072: 5, 4096: 8}  # FLUX.1 LoRAs are 3072 wide too, with 19 double blocks
+TEXT_ENCODER_WIDTHS = {2560: "Qwen3-4B", 4096: "Qwen3-8B"}
+DOUBLE_BLOCK = re.compile(r"(?:double_blocks|(?<!single_)transformer_blocks)[._](\d+)")
+
+
+@dataclass
+class Inventory:
+    kind: ModelKind
+    storage: dict = field(default_factory=dict)  # tensor type -> [tensors, bytes]
+    format: str = ""
+    lora: dict | None = None  # format, ranks, targets, base
+
+    def lines(self):
+        """What `inspect` prints for the file, after its name."""
+        head = f"{self.kind.description}" + (f" [{self.kind.layout} layout]" if self.kind.layout else "")
+        if self.lora:
+            head = (f"{self.lora['format']} for {self.lora['base']}, rank {self.lora['ranks']}, "
+                    f"targets: {self.lora['targets']}")
+        out = [f"{head}; stored as {self.format}"]
+        for name, (count, size) in sorted(self.storage.items(), key=lambda item: -item[1][1]):
+            out.append(f"  {name:10} {count:5d} tensors {size / 2**20:10.1f} MiB")
+        return out
+
+
+def storage_of(path):
+    """{tensor type: [tensors, bytes]} (safetensors dtypes, GGUF quant types)."""
+    counts = {}
+    if sniff_format(path) == "gguf":
+        from .gguf import GGUFFile
+
+        entries = ((qtype, data.nbytes) for qtype, _, data in GGUFFile(path).tensors.values())
+    else:
+        entries = ((dtype, end - begin) for dtype, _, begin, end in SafetensorsFile(path).entries.values())
+    for kind, size in entries:
+        count = counts.setdefault(kind, [0, 0])
+        count[0], count[1] = count[0] + 1, count[1] + size
+    return counts
+
+
+def format_of(path, storage):
+    """One word for how the weights are stored: the type holding the most bytes, nvfp4 by its markers."""
+    gguf = sniff_format(path) == "gguf"
+    quantized = {k: v for k, v in storage.items() if k not in FLOAT_NAMES}
+    if gguf:
+        main = max(quantized or storage, key=lambda k: storage[k][1])
+        return f"GGUF {main}" + (f" (with {', '.join(sorted(set(quantized) - {main}))})" if len(quantized) > 1 else "")
+    if "U8" in storage and "nvfp4" in layer_formats(Checkpoint([SafetensorsFile(path)], path)).values():
+        return "nvfp4"
+    if "F8_E4M3" in storage:
+        return "fp8" + (" (scaled)" if "F32" in storage else "")
+    main = max(storage, key=lambda k: storage[k][1], default="empty")
+    return FLOAT_NAMES.get(main, main.lower())
+
+
+def lora_of(path):
+    """format / ranks / targets / base of a LoRA file, or None when it holds no adapter keys."""
+    if sniff_format(path) != "safetensors":
+        return None
+    file = SafetensorsFile(path)
+    parts = [(key, split) for key in file.keys() if (split := split_key(key))]
+    if not parts:
+        return None
+    kinds = Counter(kind for _, (_, kind, _) in parts if kind)
+    kind = {"lokr": "LyCORIS LoKr", "loha": "LyCORIS LoHa", "diff": "full-weight diff"}.get(kinds.most_common(1)[0][0],
+                                                                                             "LoRA")
+    if any(role == "magnitude" for _, (_, _, role) in parts):
+        kind = "DoRA"
+    first = parts[0][0]
+    naming = ("kohya" if first.startswith(("lora_unet_", "lora_te", "lora_transformer_")) else
+              "LyCORIS" if first.startswith("lycoris_") else
+              "diffusers/PEFT" if first.startswith(("transformer.", "base_model.", "text_encoder.")) else "BFL/ComfyUI")
+    ranks = sorted({file.shape(key)[0] for key, (_, kind_, role) in parts if kind_ == "lora" and role == "down"})
+    modules = {module for _, (module, _, _) in parts}
+    text = {m for m in modules if m.startswith(TEXT_ENCODER_PREFIXES)}
+    widths = Counter(shape[0] for key, (m, kind_, role) in parts if role == "up" and m not in text
+                     for shape in [file.shape(key)] if "proj" in m or "to_out" in m or "linear2" in m)
+    width = widths.most_common(1)[0][0] if widths else None
+    doubles = {int(m.group(1)) for module in modules if (m := DOUBLE_BLOCK.search(module))}
+    base = LORA_BASES.get(width, f"a {width}-wide model" if width else "an unknown model")
+    if width in KLEIN_DOUBLE_BLOCKS and doubles and max(doubles) >= KLEIN_DOUBLE_BLOCKS[width]:
+        base = f"FLUX.1 or another {width}-wide model ({max(doubles) + 1} double blocks; klein has "
+        base += f"{KLEIN_DOUBLE_BLOCKS[width]})"
+    targets = f"{len(modules) - len(text)} transformer layers"
+    if text:
+        te_width = Counter(file.shape(k)[-1] for k, (m, kind_, role) in parts if m in text and role == "down")
+        encoder = TEXT_ENCODER_WIDTHS.get(te_width.most_common(1)[0][0], "text encoder") if te_width else "text encoder"
+        targets += f", {len(text)} {encoder} layers"
+    return {"format": f"{kind} ({naming} names)", "ranks": "-".join(str(r) for r in ranks[:: max(1, len(ranks) - 1)])
+            or "n/a", "targets": targets, "base": base}
+
+
+def inventory(path):
+    """The Inventory of one weight file (header reads only)."""
+    path = Path(path)
+    storage = storage_of(path)
+    lora = lora_of(path)
+    kind = ModelKind("lora", "lora", "LoRA") if lora else describe_file(path)
+    return Inventory(kind, storage, format_of(path, storage), lora)
+
+
+def weight_bytes(inv):
+    return sum(size for _, size in inv.storage.values())
