@@ -254,8 +254,10 @@ def test_text_encode_node_keeps_every_token_unless_told(files):
     te.encode = lambda prompts, max_length: kn.models.text_encoder.KleinTextEncoder.encode(te, prompts, max_length, LAYERS)
     node = KleinTextEncode()
     ((kept, _),), = node.encode(te, long_prompt(300))
-    with pytest.warns(UserWarning, match="tokens were cut"):
-        ((cut, _),), = node.encode(te, long_prompt(300), max_tokens=512)
+    cut_run = node.encode(te, long_prompt(300), max_tokens=512)
+    ((cut, _),), = cut_run["result"]
+    (note,) = cut_run["ui"]["text"]  # shown under the node
+    assert "tokens with the chat template; the last" in note and "tokens were cut to fit max_length=512" in note
     assert kept.shape[1] > 512 and cut.shape[1] == 512
     assert (kept[:, :512] - cut).abs().max() <= 1e-5  # the same tokens up to the cut
     with pytest.raises(kn.KleinError, match="max_length must be a positive number of tokens or None"):
