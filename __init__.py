@@ -7,6 +7,7 @@ the same package also registers its nodes.
 from . import quant
 from .errors import CheckpointError, KleinError, KleinNote, WrongModelError
 from .loaders.lora import apply_lora
+from .loaders.safety import load_image_safety, load_prompt_safety
 from .loaders.text_encoder import ensure_text_encoder_fits, load_text_encoder
 from .loaders.transformer import load_transformer
 from .loaders.vae import load_vae
@@ -16,7 +17,7 @@ from .sampling.pipeline import KleinPipeline
 from .sampling.sampler import Cancelled
 from .version import __version__
 __all__ = ["Cancelled", "CheckpointError", "KleinError", "KleinNote", "KleinPipeline", "WrongModelError", "apply_lora",
-           "compile_blocks", "ensure_text_encoder_fits",
+           "compile_blocks", "ensure_text_encoder_fits", "load_image_safety", "load_prompt_safety",
            "load_text_encoder", "load_transformer", "load_vae", "quant", "save_images", "verify_image", "__version__"]
 
 try:

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from .models.autoencoder import AutoEncoder, AutoEncoderParams
 from .models.text_encoder import Qwen3, Qwen3Params
 from .models.transformer import Flux2, Flux2Params
+from .models.vit import ViTParams
 
 TINY_TRANSFORMER = Flux2Params(
     in_channels=128,
@@ -418,3 +419,32 @@ def natural_photo(name, size=1024):
     image = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
     left, top = (image.width - size) // 2, (image.height - size) // 2
     return np.asarray(image.crop((left, top, left + size, top + size)))
+
+
+TINY_VIT = ViTParams(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, image_size=32, patch_size=8)
+
+
+def write_tiny_vit(folder, seed=0):
+    """A random ViT image classifier in Falconsai/nsfw_image_detection's file layout: config.json (labels normal /
+    nsfw), preprocessor_config.json (ViTImageProcessor, bilinear resize, mean/std 0.5) and model.safetensors."""
+    from .models.vit import ViT
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    p = TINY_VIT
+    with torch.device("meta"):
+        model = ViT(p)
+    state = random_state_dict(model, seed)
+    save_file(state, str(folder / "model.safetensors"))
+    config = {"architectures": ["ViTForImageClassification"], "model_type": "vit", "hidden_size": p.hidden_size,
+              "num_hidden_layers": p.num_layers, "num_attention_heads": p.num_heads,
+              "intermediate_size": p.intermediate_size, "hidden_act": "gelu", "image_size": p.image_size,
+              "patch_size": p.patch_size, "num_channels": 3, "layer_norm_eps": p.layer_norm_eps, "qkv_bias": True,
+              "id2label": {"0": "normal", "1": "nsfw"}, "label2id": {"normal": 0, "nsfw": 1},
+              "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "torch_dtype": "float32"}
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    processor = {"image_processor_type": "ViTImageProcessor", "do_resize": True, "resample": 2, "do_rescale": True,
+                 "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],
+                 "image_std": [0.5, 0.5, 0.5], "size": {"height": p.image_size, "width": p.image_size}}
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
+    return folder

@@ -30,6 +30,7 @@ QWEN3_NAMES = {
     "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
     "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+    "output.weight": "lm_head.weight",
 }
 
 
@@ -146,9 +147,9 @@ def load_gguf_transformer(path, dtype=None, device="cpu"):
     return model
 
 
-def load_gguf_text_encoder(path, tokenizer=None, dtype=None, device="cpu", layers=None):
+def load_gguf_text_encoder(path, tokenizer=None, dtype=None, device="cpu", layers=None, chat=False):
     from ..models.text_encoder import KLEIN_LAYERS, KleinTextEncoder, Qwen3
-    from .text_encoder import params_from_shapes, strip
+    from .text_encoder import chat_params, params_from_shapes, strip
     from .tokenizer import find_tokenizer, load_tokenizer
 
     layers = layers or KLEIN_LAYERS
@@ -159,12 +160,14 @@ def load_gguf_text_encoder(path, tokenizer=None, dtype=None, device="cpu", layer
     names = {strip(hf): name for name in file.tensors if (hf := llama_to_hf(name))}
     shapes = {new: file.tensors[old][1] for new, old in names.items()}
     available = 1 + max((int(m.group(1)) for k in shapes if (m := re.match(r"^layers\.(\d+)\.", k))), default=-1)
-    if max(layers) > available:
-        raise CheckpointError(f"{path}: layer {max(layers)} was requested but the file has only {available} decoder layers.")
+    needed = available if chat else max(layers)
+    if needed > available:
+        raise CheckpointError(f"{path}: layer {needed} was requested but the file has only {available} decoder layers.")
     theta = file.field(f"{arch}.rope.freq_base", 1_000_000.0)
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < float("inf"):
         raise CheckpointError(f"{path}: {arch}.rope.freq_base is {theta!r}, not a positive number.")
-    params = params_from_shapes(shapes, path, max(layers), theta)
+    params = params_from_shapes(shapes, path, needed, theta)
+    params = chat_params(params, shapes, path) if chat else params
     with torch.device("meta"):
         model = Qwen3(params)
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -177,7 +180,9 @@ def load_gguf_text_encoder(path, tokenizer=None, dtype=None, device="cpu", layer
         if tokenizer is not None:
             raise
         tok = tokenizer_from_gguf(file)
-    return KleinTextEncoder(model, tok, description=f"{arch} text encoder (GGUF, {quant_summary(file)})")
+    encoder = KleinTextEncoder(model, tok, description=f"{arch} text encoder (GGUF, {quant_summary(file)})")
+    encoder.source = (path, tokenizer, dtype)
+    return encoder
 
 
 def tokenizer_from_gguf(file):

@@ -1,5 +1,6 @@
 """Qwen3 text encoder files (ComfyUI single file, Hugging Face / diffusers folders) -> `KleinTextEncoder`."""
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -46,16 +47,18 @@ def rope_theta_from_config(path):
     return DEFAULT_ROPE_THETA
 
 
-def load_text_encoder(path, tokenizer=None, dtype=None, device="cpu", layers=KLEIN_LAYERS):
+def load_text_encoder(path, tokenizer=None, dtype=None, device="cpu", layers=KLEIN_LAYERS, chat=False):
     """Load Qwen3 (4B for klein 4B, 8B for klein 9B) with only the decoder layers `layers` needs.
 
     Accepts ComfyUI's `qwen_3_4b.safetensors`, a Hugging Face `text_encoder/` folder (sharded + index) or the
-    diffusers repo root. Weights of deeper layers, the final norm and the LM head are never read.
+    diffusers repo root. Weights of deeper layers, the final norm and the LM head are never read, unless `chat`:
+    then the whole chat model is built (every layer, final norm, LM head, tied to the embeddings when the file has
+    no lm_head.weight), for the prompt check.
     """
     if is_gguf(path):
         from .gguf import load_gguf_text_encoder
 
-        return load_gguf_text_encoder(path, tokenizer, dtype, device, layers)
+        return load_gguf_text_encoder(path, tokenizer, dtype, device, layers, chat)
     ckpt = open_checkpoint(path, "text_encoder", "model", ())
     kind = identify(ckpt.shapes())
     if kind.kind != "text_encoder" or kind.family != "qwen3":
@@ -64,10 +67,11 @@ def load_text_encoder(path, tokenizer=None, dtype=None, device="cpu", layers=KLE
     names = {strip(k): k for k in ckpt.keys()}
     shapes = {name: ckpt.shape(raw) for name, raw in names.items()}
     available = 1 + max((int(m.group(1)) for k in shapes if (m := LAYER_KEY.match(k))), default=-1)
-    needed = max(layers)
+    needed = available if chat else max(layers)
     if needed > available:
         raise CheckpointError(f"{path}: layer {needed} was requested but the file has only {available} decoder layers.")
     params = params_from_shapes(shapes, path, needed, rope_theta_from_config(path if Path(path).is_dir() else Path(path).parent))
+    params = chat_params(params, shapes, path) if chat else params
     with torch.device("meta"):
         model = Qwen3(params)
     expected = model.state_dict()
@@ -84,7 +88,18 @@ def load_text_encoder(path, tokenizer=None, dtype=None, device="cpu", layers=KLE
     model.load_state_dict({k: ckpt.get(names[k]).to(device=device, dtype=dtype) for k in plain}, strict=False, assign=True)
     model.requires_grad_(False).eval()
     tokenizer_path = find_tokenizer(path, tokenizer)
-    return KleinTextEncoder(model, load_tokenizer(tokenizer_path), description=kind.description)
+    encoder = KleinTextEncoder(model, load_tokenizer(tokenizer_path), description=kind.description)
+    encoder.source = (path, tokenizer_path, dtype)
+    return encoder
+
+
+def chat_params(params, shapes, path):
+    """Qwen3Params for the whole chat model, once the file is known to hold its final norm (and maybe own head)."""
+    if "norm.weight" not in shapes:
+        raise CheckpointError(f"{path}: this Qwen3 file holds no final norm (model.norm.weight), so it is not the whole "
+                              "chat model the prompt check runs; use the full qwen_3_4b file (ComfyUI's and the Hugging "
+                              "Face release both are).")
+    return dataclasses.replace(params, lm_head="own" if "lm_head.weight" in shapes else "tied")
 
 
 def strip(name):

@@ -1,4 +1,5 @@
-"""Qwen3 decoder as klein's text encoder: runs only the layers whose outputs are requested; no LM head.
+"""Qwen3 decoder as klein's text encoder: runs only the layers whose outputs are requested. Built as the whole chat
+model (every layer, final norm, LM head) only for the prompt check (models/safety.py).
 
 Module names follow Hugging Face's `Qwen3Model` (without the `model.` prefix) so its state dicts load by name.
 """
@@ -28,6 +29,7 @@ class Qwen3Params:
     head_dim: int = 128
     rope_theta: float = 1_000_000.0
     rms_norm_eps: float = 1e-6
+    lm_head: str = ""  # "" (text encoder only), "tied" (the embedding table, as Qwen3-4B) or "own" (lm_head.weight)
 
 
 class Qwen3(nn.Module):
@@ -36,6 +38,10 @@ class Qwen3(nn.Module):
         self.params = params
         self.embed_tokens = Embedding(params.vocab_size, params.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(params) for _ in range(params.num_layers))
+        if params.lm_head:
+            self.norm = RMSNorm(params.hidden_size, params.rms_norm_eps)
+        if params.lm_head == "own":
+            self.lm_head = Linear(params.hidden_size, params.vocab_size, bias=False)
 
     @property
     def dtype(self):
@@ -59,6 +65,22 @@ class Qwen3(nn.Module):
             hidden = layer(hidden, rope, mask)
             outputs[index] = hidden
         return [outputs[k] for k in layers]
+
+
+    def next_token_logits(self, input_ids, attention_mask, rows=None):
+        """(B, vocab) logits of the token after each sequence's last real token (all layers, final norm, LM head);
+        `rows`: only those vocabulary entries (cheap: a tied head's rows are looked up like embeddings)."""
+        if not self.params.lm_head:
+            raise KleinError("this Qwen3 was built as a text encoder only (no final norm or LM head)")
+        (hidden,) = self(input_ids, attention_mask, [len(self.layers)])
+        last = attention_mask.sum(1) - 1
+        hidden = self.norm(hidden[torch.arange(len(last), device=hidden.device), last])
+        if self.params.lm_head == "own":
+            logits = self.lm_head(hidden)
+            return logits if rows is None else logits[:, rows]
+        ids = torch.arange(self.params.vocab_size, device=hidden.device) if rows is None else torch.as_tensor(
+            rows, device=hidden.device)
+        return hidden.float() @ self.embed_tokens(ids).float().T
 
 
 class DecoderLayer(nn.Module):
