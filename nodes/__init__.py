@@ -8,6 +8,7 @@ from ..errors import KleinNote
 from .conditioning import KleinTextEncode
 from .loaders import KleinTextEncoderLoader, KleinTransformerLoader, KleinVAELoader
 from .lora import KleinLora
+from .safety import KleinImageCheck, KleinPromptCheck
 from .save import KleinSave, KleinVerify
 from .sampling import KleinEmptyLatent, KleinGenerate, KleinReferences, KleinSampler, KleinVAEDecode, KleinVAEEncode
 
@@ -25,6 +26,8 @@ NODE_CLASS_MAPPINGS = {
     "KleinGenerate": KleinGenerate,
     "KleinSave": KleinSave,
     "KleinVerify": KleinVerify,
+    "KleinPromptCheck": KleinPromptCheck,
+    "KleinImageCheck": KleinImageCheck,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "KleinTransformerLoader": "Klein Load Transformer",
@@ -40,6 +43,8 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "KleinGenerate": "Klein Generate",
     "KleinSave": "Klein Watermark & Save",
     "KleinVerify": "Klein Verify Image",
+    "KleinPromptCheck": "Klein Prompt Check",
+    "KleinImageCheck": "Klein Image Check",
 }
 
 

@@ -22,14 +22,52 @@ def list_model_files(key):
     return sorted(names)
 
 
+def contained(folder, name):
+    """`name` joined to `folder`, or None when it escapes it (judged on the normalised path, so files symlinked
+    into a model folder are fine)."""
+    base = os.path.abspath(folder)
+    path = os.path.normpath(os.path.join(base, name))
+    return path if os.path.commonpath((base, path)) == base else None
+
+
 def model_path(key, name):
     """Full path of `name` in the `key` folders; names that escape their folder are refused (checked on the
     normalised name, so files symlinked into a model folder are fine)."""
     for folder in model_folders(key):
-        base = os.path.abspath(folder)
-        path = os.path.normpath(os.path.join(base, name))
-        if os.path.commonpath((base, path)) != base:
+        path = contained(folder, name)
+        if path is None:
             raise ValueError(f"{name}: refers to a file outside the {key} folder.")
         if os.path.isfile(path):
             return path
     raise FileNotFoundError(f"{name}: not found in the {key} folders ({', '.join(model_folders(key))}).")
+
+
+SAFETY = "safety"  # ComfyUI models/safety/<classifier folder>/ (config.json + model.safetensors)
+
+
+def safety_folders():
+    """ComfyUI's folders for image safety classifiers, registered as `safety` (models/safety) on first use."""
+    import folder_paths
+
+    known = getattr(folder_paths, "folder_names_and_paths", None)
+    if known is not None and SAFETY not in known:
+        folder_paths.add_model_folder_path(SAFETY, os.path.join(folder_paths.models_dir, SAFETY))
+    return folder_paths.get_folder_paths(SAFETY)
+
+
+def list_classifiers():
+    """Classifier folder names (relative) under the safety folders."""
+    names = set()
+    for folder in safety_folders():
+        for root, _, files in os.walk(folder, followlinks=True):
+            if "config.json" in files and "model.safetensors" in files:
+                names.add(os.path.relpath(root, folder).replace(os.sep, "/"))
+    return sorted(names)
+
+
+def classifier_path(name):
+    for folder in safety_folders():
+        path = contained(folder, name)
+        if path is not None and os.path.isfile(os.path.join(path, "config.json")):
+            return path
+    raise FileNotFoundError(f"{name}: no classifier folder of that name in {', '.join(safety_folders())}")

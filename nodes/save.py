@@ -5,6 +5,7 @@ import os
 
 from ..errors import KleinError
 from ..provenance.save import FORMATS, save_image_records, verify_image
+from .safety import checks_upstream
 from .sampling import IMAGE_SLOTS
 
 
@@ -34,21 +35,28 @@ REFERENCE_INPUTS = {"KleinReferences": IMAGE_SLOTS, "KleinGenerate": IMAGE_SLOTS
 EDITED_INPUTS = {"KleinVAEEncode": ("image",), "VAEEncode": ("pixels",), "VAEEncodeForInpaint": ("pixels",)}
 
 
-def graph_sources(prompt, node_id):
-    """[(role, file name)] of the Load Image nodes whose image reaches node `node_id` of the API `prompt` through a
-    reference input or an encode-for-editing input, for the C2PA ingredients."""
-    found, seen, stack = [], set(), [str(node_id)]
+def walk_upstream(prompt, node_id):
+    """(id, node) of node `node_id` of the API `prompt` and of every node feeding it, each once."""
+    seen, stack = set(), [str(node_id)]
     while stack:
         current = stack.pop()
         if current in seen or current not in (prompt or {}):
             continue
         seen.add(current)
-        kind = prompt[current].get("class_type")
-        for name, value in prompt[current].get("inputs", {}).items():
+        yield current, prompt[current]
+        stack.extend(str(v[0]) for v in prompt[current].get("inputs", {}).values() if isinstance(v, list) and len(v) == 2)
+
+
+def graph_sources(prompt, node_id):
+    """[(role, file name)] of the Load Image nodes whose image reaches node `node_id` of the API `prompt` through a
+    reference input or an encode-for-editing input, for the C2PA ingredients."""
+    found = []
+    for _, node in walk_upstream(prompt, node_id):
+        kind = node.get("class_type")
+        for name, value in node.get("inputs", {}).items():
             if not (isinstance(value, list) and len(value) == 2):
                 continue
             upstream = prompt.get(str(value[0]), {})
-            stack.append(str(value[0]))
             role = ("reference" if name in REFERENCE_INPUTS.get(kind, ()) else
                     "edited" if name in EDITED_INPUTS.get(kind, ()) else None)
             if role and upstream.get("class_type") == "LoadImage" and (role, upstream["inputs"].get("image")) not in found:
@@ -114,7 +122,8 @@ class KleinSave:
         records = save_image_records(images, comfy_output_directory(), filename_prefix, format, quality, mode, c2pa,
                                      prompt=prompt, extra_pnginfo=extra_pnginfo, credentials=credentials_directory(),
                                      allow_unsigned=allow_unsigned, metadata_enabled=not metadata_disabled(),
-                                     alpha=alpha, sources=sources)
+                                     alpha=alpha, sources=sources,
+                                     safety=checks_upstream(prompt, unique_id, walk_upstream) or None)
         ui = [{"filename": r.path.name, "subfolder": r.subfolder, "type": "output"} for r in records]
         return {"ui": {"images": ui, "text": [report(r) for r in records]}, "result": (images,)}
 

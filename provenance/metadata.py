@@ -60,14 +60,20 @@ def encode(rgb, fmt, quality=80, items=(), lossless_webp=False, jpeg_full_chroma
     return buffer.getvalue()
 
 
-def read_workflow(path):
-    """(prompt, workflow) JSON strings embedded by `encode`, or None where absent."""
+def read_items(path):
+    """{key: JSON string} of the items `encode` embedded (prompt, workflow, klein_safety ...)."""
     with Image.open(path) as image:
         if image.format == "PNG":
-            return image.info.get("prompt"), image.info.get("workflow")
+            return {k: v for k, v in image.info.items() if isinstance(v, str)}
         found = {}
         for value in image.getexif().values():
             if isinstance(value, str) and ":" in value:
                 key, text = value.split(":", 1)
                 found.setdefault(key.lower(), text)
-        return found.get("prompt"), found.get("workflow")
+        return found
+
+
+def read_workflow(path):
+    """(prompt, workflow) JSON strings embedded by `encode`, or None where absent."""
+    items = read_items(path)
+    return items.get("prompt"), items.get("workflow")

@@ -4,6 +4,7 @@ Nothing touches a file after it is signed (any later byte change invalidates the
 """
 
 import io
+import json
 import itertools
 import logging
 import os
@@ -185,21 +186,22 @@ def prepare(image, fmt, quality, do_watermark, items, opacity=None):
 
 def save_images(images, directory, prefix="klein", format="png", quality=80, watermark=True, c2pa=True, prompt=None,
                 workflow=None, credentials=None, allow_unsigned=False, metadata_enabled=True, extra_pnginfo=None,
-                alpha=None, sources=None):
+                alpha=None, sources=None, safety=None):
     """Save (B, H, W, 3) images in [0, 1]; returns the written paths. See `save_image_records` for details."""
     return [record.path for record in save_image_records(
         images, directory, prefix, format, quality, watermark, c2pa, prompt, workflow, credentials, allow_unsigned,
-        metadata_enabled, extra_pnginfo, alpha, sources)]
+        metadata_enabled, extra_pnginfo, alpha, sources, safety)]
 
 
 def save_image_records(images, directory, prefix="klein", format="png", quality=80, watermark=True, c2pa=True,
                        prompt=None, workflow=None, credentials=None, allow_unsigned=False, metadata_enabled=True,
-                       extra_pnginfo=None, alpha=None, sources=None):
+                       extra_pnginfo=None, alpha=None, sources=None, safety=None):
     """Save images as `<prefix>_<counter:05>_.<ext>`: optional FLUX watermark (self-checked; `watermark` True or
     "robust": survives JPEG/WebP saves, "standard": BFL's embedding, byte-identical to imwatermark), ComfyUI metadata
     (prompt/workflow; none when `metadata_enabled` is False, as with --disable-metadata), a signed C2PA manifest.
     `alpha`: opacity (B or 1, H, W) in [0, 1] for RGBA PNG/WebP (JPEG: composited on white, noted).
     `sources`: the images that shaped the result, recorded in the manifest as ingredients (see `source_records`).
+    `safety`: the safety checks that ran ([{...}], scores and thresholds, never the prompt), as `klein_safety`.
     If signing is impossible and `allow_unsigned` is False, nothing is written and KleinError is raised."""
     fmt = {"jpg": "jpeg"}.get(str(format).lower(), str(format).lower())
     if fmt not in FORMATS:
@@ -210,6 +212,8 @@ def save_image_records(images, directory, prefix="klein", format="png", quality=
     extra = dict(extra_pnginfo or {})
     if workflow is not None:
         extra["workflow"] = workflow
+    if safety:
+        extra["klein_safety"] = safety
     items = metadata.metadata_items(prompt, extra) if metadata_enabled else []
     folder, name, subfolder = output_folder(directory, prefix)
     signer = signing_credentials(c2pa, credentials, allow_unsigned)
@@ -267,7 +271,8 @@ def sign_or_note(data, fmt, title, signer, allow_unsigned, notes, sources=()):
         return data, False
 
 
-def save_file(image, path, quality=90, watermark=True, c2pa=True, prompt=None, credentials=None, allow_unsigned=False):
+def save_file(image, path, quality=90, watermark=True, c2pa=True, prompt=None, credentials=None, allow_unsigned=False,
+              safety=None):
     """One image to exactly `path` (format from the extension), same steps as `save_image_records`; an existing
     file is never replaced. Returns the Saved record."""
     path = Path(path)
@@ -278,7 +283,8 @@ def save_file(image, path, quality=90, watermark=True, c2pa=True, prompt=None, c
     watermark = check_watermark_mode(watermark)
     check_images([image], fmt)
     signer = signing_credentials(c2pa, credentials, allow_unsigned)
-    data, bits, notes = prepare(image, fmt, quality, watermark, metadata.metadata_items(prompt, {}))
+    data, bits, notes = prepare(image, fmt, quality, watermark,
+                                metadata.metadata_items(prompt, {"klein_safety": safety} if safety else {}))
     data, signed = sign_or_note(data, fmt, path.name, signer, allow_unsigned, notes)
     if write_exclusive(path.parent, data, [(None, path)]) is None:
         raise KleinError(f"{path} already exists; choose another output name")
@@ -301,7 +307,8 @@ def signing_credentials(enabled, credentials, allow_unsigned):
 
 def verify_image(path, trust_anchor=None):
     """{"c2pa": Trusted/Valid/Invalid/None, "c2pa_codes": [...], "watermark_bits": n of 46 (or None when too small),
-    "watermark_detected": bool, "workflow": bool, "prompt": bool}. The pack's local root is the default trust anchor."""
+    "watermark_detected": bool, "workflow": bool, "prompt": bool, "safety": the recorded checks or None}. The pack's
+    local root is the default trust anchor."""
     if not Path(path).is_file():
         raise KleinError(f"{path}: no such file")
     if trust_anchor is not None and b"-----BEGIN CERTIFICATE-----" not in (
@@ -314,7 +321,7 @@ def verify_image(path, trust_anchor=None):
         report = c2pa_sign.verify(path, trust_anchor)
     except ImportError:
         report = {"state": "unknown (c2pa-python is not installed)", "codes": []}
-    bits, prompt, workflow = None, None, None
+    bits, items = None, {}
     try:
         with Image.open(path) as image:
             width, height = image.size  # from the header: a decompression bomb is refused before decoding
@@ -324,7 +331,7 @@ def verify_image(path, trust_anchor=None):
             else:
                 rgb = np.asarray(image.convert("RGB"))
                 bits = watermark.matched_bits(rgb) if rgb.shape[0] * rgb.shape[1] >= watermark.MIN_PIXELS else None
-        prompt, workflow = metadata.read_workflow(path)
+        items = metadata.read_items(path)
     except Exception as e:  # noqa: BLE001 (Pillow's decoders raise many types for damaged pixels or EXIF)
         report["codes"] = report["codes"] + [f"image not decoded: {type(e).__name__}: {e}"]
     manifest = report.get("manifest") or {}
@@ -335,4 +342,12 @@ def verify_image(path, trust_anchor=None):
     return {"c2pa": report["state"], "c2pa_codes": report["codes"], "c2pa_actions": actions,
             "c2pa_ingredients": ingredients, "watermark_bits": bits,
             "watermark_total": len(watermark.FLUX_BITS), "watermark_detected": bits is not None and bits >= watermark.DETECTED_AT,
-            "workflow": workflow is not None, "prompt": prompt is not None}
+            "workflow": "workflow" in items, "prompt": "prompt" in items, "safety": safety_record(items)}
+
+
+def safety_record(items):
+    """The safety checks a save recorded (`klein_safety`), or None."""
+    try:
+        return json.loads(items["klein_safety"]) if "klein_safety" in items else None
+    except ValueError:
+        return "unreadable"

@@ -12,7 +12,7 @@ def comfyui(monkeypatch, tmp_path):
     models = tmp_path / "ComfyUI" / "models"
     folders = {"diffusion_models": [models / "diffusion_models", models / "unet"],
                "text_encoders": [models / "text_encoders"], "vae": [models / "vae"], "checkpoints": [models / "checkpoints"],
-               "loras": [models / "loras"]}
+               "loras": [models / "loras"], "safety": [models / "safety"]}
     for paths in folders.values():
         for path in paths:
             path.mkdir(parents=True)

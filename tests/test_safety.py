@@ -131,3 +131,52 @@ def test_image_check_refuses_other_models_and_broken_folders(vit_folder, tmp_pat
     with pytest.raises(kn.KleinError, match="none of the classifier's labels \\(cat, dog\\) reads as unsafe"):
         kn.load_image_safety(labels)
     assert kn.load_image_safety(labels, unsafe_labels=[1]).unsafe == [1]
+
+
+def test_prompt_check_node_blocks_or_reports(chat_files):
+    from klein_nodes.nodes.safety import RESULTS, KleinPromptCheck
+
+    path, _, tokenizer = chat_files
+    encoder = kn.load_text_encoder(path, tokenizer=tokenizer, dtype=torch.float32)
+    (score,) = kn.load_prompt_safety(path, tokenizer=tokenizer, dtype=torch.float32)([PROMPTS[0]])
+    node = KleinPromptCheck()
+    below, above = max(0.01, score - 0.05), min(0.99, score + 0.05)
+    with pytest.raises(kn.KleinError, match="the prompt was flagged .*the run stops here"):
+        node.check(encoder, PROMPTS[0], threshold=below, unique_id="7")
+    flagged = node.check(encoder, PROMPTS[0], threshold=below, block=False, unique_id="7")
+    assert flagged["result"] == (PROMPTS[0], False, pytest.approx(score, abs=1e-5))
+    assert flagged["ui"]["text"] == [f"prompt check: P(unsafe) {score:.3f} (flagged at {below})"]
+    passed = node.check(encoder, PROMPTS[0], threshold=above, policy="dogs: any dog\nknives: any knife",
+                        unique_id="7")
+    assert passed["result"][1] is True and RESULTS["7"]["policy"] == ["dogs", "knives"]
+    assert PROMPTS[0] not in json.dumps(RESULTS["7"])  # the record never holds the prompt
+    with pytest.raises(kn.KleinError, match="is not 'name: what is not allowed'"):
+        node.check(encoder, PROMPTS[0], policy="no colon here")
+
+
+def test_image_check_node_replaces_flagged_images_and_the_save_records_it(comfyui, vit_folder, tmp_path):
+    import shutil
+
+    from klein_nodes.nodes import NODE_CLASS_MAPPINGS
+    from klein_nodes.provenance.save import verify_image
+
+    shutil.copytree(vit_folder, comfyui / "safety" / "nsfw_image_detection")
+    check, save = NODE_CLASS_MAPPINGS["KleinImageCheck"], NODE_CLASS_MAPPINGS["KleinSave"]
+    assert check.INPUT_TYPES()["required"]["classifier"][0] == ["nsfw_image_detection"]
+    images = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    scores = kn.load_image_safety(vit_folder).classify(images)
+    kept = check().check(images, "nsfw_image_detection", threshold=0.99, unique_id="1")
+    assert torch.equal(kept["result"][0], images) and kept["result"][1] is True
+    cut = min(scores) - 1e-3 if min(scores) > 0.02 else 0.01
+    flagged = check().check(images, "nsfw_image_detection", threshold=max(cut, 0.01), unique_id="1")
+    out, passed, top = flagged["result"]
+    assert passed is False and top == pytest.approx(max(scores)) and bool((out == 0.5).all())
+    assert flagged["ui"]["text"][0].startswith("image 1: P(unsafe) ") and "flagged, replaced" in flagged["ui"]["text"][0]
+    graph = {"1": {"class_type": "KleinImageCheck", "inputs": {"images": ["5", 0]}},
+             "2": {"class_type": "KleinSave", "inputs": {"images": ["1", 0]}},
+             "5": {"class_type": "KleinVAEDecode", "inputs": {"prompt_text": "secret words"}}}
+    saved = save().save(out, "checked/klein", "png", 80, False, False, True, prompt=graph, unique_id="2")
+    path = comfyui.parent / "output" / "checked" / saved["ui"]["images"][0]["filename"]
+    record = verify_image(path)["safety"]
+    assert record == [{"check": "image", "classifier": "nsfw_image_detection", "threshold": max(cut, 0.01),
+                       "scores": [round(s, 4) for s in scores], "passed": False, "replaced": True}]

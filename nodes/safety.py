@@ -1,0 +1,130 @@
+"""Klein Prompt Check and Klein Image Check: klein's own text encoder as a prompt classifier, a ViT image
+classifier from models/safety; results are kept per node so Klein Watermark & Save records them (not the prompt)."""
+
+from ..errors import KleinError
+from ..loaders.safety import load_image_safety, load_prompt_safety
+from ..models.safety import DEFAULT_POLICY
+from .files import classifier_path, list_classifiers
+from .runtime import load_for_inference
+
+RESULTS = {}  # node id -> the last check it ran: what the save node records
+NEUTRAL = 0.5  # flagged images are replaced by flat mid grey
+
+
+def parse_policy(text):
+    """'name: what is not allowed' per line -> {name: description}; empty -> the default policy."""
+    policy = {}
+    for line in (text or "").splitlines():
+        if line.strip():
+            name, sep, description = line.partition(":")
+            if not sep or not name.strip() or not description.strip():
+                raise KleinError(f"Klein Prompt Check: policy line {line.strip()!r} is not 'name: what is not allowed'")
+            policy[name.strip()] = description.strip()
+    return policy or dict(DEFAULT_POLICY)
+
+
+def prompt_checker(text_encoder, policy):
+    """The checker for this text encoder (its extra layers read once), with `policy`."""
+    cached = getattr(text_encoder, "_klein_prompt_checker", None)
+    if cached is None:
+        cached = load_prompt_safety(text_encoder)
+        text_encoder._klein_prompt_checker = cached
+    cached.policy = policy
+    return cached
+
+
+class KleinPromptCheck:
+    DESCRIPTION = ("Asks klein's own text encoder (run as the Qwen3 chat model it is; no extra download) whether the "
+                   "prompt requests content the policy forbids. Flagged prompts stop the run unless 'block' is off.")
+    CATEGORY = "klein"
+    RETURN_TYPES = ("STRING", "BOOLEAN", "FLOAT")
+    RETURN_NAMES = ("prompt", "passed", "score")
+    OUTPUT_TOOLTIPS = ("The prompt, to wire into Klein Text Encode.", "True when the score is below the threshold.",
+                       "P(unsafe) from the model's yes/no answer.")
+    FUNCTION = "check"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "text_encoder": ("KLEIN_TEXT_ENCODER", {"tooltip": "From Klein Load Text Encoder (the full qwen_3_4b "
+                                                                   "file: the check reads its last layers too)."}),
+                "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip": "The prompt to check."}),
+                "threshold": ("FLOAT", {"default": 0.5, "min": 0.01, "max": 0.99, "step": 0.01,
+                                        "tooltip": "Flag at or above this P(unsafe)."}),
+                "block": ("BOOLEAN", {"default": True, "tooltip": "Stop the run when the prompt is flagged."}),
+            },
+            "optional": {"policy": ("STRING", {"multiline": True, "default": "", "tooltip": (
+                "What is not allowed, one 'name: description' per line. Empty: sexual content involving minors, "
+                "non-consensual intimate imagery, sexual content of real people.")})},
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def check(self, text_encoder, prompt, threshold=0.5, block=True, policy="", unique_id=None):
+        rules = parse_policy(policy)
+        checker = prompt_checker(text_encoder, rules)
+        load_for_inference(checker.model, "text_encoder")
+        (score,) = checker([prompt])
+        passed = score < threshold
+        RESULTS[str(unique_id)] = {"check": "prompt", "score": round(score, 4), "threshold": threshold,
+                                   "passed": passed, "policy": sorted(rules)}
+        line = f"prompt check: P(unsafe) {score:.3f} ({'passed' if passed else 'flagged'} at {threshold})"
+        if not passed and block:
+            raise KleinError(f"Klein Prompt Check: the prompt was flagged (P(unsafe) {score:.3f} >= {threshold}); the "
+                             "run stops here. Change the prompt, or switch 'block' off to route it yourself.")
+        return {"ui": {"text": [line]}, "result": (prompt, passed, score)}
+
+
+class KleinImageCheck:
+    DESCRIPTION = ("Classifies images with a ViT safety classifier from models/safety (e.g. Falconsai/"
+                   "nsfw_image_detection); flagged images are replaced by flat grey.")
+    CATEGORY = "klein"
+    RETURN_TYPES = ("IMAGE", "BOOLEAN", "FLOAT")
+    RETURN_NAMES = ("images", "passed", "score")
+    OUTPUT_TOOLTIPS = ("The images, flagged ones replaced by grey.", "True when no image was flagged.",
+                       "The highest P(unsafe) of the batch.")
+    FUNCTION = "check"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "images": ("IMAGE", {"tooltip": "Images to check."}),
+                "classifier": (list_classifiers(), {"tooltip": "A folder in models/safety with config.json and "
+                                                               "model.safetensors (Hugging Face ViT classifier)."}),
+                "threshold": ("FLOAT", {"default": 0.85, "min": 0.01, "max": 0.99, "step": 0.01,
+                                        "tooltip": "Flag at or above this P(unsafe) (BFL's reference: 0.85)."}),
+                "replace": ("BOOLEAN", {"default": True, "tooltip": "Replace flagged images by flat grey."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def check(self, images, classifier, threshold=0.85, replace=True, unique_id=None):
+        checker = image_checker(classifier_path(classifier))
+        scores = checker.classify(images)
+        flagged = [score >= threshold for score in scores]
+        out = images.clone()
+        if replace and any(flagged):
+            out[[i for i, f in enumerate(flagged) if f]] = NEUTRAL
+        RESULTS[str(unique_id)] = {"check": "image", "classifier": classifier, "threshold": threshold,
+                                   "scores": [round(s, 4) for s in scores], "passed": not any(flagged),
+                                   "replaced": bool(replace and any(flagged))}
+        lines = [f"image {i + 1}: P(unsafe) {s:.3f} {'flagged' + (', replaced' if replace else '') if f else 'passed'}"
+                 for i, (s, f) in enumerate(zip(scores, flagged))]
+        return {"ui": {"text": lines}, "result": (out, not any(flagged), max(scores))}
+
+
+IMAGE_CHECKERS = {}
+
+
+def image_checker(path):
+    if path not in IMAGE_CHECKERS:
+        IMAGE_CHECKERS.clear()  # one classifier kept at a time
+        IMAGE_CHECKERS[path] = load_image_safety(path)
+    return IMAGE_CHECKERS[path]
+
+
+def checks_upstream(prompt, node_id, walk):
+    """The results of the checks that ran upstream of node `node_id` in the API `prompt`, for the saved metadata."""
+    return [RESULTS[current] for current, node in walk(prompt, node_id)
+            if node.get("class_type") in ("KleinPromptCheck", "KleinImageCheck") and current in RESULTS]
