@@ -14,6 +14,7 @@ import torch
 
 from .version import __version__
 from .errors import KleinError, KleinNote
+from .models.safety import DEFAULT_POLICY, image_record, prompt_record
 from .loaders.detect import WEIGHT_SUFFIXES
 from .sampling.schedule import ASPECT_RATIOS
 
@@ -57,6 +58,9 @@ def check_generate_inputs(args):
                          "use --device cpu, or install a CUDA build of torch")
     width, height = preset_size(args.aspect, args.megapixels) if args.aspect else (args.width, args.height)
     fit_size(width, height)  # refuses sizes over 4 MP before anything loads
+    if "image" in args.safety and args.image_classifier is None:
+        raise KleinError("--safety image needs --image-classifier FOLDER (a Hugging Face ViT classifier such as "
+                         "Falconsai/nsfw_image_detection: config.json + model.safetensors)")
     return width, height
 
 
@@ -299,6 +303,7 @@ def generate(args):
 
 def generate_images(args, cleanup):
     from .loaders.lora import apply_lora_pair
+    from .loaders.safety import load_image_safety
     from .loaders.text_encoder import load_text_encoder
     from .loaders.tokenizer import find_tokenizer
     from .loaders.transformer import load_transformer
@@ -315,9 +320,11 @@ def generate_images(args, cleanup):
     tokenizer = args.tokenizer  # checked before any model loads; a GGUF without one uses the tokenizer it embeds
     if tokenizer or not str(text_encoder_path).lower().endswith(".gguf"):
         tokenizer = find_tokenizer(text_encoder_path, tokenizer)
+    image_checker = load_image_safety(args.image_classifier) if "image" in args.safety else None
     # weights load (memory-mapped) on the CPU; the memory plan moves each component to the device for its turn
-    transformer = load_transformer(model_path, dtype=dtype)
     text_encoder = load_text_encoder(text_encoder_path, tokenizer=tokenizer, dtype=dtype)
+    checks = [check_prompt(text_encoder, args)] if "prompt" in args.safety else []  # before the transformer loads
+    transformer = load_transformer(model_path, dtype=dtype)
     for spec in args.lora:
         path, strength = lora_spec(spec)
         transformer, text_encoder = apply_lora_pair(transformer, text_encoder, path, strength)
@@ -333,15 +340,43 @@ def generate_images(args, cleanup):
     print(f"memory plan: {pipeline.plan.describe()}", file=sys.stderr)
     from .provenance.save import save_file
 
-    for image, path in zip(images, paths):
+    flagged = [False] * len(images)
+    if image_checker is not None:
+        _, scores, flagged = image_checker.screen(images, args.image_threshold, replace=False)
+        for line in image_checker.report(scores, flagged, False):
+            print(f"image check: {line}", file=sys.stderr)
+        checks.append(image_record(Path(args.image_classifier).name, args.image_threshold, scores, flagged, False))
+    for image, path, unsafe in zip(images, paths, flagged):
+        if unsafe:
+            print(f"note: {path.name} not saved: flagged by the image check", file=sys.stderr)
+            continue
         record = save_file(image, path, quality=args.quality, watermark=not args.no_watermark and args.watermark_mode,
                            c2pa=not args.no_c2pa, prompt={"prompt": args.prompt, "seed": pipeline.last_seed},
-                           allow_unsigned=args.allow_unsigned)
+                           allow_unsigned=args.allow_unsigned, safety=checks or None)
         for note in record.notes:
             print(f"note: {path.name}: {note}", file=sys.stderr)
         print(path)
     print(f"seed {pipeline.last_seed}", file=sys.stderr)
-    return 0
+    return BLOCKED if any(flagged) else 0
+
+
+def check_prompt(text_encoder, args):
+    """The prompt check's record; a flagged prompt stops the command (exit 3) before anything is generated."""
+    from .loaders.safety import load_prompt_safety
+
+    (score,) = load_prompt_safety(text_encoder)([args.prompt])
+    print(f"prompt check: P(unsafe) {score:.3f} (threshold {args.prompt_threshold})", file=sys.stderr)
+    if score >= args.prompt_threshold:
+        raise Blocked(f"the prompt was flagged by the prompt check (P(unsafe) {score:.3f} >= "
+                      f"{args.prompt_threshold}); nothing was generated")
+    return prompt_record(score, args.prompt_threshold, DEFAULT_POLICY)
+
+
+class Blocked(KleinError):
+    """A safety check stopped the command (exit code 3)."""
+
+
+BLOCKED = 3
 
 
 @contextlib.contextmanager
@@ -453,6 +488,15 @@ def main(argv=None):
                           "byte-identical to imwatermark")
     gen.add_argument("--no-c2pa", action="store_true", help="skip the signed C2PA manifest")
     gen.add_argument("--allow-unsigned", action="store_true", help="save unsigned if C2PA signing is impossible")
+    gen.add_argument("--safety", default="", choices=("", "prompt", "image", "prompt,image"),
+                     help="safety checks: prompt (klein's own text encoder; a flagged prompt stops with exit code 3), "
+                          "image (--image-classifier; flagged images are not saved, exit code 3), or both")
+    gen.add_argument("--image-classifier", help="a Hugging Face ViT image classifier folder (config.json + "
+                                                "model.safetensors), e.g. Falconsai/nsfw_image_detection")
+    gen.add_argument("--prompt-threshold", type=bounded(float, 0.01, 0.99), default=0.5,
+                     help="flag prompts at or above this P(unsafe)")
+    gen.add_argument("--image-threshold", type=bounded(float, 0.01, 0.99), default=0.85,
+                     help="flag images at or above this P(unsafe) (BFL's reference: 0.85)")
     gen.set_defaults(run=generate)
     qua = commands.add_parser("quantize", help="write a GGUF (Q8_0, Q6_K, Q5_K, Q4_K, Q4_0 ...) or fp8 safetensors file")
     qua.add_argument("source", help="transformer (BFL/ComfyUI safetensors) or Qwen3 text encoder (safetensors)")
@@ -476,6 +520,9 @@ def main(argv=None):
     try:
         with notes_once():
             return args.run(args)
+    except Blocked as e:
+        print(f"blocked: {e}", file=sys.stderr)
+        return BLOCKED
     except KleinError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

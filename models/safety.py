@@ -33,6 +33,7 @@ QUESTION = (
 )
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 YES, NO = ("yes", "Yes", "YES"), ("no", "No", "NO")
+NEUTRAL = 0.5  # what a flagged image becomes: flat mid grey
 
 
 class PromptSafety:
@@ -121,3 +122,27 @@ class ImageSafety:
         device = next(self.model.parameters()).device
         logits = self.model(self.pixels(images).to(device)).float()
         return torch.softmax(logits, dim=-1)[:, self.unsafe].sum(-1).cpu().tolist()
+
+    def screen(self, images, threshold, replace=True):
+        """(images with the flagged ones replaced by flat grey when `replace`, scores, flagged) for an IMAGE batch."""
+        scores = self.classify(images)
+        flagged = [score >= threshold for score in scores]
+        if replace and any(flagged):
+            images = images.clone()
+            images[[i for i, f in enumerate(flagged) if f]] = NEUTRAL
+        return images, scores, flagged
+
+    def report(self, scores, flagged, replaced):
+        return [f"image {i + 1}: P(unsafe) {s:.3f} " + (("flagged, replaced" if replaced else "flagged") if f else "passed")
+                for i, (s, f) in enumerate(zip(scores, flagged))]
+
+
+def image_record(classifier, threshold, scores, flagged, replaced):
+    """What a save records of an image check (never the prompt)."""
+    return {"check": "image", "classifier": classifier, "threshold": threshold, "scores": [round(s, 4) for s in scores],
+            "passed": not any(flagged), "replaced": bool(replaced and any(flagged))}
+
+
+def prompt_record(score, threshold, policy):
+    return {"check": "prompt", "score": round(score, 4), "threshold": threshold, "passed": score < threshold,
+            "policy": sorted(policy)}

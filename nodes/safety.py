@@ -3,12 +3,11 @@ classifier from models/safety; results are kept per node so Klein Watermark & Sa
 
 from ..errors import KleinError
 from ..loaders.safety import load_image_safety, load_prompt_safety
-from ..models.safety import DEFAULT_POLICY
+from ..models.safety import DEFAULT_POLICY, image_record, prompt_record
 from .files import classifier_path, list_classifiers
 from .runtime import load_for_inference
 
 RESULTS = {}  # node id -> the last check it ran: what the save node records
-NEUTRAL = 0.5  # flagged images are replaced by flat mid grey
 
 
 def parse_policy(text):
@@ -66,8 +65,7 @@ class KleinPromptCheck:
         load_for_inference(checker.model, "text_encoder")
         (score,) = checker([prompt])
         passed = score < threshold
-        RESULTS[str(unique_id)] = {"check": "prompt", "score": round(score, 4), "threshold": threshold,
-                                   "passed": passed, "policy": sorted(rules)}
+        RESULTS[str(unique_id)] = prompt_record(score, threshold, rules)
         line = f"prompt check: P(unsafe) {score:.3f} ({'passed' if passed else 'flagged'} at {threshold})"
         if not passed and block:
             raise KleinError(f"Klein Prompt Check: the prompt was flagged (P(unsafe) {score:.3f} >= {threshold}); the "
@@ -101,17 +99,9 @@ class KleinImageCheck:
 
     def check(self, images, classifier, threshold=0.85, replace=True, unique_id=None):
         checker = image_checker(classifier_path(classifier))
-        scores = checker.classify(images)
-        flagged = [score >= threshold for score in scores]
-        out = images.clone()
-        if replace and any(flagged):
-            out[[i for i, f in enumerate(flagged) if f]] = NEUTRAL
-        RESULTS[str(unique_id)] = {"check": "image", "classifier": classifier, "threshold": threshold,
-                                   "scores": [round(s, 4) for s in scores], "passed": not any(flagged),
-                                   "replaced": bool(replace and any(flagged))}
-        lines = [f"image {i + 1}: P(unsafe) {s:.3f} {'flagged' + (', replaced' if replace else '') if f else 'passed'}"
-                 for i, (s, f) in enumerate(zip(scores, flagged))]
-        return {"ui": {"text": lines}, "result": (out, not any(flagged), max(scores))}
+        out, scores, flagged = checker.screen(images, threshold, replace)
+        RESULTS[str(unique_id)] = image_record(classifier, threshold, scores, flagged, replace)
+        return {"ui": {"text": checker.report(scores, flagged, replace)}, "result": (out, not any(flagged), max(scores))}
 
 
 IMAGE_CHECKERS = {}

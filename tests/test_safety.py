@@ -180,3 +180,31 @@ def test_image_check_node_replaces_flagged_images_and_the_save_records_it(comfyu
     record = verify_image(path)["safety"]
     assert record == [{"check": "image", "classifier": "nsfw_image_detection", "threshold": max(cut, 0.01),
                        "scores": [round(s, 4) for s in scores], "passed": False, "replaced": True}]
+
+
+def test_generate_command_checks_prompt_and_images(tmp_path, vit_folder, capsys, monkeypatch):
+    from klein_nodes.cli import main
+    from klein_nodes.provenance.save import verify_image
+    from klein_nodes.testing import write_tiny_model_set
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    write_tiny_model_set(tmp_path / "ComfyUI")
+    base = ["generate", "a cat", "--comfyui", str(tmp_path / "ComfyUI"), "--width", "64", "--height", "64",
+            "--steps", "1", "--no-c2pa", "--seed", "3"]
+    assert main(base + ["-o", str(tmp_path / "a.png"), "--safety", "image"]) == 2
+    assert "--safety image needs --image-classifier" in capsys.readouterr().err
+    loaded = []
+    monkeypatch.setattr("klein_nodes.loaders.transformer.load_transformer", lambda *a, **k: loaded.append(a))
+    assert main(base + ["-o", str(tmp_path / "b.png"), "--safety", "prompt", "--prompt-threshold", "0.01"]) == 3
+    err = capsys.readouterr().err
+    assert "blocked: the prompt was flagged by the prompt check" in err and loaded == []  # stopped before loading
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    both = base + ["--safety", "prompt,image", "--image-classifier", str(vit_folder), "--prompt-threshold", "0.99"]
+    assert main(both + ["-o", str(tmp_path / "c.png"), "--image-threshold", "0.99"]) == 0
+    record = verify_image(tmp_path / "c.png")["safety"]
+    assert [r["check"] for r in record] == ["prompt", "image"] and all(r["passed"] for r in record)
+    assert "a cat" not in json.dumps(record)
+    assert main(both + ["-o", str(tmp_path / "d.png"), "--image-threshold", "0.01"]) == 3
+    assert "d.png not saved: flagged by the image check" in capsys.readouterr().err
+    assert not (tmp_path / "d.png").exists()
