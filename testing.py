@@ -304,6 +304,7 @@ def write_workflow_models(root):
     for folder, name in (("diffusion_models", "flux-2-klein-4b"), ("text_encoders", "qwen_3_4b")):
         quantize_file(models / folder / f"{name}.safetensors", models / folder / f"{name}-Q4_K.gguf", "Q4_K")
     write_workflow_loras(models / "loras")
+    write_tiny_vit(models / "safety" / "nsfw_image_detection")
     return root
 
 
@@ -448,3 +449,12 @@ def write_tiny_vit(folder, seed=0):
                  "image_std": [0.5, 0.5, 0.5], "size": {"height": p.image_size, "width": p.image_size}}
     (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
     return folder
+
+
+def random_weight_thresholds(graph):
+    """An API graph with its safety checks' thresholds at 0.99: random tiny models give arbitrary scores, so runs
+    on them test the wiring, not the verdict."""
+    for node in graph.values():
+        if node.get("class_type") in ("KleinPromptCheck", "KleinImageCheck"):
+            node["inputs"]["threshold"] = 0.99
+    return graph

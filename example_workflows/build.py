@@ -84,6 +84,11 @@ class Graph:
         for order, (node_id, class_type, inputs) in enumerate(self.nodes):
             sockets, widgets = [], []
             for name, kind, control, default in node_inputs(class_type):
+                if kind is None and isinstance(inputs.get(name), tuple):  # a widget fed by a link
+                    link = next(link[0] for link in links if link[3] == node_id and link[4] == name)
+                    sockets.append({"name": name, "type": "STRING", "widget": {"name": name}, "link": link})
+                    widgets.append(default if default is not None else "")
+                    continue
                 if kind is not None:
                     link = next((link[0] for link in links if link[3] == node_id and link[4] == name), None)
                     if link is not None or name in inputs:
@@ -221,6 +226,21 @@ def watermark_and_save():
     return graph
 
 
+def safety_checks():
+    graph = Graph("FLUX.2 klein 4B: prompt and image safety checks before saving")
+    model, text_encoder, vae = loaders(graph)
+    check = graph.add("KleinPromptCheck", text_encoder=(text_encoder, 0), threshold=0.5, block=True, policy="",
+                      prompt="A lighthouse keeper feeding a cat, warm evening light, watercolor")
+    prompt = graph.add("KleinTextEncode", text_encoder=(text_encoder, 0), text=(check, 0))
+    latent = graph.add("KleinEmptyLatent", width=1024, height=1024, aspect="custom", megapixels=1.0, batch_size=1)
+    image = graph.add("KleinVAEDecode", vae=(vae, 0), latent=(sampler(graph, model, prompt, latent), 0), tiled="auto")
+    checked = graph.add("KleinImageCheck", images=(image, 0), classifier="nsfw_image_detection", threshold=0.85,
+                        replace=True)
+    graph.add("KleinSave", images=(checked, 0), filename_prefix="klein/checked", format="png", quality=80,
+              watermark=True, c2pa=True, allow_unsigned=False)
+    return graph
+
+
 def one_node():
     graph = Graph("FLUX.2 klein 4B: everything in one node")
     model, text_encoder, vae = loaders(graph)
@@ -244,15 +264,21 @@ TEMPLATES = {
     "klein_loras": ("Klein two LoRAs stacked", loras),
     "klein_watermark_and_save": ("Klein watermark and signed save", watermark_and_save),
     "klein_generate_one_node": ("Klein everything in one node", one_node),
+    "klein_safety_checks": ("Klein safety checks", safety_checks),
 }
 WORKFLOWS = {name: build for name, (_, build) in TEMPLATES.items()}
 FILE_WIDGETS = {"model_name": "diffusion_models", "text_encoder_name": "text_encoders", "vae_name": "vae",
-                "lora_name": "loras", "image": "input"}
+                "lora_name": "loras", "image": "input", "classifier": "safety"}
 
 
 def files_needed(graph):
-    return list(dict.fromkeys(f"{FILE_WIDGETS[k]}/{v}" for _, _, inputs in graph.nodes for k, v in inputs.items()
+    return list(dict.fromkeys(f"{FILE_WIDGETS[k]}/{v}" + (FOLDER_NOTE if k == "classifier" else "")
+                              for _, _, inputs in graph.nodes for k, v in inputs.items()
                               if k in FILE_WIDGETS and isinstance(v, str)))
+
+
+FOLDER_NOTE = ("/ (a folder: config.json, model.safetensors and preprocessor_config.json of "
+               "Falconsai/nsfw_image_detection)")
 
 
 def note_text(graph):
@@ -309,7 +335,7 @@ def thumbnail(graph, size=(640, 400)):
     return image
 
 
-NODE_COLOURS = [("KleinTransformerLoader", (52, 88, 140)), ("KleinTextEncoderLoader", (52, 88, 140)),
+NODE_COLOURS = [("KleinPromptCheck", (150, 120, 40)), ("KleinImageCheck", (150, 120, 40)), ("KleinTransformerLoader", (52, 88, 140)), ("KleinTextEncoderLoader", (52, 88, 140)),
                 ("KleinVAELoader", (52, 88, 140)), ("KleinLora", (92, 70, 140)), ("KleinTextEncode", (140, 110, 40)),
                 ("KleinSave", (40, 120, 80)), ("SaveImage", (40, 120, 80)), ("LoadImage", (120, 70, 60)),
                 ("KleinSampler", (150, 60, 90)), ("KleinGenerate", (150, 60, 90))]

@@ -1,7 +1,9 @@
 """Klein Prompt Check and Klein Image Check: klein's own text encoder as a prompt classifier, a ViT image
 classifier from models/safety; results are kept per node so Klein Watermark & Save records them (not the prompt)."""
 
-from ..errors import KleinError
+import warnings
+
+from ..errors import KleinError, KleinNote
 from ..loaders.safety import load_image_safety, load_prompt_safety
 from ..models.safety import DEFAULT_POLICY, image_record, prompt_record
 from .files import classifier_path, list_classifiers
@@ -104,6 +106,50 @@ class KleinImageCheck:
         return {"ui": {"text": checker.report(scores, flagged, replace)}, "result": (out, not any(flagged), max(scores))}
 
 
+def SAFETY_INPUTS():  # noqa: N802 (a spec built when ComfyUI asks, like INPUT_TYPES: the classifier list is live)
+    return {
+        "safety": (["off", "prompt", "image", "prompt+image"], {"default": "off", "tooltip": (
+            "prompt: klein's own text encoder checks the prompt first (a flagged prompt stops the run); image: the "
+            "classifier checks each result (flagged ones become grey). Saves record the checks.")}),
+        "image_classifier": (["none", *list_classifiers()], {"default": "none", "tooltip": "From models/safety."}),
+        "prompt_threshold": ("FLOAT", {"default": 0.5, "min": 0.01, "max": 0.99, "step": 0.01}),
+        "image_threshold": ("FLOAT", {"default": 0.85, "min": 0.01, "max": 0.99, "step": 0.01}),
+    }
+
+
+class SafetyGate:
+    """Klein Generate's checks: the prompt before anything runs, the images after decoding; the records are kept
+    for Klein Watermark & Save."""
+
+    def __init__(self, safety, classifier, prompt_threshold, image_threshold, unique_id):
+        self.prompt, self.image = "prompt" in safety, "image" in safety
+        if self.image and classifier in (None, "none"):
+            raise KleinError("Klein Generate: safety 'image' needs an image classifier (a folder in models/safety)")
+        self.classifier, self.thresholds, self.node = classifier, (prompt_threshold, image_threshold), str(unique_id)
+        RESULTS[self.node] = []
+
+    def check_prompt(self, text_encoder, prompt):
+        if not self.prompt:
+            return
+        checker = prompt_checker(text_encoder, dict(DEFAULT_POLICY))
+        load_for_inference(checker.model, "text_encoder")
+        (score,) = checker([prompt])
+        RESULTS[self.node].append(prompt_record(score, self.thresholds[0], checker.policy))
+        if score >= self.thresholds[0]:
+            raise KleinError(f"Klein Generate: the prompt was flagged by the prompt check (P(unsafe) {score:.3f} >= "
+                             f"{self.thresholds[0]}); nothing was generated")
+
+    def check_images(self, images):
+        if not self.image:
+            return images
+        checker = image_checker(classifier_path(self.classifier))
+        images, scores, flagged = checker.screen(images, self.thresholds[1])
+        RESULTS[self.node].append(image_record(self.classifier, self.thresholds[1], scores, flagged, True))
+        for line in checker.report(scores, flagged, True):
+            warnings.warn(f"image check: {line}", KleinNote)
+        return images
+
+
 IMAGE_CHECKERS = {}
 
 
@@ -116,5 +162,9 @@ def image_checker(path):
 
 def checks_upstream(prompt, node_id, walk):
     """The results of the checks that ran upstream of node `node_id` in the API `prompt`, for the saved metadata."""
-    return [RESULTS[current] for current, node in walk(prompt, node_id)
-            if node.get("class_type") in ("KleinPromptCheck", "KleinImageCheck") and current in RESULTS]
+    found = []
+    for current, node in walk(prompt, node_id):
+        if node.get("class_type") in ("KleinPromptCheck", "KleinImageCheck", "KleinGenerate") and current in RESULTS:
+            result = RESULTS[current]
+            found.extend(result if isinstance(result, list) else [result])
+    return found

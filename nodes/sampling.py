@@ -16,6 +16,7 @@ from ..sampling.schedule import (ASPECT_RATIOS, MAX_SEED, MEGAPIXEL, fit_size, g
 from .conditioning import MAX_TOKENS_INPUT, max_length
 from .interop import MODEL_INPUT, VAE_INPUT, klein_transformer, klein_vae
 from .runtime import load_for_inference, progress_callback
+from .safety import SAFETY_INPUTS, SafetyGate
 
 log = logging.getLogger("klein_nodes")
 TILED = {"auto": "auto", "enable": True, "disable": False}
@@ -279,11 +280,16 @@ class KleinGenerate:
                 "guidance": GUIDANCE_INPUT,
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per run."}),
             },
-            "optional": {**{slot: ("IMAGE", image) for slot in IMAGE_SLOTS}, "max_tokens": MAX_TOKENS_INPUT},
+            "optional": {**{slot: ("IMAGE", image) for slot in IMAGE_SLOTS}, "max_tokens": MAX_TOKENS_INPUT,
+                         **SAFETY_INPUTS()},
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def generate(self, model, text_encoder, vae, prompt, negative_prompt="", width=1024, height=1024, aspect="custom",
-                 megapixels=1.0, seed=0, steps=4, guidance=1.0, batch_size=1, max_tokens=0, **images):
+                 megapixels=1.0, seed=0, steps=4, guidance=1.0, batch_size=1, max_tokens=0, safety="off",
+                 image_classifier="none", prompt_threshold=0.5, image_threshold=0.85, unique_id=None, **images):
+        gate = SafetyGate(safety, image_classifier, prompt_threshold, image_threshold, unique_id)
+        gate.check_prompt(text_encoder, prompt)
         model, vae = klein_transformer(model), klein_vae(vae)
         references = [images[slot] for slot in IMAGE_SLOTS if images.get(slot) is not None]
         width, height = output_size(width, height, aspect, megapixels)
@@ -298,4 +304,4 @@ class KleinGenerate:
                            steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, references=references,
                            callback=progress_callback(steps), output_type="latent")
         load_for_inference(vae, "vae")
-        return (decode_images(vae, latents),)
+        return (gate.check_images(decode_images(vae, latents)),)

@@ -208,3 +208,30 @@ def test_generate_command_checks_prompt_and_images(tmp_path, vit_folder, capsys,
     assert main(both + ["-o", str(tmp_path / "d.png"), "--image-threshold", "0.01"]) == 3
     assert "d.png not saved: flagged by the image check" in capsys.readouterr().err
     assert not (tmp_path / "d.png").exists()
+
+
+def test_generate_node_gates_prompt_and_images(comfyui, chat_files, vit_folder, tmp_path):
+    import shutil
+
+    from klein_nodes.nodes.safety import RESULTS
+    from klein_nodes.nodes.sampling import KleinGenerate
+    from klein_nodes.testing import write_transformer, write_vae
+
+    shutil.copytree(vit_folder, comfyui / "safety" / "nsfw")
+    path, _, tokenizer = chat_files
+    encoder = kn.load_text_encoder(path, tokenizer=tokenizer, dtype=torch.float32)
+    model = kn.load_transformer(write_transformer(tmp_path / "t.safetensors", dtype=torch.float32)[0])
+    vae = kn.load_vae(write_vae(tmp_path / "vae.safetensors"))
+    args = dict(prompt="a cat", width=64, height=64, steps=1, seed=1)
+    assert "safety" in KleinGenerate.INPUT_TYPES()["optional"]
+    assert KleinGenerate.INPUT_TYPES()["optional"]["image_classifier"][0] == ["none", "nsfw"]
+    with pytest.raises(kn.KleinError, match="the prompt was flagged by the prompt check"):
+        KleinGenerate().generate(model, encoder, vae, safety="prompt", prompt_threshold=0.01, unique_id="4", **args)
+    assert RESULTS["4"][0]["check"] == "prompt" and RESULTS["4"][0]["passed"] is False
+    with pytest.raises(kn.KleinError, match="needs an image classifier"):
+        KleinGenerate().generate(model, encoder, vae, safety="image", unique_id="4", **args)
+    out = KleinGenerate().generate(model, encoder, vae, safety="prompt+image", image_classifier="nsfw",
+                                   prompt_threshold=0.99, image_threshold=0.01, unique_id="4", **args)
+    (images,) = out["result"]
+    assert bool((images == 0.5).all()) and out["ui"]["text"][0].startswith("image check: image 1: P(unsafe)")
+    assert [r["check"] for r in RESULTS["4"]] == ["prompt", "image"] and RESULTS["4"][1]["replaced"] is True

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from klein_nodes.testing import write_workflow_inputs, write_workflow_models
+from klein_nodes.testing import random_weight_thresholds, write_workflow_inputs, write_workflow_models
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "example_workflows"
 sys.path.insert(0, str(WORKFLOWS))
@@ -48,7 +48,9 @@ def model_files(tmp_path_factory):
 @pytest.fixture()
 def models(comfyui, model_files):
     for path in (model_files / "models").rglob("*.*"):
-        (comfyui / path.parent.name / path.name).symlink_to(path)
+        target = comfyui / path.relative_to(model_files / "models")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(path)
     (comfyui.parent / "comfy").symlink_to(model_files / "comfy")
     return comfyui
 
@@ -119,7 +121,7 @@ def run_api(graph, inputs_dir):
 @pytest.mark.parametrize("name", NAMES)
 def test_api_twin_runs(models, tmp_path, name):
     write_workflow_inputs(tmp_path)
-    graph = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+    graph = random_weight_thresholds(json.loads((WORKFLOWS / "api" / f"{name}.json").read_text()))
     (images,) = run_api(graph, tmp_path)
     if name == "klein_watermark_and_save":
         from klein_nodes.provenance import c2pa_sign

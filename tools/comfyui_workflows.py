@@ -205,7 +205,9 @@ def main():
             try:
                 print(f"ComfyUI {version} ({core}), CPU; server log: {base / 'server.log'}")
                 print(f"{'graph':38} {'status':8} {'seconds':>7} {'images':>6} {'vs twin':>8}  error")
-                graphs = {path.stem: (json.loads(path.read_text()), None)
+                from klein_nodes.testing import random_weight_thresholds
+
+                graphs = {path.stem: (random_weight_thresholds(json.loads(path.read_text())), None)
                           for path in sorted((ROOT / "example_workflows" / "api").glob("*.json"))}
                 graphs["save_transparent_png"] = (TRANSPARENT_SAVE, None)
                 graphs["save_edit_with_ingredients"] = (EDIT_SAVE, None)
