@@ -425,14 +425,14 @@ def natural_photo(name, size=1024):
 TINY_VIT = ViTParams(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, image_size=32, patch_size=8)
 
 
-def write_tiny_vit(folder, seed=0):
+def write_tiny_vit(folder, seed=0, params=TINY_VIT):
     """A random ViT image classifier in Falconsai/nsfw_image_detection's file layout: config.json (labels normal /
     nsfw), preprocessor_config.json (ViTImageProcessor, bilinear resize, mean/std 0.5) and model.safetensors."""
     from .models.vit import ViT
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    p = TINY_VIT
+    p = params
     with torch.device("meta"):
         model = ViT(p)
     state = random_state_dict(model, seed)
