@@ -69,6 +69,10 @@ def test_prompt_check_shares_a_loaded_text_encoder_and_takes_gguf(chat_files, tm
     gguf = quantize_file(path, tmp_path / "qwen-Q8_0.gguf", "Q8_0", tokenizer)[0]
     quantized = kn.load_prompt_safety(gguf, dtype=torch.float32)
     assert quantized(PROMPTS) == pytest.approx(direct(PROMPTS), abs=0.05)
+    fp8 = quantize_file(path, tmp_path / "qwen-fp8.safetensors", "fp8")[0]
+    scaled = kn.load_prompt_safety(fp8, tokenizer=tokenizer, dtype=torch.float32)
+    assert type(scaled.model.layers[27].mlp.down_proj).__name__ != "Linear"  # the last layers stay fp8 too
+    assert scaled(PROMPTS) == pytest.approx(direct(PROMPTS), abs=0.05)
     custom = kn.load_prompt_safety(path, tokenizer=tokenizer, policy={"dogs": "any dog"}, dtype=torch.float32)
     assert "- dogs: any dog" in custom.chat("a dog") and "minor" not in custom.chat("a dog")
 
