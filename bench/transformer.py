@@ -18,6 +18,7 @@ Run from the repository root with the package installed (diffusers needed for pa
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -41,6 +42,11 @@ FORWARD_PARAMS = Flux2Params(
     in_channels=128, out_channels=128, context_in_dim=1536, hidden_size=768, num_heads=6,
     depth=2, depth_single_blocks=4, mlp_hidden_dim=2304, axes_dim=(32, 32, 32, 32),
 )
+# klein 4B's widths (3072 wide, 24 heads, 7680 text features), one double and two single blocks.
+KLEIN_PARAMS = Flux2Params(
+    in_channels=128, out_channels=128, context_in_dim=7680, hidden_size=3072, num_heads=24,
+    depth=1, depth_single_blocks=2, mlp_hidden_dim=9216, axes_dim=(32, 32, 32, 32),
+)
 # ~1.0e9 params, ~2 GB in bf16: klein-4B-like widths, fewer blocks.
 RSS_PARAMS = Flux2Params(
     in_channels=128, out_channels=128, context_in_dim=7680, hidden_size=2048, num_heads=16,
@@ -59,18 +65,20 @@ def make_inputs(params, text_tokens, height, width, seed=1):
 def bench_forward(args):
     from diffusers import Flux2Transformer2DModel
 
-    params = FORWARD_PARAMS
+    params = KLEIN_PARAMS if args.config == "klein" else FORWARD_PARAMS
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     side = int(round(args.image_tokens ** 0.5))
     assert side * side == args.image_tokens, "--image-tokens must be a square"
     x, x_ids, t, ctx, ctx_ids = make_inputs(params, args.text_tokens, side, side)
+    x, ctx = x.to(dtype), ctx.to(dtype)
 
     with tempfile.TemporaryDirectory(prefix="klein-bench-") as tmp:
-        path, state = write_transformer(Path(tmp) / "fwd.safetensors", params, dtype=torch.float32)
-        ours = kn.load_transformer(path)  # the real loading path; fp32 file -> fp32 model
+        path, state = write_transformer(Path(tmp) / "fwd.safetensors", params, dtype=dtype)
+        ours = kn.load_transformer(path)  # the real loading path; the file's dtype
         cfg = {k: v for k, v in diffusers_config(params).items() if k != "_class_name"}
         ref = Flux2Transformer2DModel(**cfg)
         ref.load_state_dict(bfl_to_diffusers(state), strict=True)
-        ref.requires_grad_(False).eval()
+        ref.to(dtype).requires_grad_(False).eval()
         del state
 
         def run_ours():
@@ -81,13 +89,14 @@ def bench_forward(args):
                        img_ids=x_ids, txt_ids=ctx_ids, return_dict=False)[0]
 
         n_params = sum(p.numel() for p in ours.parameters())
-        print(f"## Forward: ours vs diffusers ({n_params / 1e6:.1f}M params, fp32, batch 1, "
-              f"{args.text_tokens} text + {args.image_tokens} image tokens, {torch.get_num_threads()} threads)")
+        print(f"## Forward: ours vs diffusers ({n_params / 1e6:.1f}M params, {args.config} widths, {args.dtype}, "
+              f"batch 1, {args.text_tokens} text + {args.image_tokens} image tokens, {torch.get_num_threads()} threads, "
+              f"load average {os.getloadavg()[0]:.2f})")
         with torch.inference_mode():
             a, b = run_ours(), run_ref()
             diff = (a - b).abs().max().item()
             scale = b.abs().max().item()
-            ok = diff <= 1e-4 * max(scale, 1.0)
+            ok = diff <= (1e-4 if dtype == torch.float32 else 5e-2) * max(scale, 1.0)
             print(f"max |ours - diffusers| = {diff:.3e}  (max |out| = {scale:.3g})  -> {'match' if ok else 'MISMATCH'}")
             if not ok:
                 raise SystemExit("outputs differ; not timing")
@@ -106,9 +115,11 @@ def bench_forward(args):
     print(f"{'':10} {'median s':>9} {'min s':>8} {'max s':>8}   ({args.repeats} interleaved runs, {args.warmup} warmup)")
     for name, values in times.items():
         print(f"{name:10} {med[name]:9.4f} {min(values):8.4f} {max(values):8.4f}")
-    ratio = med["ours"] / med["diffusers"]
+    paired = sorted(a / b for a, b in zip(times["ours"], times["diffusers"]))
+    ratio = statistics.median(paired)
     verdict = "met" if ratio <= SPEED_GOAL else "NOT met"
-    print(f"ratio ours/diffusers = {ratio:.3f}   (goal <= {SPEED_GOAL}: {verdict})")
+    print(f"paired ratio ours/diffusers: min {paired[0]:.3f} median {ratio:.3f} max {paired[-1]:.3f}   "
+          f"(goal <= {SPEED_GOAL}: {verdict})")
     return ratio
 
 
@@ -203,6 +214,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per model (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs per model first (default 2)")
     parser.add_argument("--text-tokens", type=int, default=512)
+    parser.add_argument("--config", choices=("mid", "klein"), default="mid", help="mid: ~70M params; klein: klein "
+                        "4B's widths with 1 double + 2 single blocks")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--image-tokens", type=int, default=256, help="a square number")
     parser.add_argument("--tmpdir", help="where to write the temporary 2 GB file (default: system temp)")
     args = parser.parse_args()
