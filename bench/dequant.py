@@ -8,6 +8,7 @@ On a CUDA GPU it also times our kernels on the GPU and a quantized Linear agains
 """
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -61,13 +62,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--types", default=",".join(TYPES))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = cols = 3072
-    print(f"{rows}x{cols} weights, fp32 output, {torch.get_num_threads()} CPU threads; median of {args.repeats}")
+    print(f"{rows}x{cols} weights, fp32 output, {torch.get_num_threads()} CPU threads, load average "
+          f"{os.getloadavg()[0]:.2f}; median of {args.repeats} interleaved runs")
     header = (f"{'type':<8}{'gguf-py ms':>11}{'whole ms':>10}{'x gguf':>8}{'ours ms':>9}{'x gguf':>8}"
               f"{'into buffer ms':>16}{'x gguf':>8}")
     print(header + ("" if args.no_compile else f"{'compiled ms':>13}{'x gguf':>8}"))
-    for qtype in TYPES:
+    for qtype in args.types.split(","):
         packed = np.ascontiguousarray(packed_matrix(qtype, rows, cols))
         kind = gguf.GGMLQuantizationType[qtype]
         data = torch.from_numpy(packed.copy()).reshape(-1)

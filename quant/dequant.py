@@ -10,6 +10,7 @@ import logging
 import math
 import operator
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -249,11 +250,37 @@ def dequantize(data, qtype, shape, dtype=torch.float32, out=None):
     if blocks.device.type == "cpu" and blocks.shape[0] * block_size > CPU_CHUNK:
         out = torch.empty(shape, dtype=dtype) if out is None else out
         flat, step = out.view(-1, block_size), CPU_CHUNK // block_size
-        for start in range(0, blocks.shape[0], step):
+
+        def piece(start):
             flat[start: start + step] = DEQUANTIZERS[name](blocks[start: start + step])
+
+        in_parallel(piece, range(0, blocks.shape[0], step))
         return out
     values = DEQUANTIZERS[name](blocks).reshape(shape)
     return values.to(dtype) if out is None else out.copy_(values)
+
+
+_pool = (None, 0)  # (executor, its thread count)
+
+
+def in_parallel(work, pieces):
+    """`work(piece)` for every piece: one piece per thread, each single-threaded, on torch's CPU thread count.
+    A piece's dozen small ops would otherwise each split across threads and wait on a barrier (on a busy machine
+    slower at 2 threads than at 1); whole pieces on separate threads scale instead, with identical results."""
+    global _pool
+    threads = torch.get_num_threads()
+    if threads == 1 or len(pieces) == 1:
+        for start in pieces:
+            work(start)
+        return
+    if _pool[1] != threads:
+        # each worker's own OpenMP setting: one thread per op, for good
+        _pool = (ThreadPoolExecutor(threads, "klein-dequant", initializer=torch.set_num_threads, initargs=(1,)), threads)
+    torch.set_num_threads(1)
+    try:
+        list(_pool[0].map(work, pieces))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def triton_available(device):

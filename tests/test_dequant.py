@@ -73,13 +73,24 @@ def test_other_dtypes_and_errors():
         dequantize(torch.zeros(100, dtype=torch.uint8), "Q4_K", (1, 256))
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("name", list(BLOCK_SIZES))
-def test_chunked_cpu_path_is_bit_exact(name, monkeypatch):
-    """Large tensors go through the CPU in cache-sized pieces (made small here): same bits, partial last piece,
-    written into a caller's buffer in its dtype."""
+def test_chunked_cpu_path_is_bit_exact(name, threads, monkeypatch):
+    """Large tensors go through the CPU in cache-sized pieces (made small here), one piece per thread: same bits,
+    partial last piece, written into a caller's buffer in its dtype, torch's thread count left as it was."""
     from klein_nodes.quant import dequant
 
     monkeypatch.setattr(dequant, "CPU_CHUNK", 1024)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_chunked(name)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
+def check_chunked(name):
     block_size, _ = BLOCK_SIZES[name]
     row_blocks = 11 if block_size > 1 else 352
     data = random_blocks(name, rows=7, row_blocks=row_blocks, seed=6)
