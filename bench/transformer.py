@@ -186,6 +186,12 @@ def bench_rss(args):
         size = path.stat().st_size
         print(f"wrote {size / 1e9:.2f} GB in {time.perf_counter() - start:.1f} s")
 
+        if args.rss_format == "gguf":  # the same weights as our Q8_0 GGUF (norms, embeddings, modulation stay BF16/F32)
+            from klein_nodes.quant.convert import quantize_file
+
+            path = quantize_file(path, Path(tmp) / "big-Q8_0.gguf", "Q8_0")[0]
+            size = Path(path).stat().st_size
+            print(f"quantized to {Path(path).name}: {size / 1e9:.2f} GB")
         proc = subprocess.run([sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"child failed ({proc.returncode}):\n{proc.stderr}")
@@ -217,6 +223,8 @@ def main():
     parser.add_argument("--config", choices=("mid", "klein"), default="mid", help="mid: ~70M params; klein: klein "
                         "4B's widths with 1 double + 2 single blocks")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--rss-format", choices=("safetensors", "gguf"), default="safetensors",
+                        help="the file the memory measurement loads: the bf16 safetensors, or its Q8_0 GGUF")
     parser.add_argument("--image-tokens", type=int, default=256, help="a square number")
     parser.add_argument("--tmpdir", help="where to write the temporary 2 GB file (default: system temp)")
     args = parser.parse_args()

@@ -1,5 +1,6 @@
 """GGUF files (memory-mapped with gguf-py): klein transformers and Qwen3 text encoders, weights kept packed."""
 
+import math
 import re
 
 import numpy as np
@@ -7,13 +8,13 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, WrongModelError
-from ..quant.dequant import dequantize, type_name
+from ..quant.dequant import type_name
 from ..quant.linear import QuantizedEmbedding, QuantizedLinear, replace_module
 from .checkpoint import MODEL_PREFIXES, check_state_dict, strip_prefix
 from .detect import identify
 from .gguf_header import check_gguf_header
 
-FLOAT_TYPES = ("F32", "F16", "BF16")
+FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 TRANSFORMER_ARCHS = ("flux", "")  # ComfyUI-GGUF writes "flux"; stable-diffusion.cpp writes none
 # llama.cpp tensor names <-> Hugging Face Qwen3 names; {i} is the layer
 QWEN3_NAMES = {
@@ -93,8 +94,16 @@ class GGUFFile:
             except Exception as e:
                 raise CheckpointError(f"{self.path}: tensor '{name}': {e}") from None
             packed = self.packed(name)
-            if qtype in FLOAT_TYPES:
-                out[new_name] = dequantize(packed, qtype, shape, dtype).to(device)
+            if qtype in FLOAT_TYPES:  # the file's own pages when the dtype matches, else one conversion
+                stored = FLOAT_TYPES[qtype]
+                if packed.numel() != math.prod(shape) * stored.itemsize:
+                    raise CheckpointError(f"{self.path}: tensor '{name}' holds {packed.numel()} bytes, not a {shape} "
+                                          f"{qtype} tensor")
+                try:
+                    values = packed.view(stored)
+                except RuntimeError:  # data not aligned for its dtype (a file with a small general.alignment)
+                    values = packed.clone().view(stored)
+                out[new_name] = values.view(shape).to(device=device, dtype=dtype)
             else:
                 out[new_name] = (packed.to(device), qtype, shape)
         return out

@@ -276,9 +276,15 @@ def in_parallel(work, pieces):
     if _pool[1] != threads:
         # each worker's own OpenMP setting: one thread per op, for good
         _pool = (ThreadPoolExecutor(threads, "klein-dequant", initializer=torch.set_num_threads, initargs=(1,)), threads)
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()  # thread-local: carried over
+
+    def run(piece):
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            work(piece)
+
     torch.set_num_threads(1)
     try:
-        list(_pool[0].map(work, pieces))
+        list(_pool[0].map(run, pieces))
     finally:
         torch.set_num_threads(threads)
 

@@ -85,6 +85,8 @@ def test_chunked_cpu_path_is_bit_exact(name, threads, monkeypatch):
     torch.set_num_threads(threads)
     try:
         check_chunked(name)
+        with torch.inference_mode():  # as in a model's forward: the workers write inference tensors too
+            check_chunked(name)
         assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
