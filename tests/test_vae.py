@@ -64,8 +64,10 @@ def test_encode_decode_match_diffusers(layouts, reference, layout):
         expected_z, expected_px = reference_encode(reference, x), reference_decode(reference, z_noise)
         z, px = vae.encode(x), vae.decode(z_noise)
     assert z.shape == (2, 128, 8, 12) and px.shape == (2, 3, 32, 48)
-    assert (z - expected_z).abs().max() <= 1e-5
-    assert (px - expected_px).abs().max() <= 1e-5
+    assert vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)  # NHWC convolutions
+    # fp32 rounding of NHWC against diffusers' NCHW convolutions: up to 3e-5 of the output's scale
+    assert (z - expected_z).abs().max() <= 3e-5 * expected_z.abs().max()
+    assert (px - expected_px).abs().max() <= 3e-5 * expected_px.abs().max()
 
 
 def test_low_precision_files_and_dtypes(layouts, reference):
@@ -120,10 +122,10 @@ def test_tiles_add_no_seams(vae):
     x = smooth_image(1, 96, 128)
     small = tiling.tiled_decode(vae, z, tile=8, margin=8, proxy_pixels=64)
     whole = tiling.tiled_decode(vae, z, tile=10_000, margin=8, proxy_pixels=64)
-    assert (small - whole).abs().max() <= 1e-5
+    assert (small - whole).abs().max() <= 1e-5 * whole.abs().max()  # fp32 rounding of the NHWC convolutions
     small = tiling.tiled_encode(vae, x, tile=32, margin=16, proxy_pixels=32 * 32)
     whole = tiling.tiled_encode(vae, x, tile=10_000, margin=16, proxy_pixels=32 * 32)
-    assert (small - whole).abs().max() <= 1e-5
+    assert (small - whole).abs().max() <= 1e-5 * whole.abs().max()  # fp32 rounding of the NHWC convolutions
 
 
 def test_tiled_equals_untiled_given_whole_image_statistics(vae):
@@ -131,8 +133,10 @@ def test_tiled_equals_untiled_given_whole_image_statistics(vae):
     x = smooth_image(1, 96, 128)
     with torch.inference_mode():
         untiled_px, untiled_z = vae.decode(z), vae.encode(x)
-    assert (tiling.tiled_decode(vae, z, tile=8, margin=8, proxy_pixels=10**9) - untiled_px).abs().max() <= 1e-5
-    assert (tiling.tiled_encode(vae, x, tile=32, margin=16, proxy_pixels=10**9) - untiled_z).abs().max() <= 1e-5
+    assert (tiling.tiled_decode(vae, z, tile=8, margin=8, proxy_pixels=10**9) - untiled_px).abs().max() <= (
+        1e-5 * untiled_px.abs().max())
+    assert (tiling.tiled_encode(vae, x, tile=32, margin=16, proxy_pixels=10**9) - untiled_z).abs().max() <= (
+        1e-5 * untiled_z.abs().max())
 
 
 def test_tiled_vs_untiled_difference_is_bounded(vae):
