@@ -177,6 +177,7 @@ def main():
     parser.add_argument("--skip-diffusers", action="store_true")
     parser.add_argument("--skip-budgets", action="store_true")
     args = parser.parse_args()
+    print(machine_line())
     if not torch.cuda.is_available():
         print("skipped: no CUDA device (this benchmark needs a GPU)")
         return 0
@@ -193,3 +194,4 @@ def main():
 
 if __name__ == "__main__":
     sys.exit(main())
+from machine import machine_line

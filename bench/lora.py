@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 import klein_nodes as kn
+from machine import machine_line
 from klein_nodes.models.transformer import Flux2Params
 from klein_nodes.quant.dequant import dequantize
 from klein_nodes.quant.quantize import quantize
@@ -54,6 +55,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=1024, help="image tokens per step (1024 = a 512x512 image)")
     parser.add_argument("--type", default="Q4_K")
     args = parser.parse_args()
+    print(machine_line())
     torch.set_grad_enabled(False)
     h = args.hidden
     params = Flux2Params(in_channels=128, out_channels=128, context_in_dim=3 * h, hidden_size=h, num_heads=h // 128,

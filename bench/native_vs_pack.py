@@ -114,6 +114,7 @@ def main():
     parser.add_argument("--qwen-layers", type=int, default=36, help="Qwen3-4B has 36; the pack reads 27")
     parser.add_argument("--size", type=int, default=512)
     args = parser.parse_args()
+    print(machine_line())
     server.import_pack()
     base = Path(tempfile.mkdtemp(prefix="klein-native-"))
     server.base_folder(base)
@@ -159,3 +160,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+from machine import machine_line

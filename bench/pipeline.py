@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 import klein_nodes as kn
+from machine import machine_line
 from klein_nodes.models.autoencoder import AutoEncoderParams
 from klein_nodes.models.text_encoder import Qwen3Params
 from klein_nodes.models.transformer import Flux2Params
@@ -70,6 +71,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", type=int, default=256, help="output side in pixels (multiple of 16)")
     args = parser.parse_args()
+    print(machine_line())
     with tempfile.TemporaryDirectory(prefix="klein-pipeline-bench-") as tmp:
         root = Path(tmp)
         build_repo(root)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from machine import machine_line
 from klein_nodes.provenance import c2pa_sign, metadata, watermark
 from klein_nodes.provenance.save import to_uint8, write_new
 from klein_nodes.version import __version__
@@ -40,6 +41,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    print(machine_line())
     image = test_image()
     items = metadata.metadata_items({"3": {"inputs": {"seed": 1}}}, {"workflow": {"nodes": [{"id": i} for i in range(200)]}})
     with tempfile.TemporaryDirectory() as tmp:

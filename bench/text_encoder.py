@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 import klein_nodes as kn
+from machine import machine_line
 from klein_nodes.models.text_encoder import Qwen3, Qwen3Params
 from klein_nodes.testing import QWEN3_CHAT_TEMPLATE, qwen3_config, write_text_encoder, write_tokenizer
 
@@ -56,6 +57,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--layers", type=int, default=36, help="decoder layers in the bench file (Qwen3-4B: 36)")
     args = parser.parse_args()
+    print(machine_line())
     from diffusers import Flux2KleinPipeline
     from transformers import Qwen2Tokenizer
 

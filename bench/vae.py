@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from machine import machine_line
 from klein_nodes.models.autoencoder import AutoEncoder, AutoEncoderParams
 from klein_nodes.testing import random_state_dict
 
@@ -62,6 +63,7 @@ def main():
     parser.add_argument("--tile", type=int, default=32, help="tile side in latent pixels (image / 8)")
     parser.add_argument("--margin", type=int, default=13, help="context margin in latent pixels")
     args = parser.parse_args()
+    print(machine_line())
     with torch.device("meta"):
         meta = AutoEncoder(AutoEncoderParams())
     with tempfile.TemporaryDirectory(prefix="klein-vae-bench-") as tmp:
