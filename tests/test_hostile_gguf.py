@@ -5,7 +5,6 @@ import struct
 import time
 
 import pytest
-import torch
 
 import klein_nodes as kn
 from klein_nodes.loaders.detect import describe_file

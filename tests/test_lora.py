@@ -1,7 +1,6 @@
 """LoRA files in every published naming, applied to our models at run time, match the reference libraries:
 diffusers' `load_lora_weights` (BFL/ComfyUI, PEFT, kohya, LoKr), peft's LoHa and transformers + peft for Qwen3."""
 
-import logging
 import shutil
 
 import pytest
