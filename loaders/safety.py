@@ -69,12 +69,15 @@ def vit_params(config, folder):
     if config.get("hidden_act", "gelu") != "gelu":
         raise CheckpointError(f"{folder}: hidden_act {config.get('hidden_act')!r} is not supported (gelu)")
     labels = config.get("id2label") or {}
-    if not isinstance(labels, dict) or not labels:
+    if not isinstance(labels, dict) or not labels or len(labels) > 4096:
         raise CheckpointError(f"{folder}: config.json has no id2label naming the classes")
-    params = ViTParams(hidden_size=number(config, "hidden_size", 768), num_layers=number(config, "num_hidden_layers", 12),
-                       num_heads=number(config, "num_attention_heads", 12),
-                       intermediate_size=number(config, "intermediate_size", 3072),
-                       image_size=number(config, "image_size", 224), patch_size=number(config, "patch_size", 16),
+    # bounded, so a lying config.json cannot make building the (empty) model itself slow
+    params = ViTParams(hidden_size=number(config, "hidden_size", 768, high=8192),
+                       num_layers=number(config, "num_hidden_layers", 12, high=128),
+                       num_heads=number(config, "num_attention_heads", 12, high=256),
+                       intermediate_size=number(config, "intermediate_size", 3072, high=32768),
+                       image_size=number(config, "image_size", 224, high=2048),
+                       patch_size=number(config, "patch_size", 16, high=512),
                        channels=number(config, "num_channels", 3, high=4), num_labels=len(labels),
                        layer_norm_eps=number(config, "layer_norm_eps", 1e-12, float, 0, 1),
                        qkv_bias=bool(config.get("qkv_bias", True)))

@@ -128,6 +128,12 @@ def test_image_check_refuses_other_models_and_broken_folders(vit_folder, tmp_pat
     (wrong / "model.safetensors").write_bytes((vit_folder / "model.safetensors").read_bytes())
     with pytest.raises(kn.CheckpointError, match="does not match a ViT image classifier"):
         kn.load_image_safety(wrong)
+    lying = tmp_path / "lying"
+    lying.mkdir()
+    (lying / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**9}))
+    (lying / "model.safetensors").write_bytes((vit_folder / "model.safetensors").read_bytes())
+    with pytest.raises(kn.CheckpointError, match="num_hidden_layers=1000000000 is not a number from 1 to 128"):
+        kn.load_image_safety(lying)
     labels = tmp_path / "labels"
     labels.mkdir()
     (labels / "config.json").write_text(json.dumps({**config, "id2label": {"0": "cat", "1": "dog"}}))
