@@ -6,7 +6,10 @@ the U channel, and per 4x4 block of its low band a quantisation (step 36) of the
 library, the inverse transform swaps the horizontal and vertical detail bands.
 """
 
+import io
+
 import numpy as np
+from PIL import Image
 
 # BFL's constant (FLUX.1 and FLUX.2); bin() drops its two leading zeros, so 46 bits are embedded.
 FLUX_MESSAGE = 0b001010101111111010000111100111001111010100101110
@@ -101,16 +104,20 @@ def embed(rgb, bits=FLUX_BITS):
     return yuv_to_bgr(yuv)[..., ::-1].copy()
 
 
+def residues(rgb):
+    """What the library's decoder reads per 4x4 block of the U low band (row-major): |peak| modulo STEP."""
+    height, width = rgb.shape[0] // 4 * 4, rgb.shape[1] // 4 * 4
+    ll, _ = dwt2(bgr_to_yuv(rgb[..., ::-1])[:height, :width, 1])
+    flat, peak, _ = block_peaks(ll)
+    return np.abs(flat[np.arange(len(flat)), peak]) % STEP
+
+
 def decode(rgb, length=len(FLUX_BITS)):
     """The embedded bits as the library's decoder reads them (majority over every block carrying each bit)."""
     check_size(rgb)
-    yuv = bgr_to_yuv(rgb[..., ::-1])
-    height, width = rgb.shape[0] // 4 * 4, rgb.shape[1] // 4 * 4
-    ll, _ = dwt2(yuv[:height, :width, 1])
-    flat, peak, _ = block_peaks(ll)
-    scores = (np.abs(flat[np.arange(len(flat)), peak]) % STEP > 0.5 * STEP).astype(np.float64)
-    counts = np.bincount(np.arange(len(flat)) % length, minlength=length)
-    means = np.bincount(np.arange(len(flat)) % length, weights=scores, minlength=length) / counts
+    scores = (residues(rgb) > 0.5 * STEP).astype(np.float64)
+    counts = np.bincount(np.arange(len(scores)) % length, minlength=length)
+    means = np.bincount(np.arange(len(scores)) % length, weights=scores, minlength=length) / counts
     return tuple(int(bit) for bit in means * 255 > 127)
 
 
@@ -137,10 +144,6 @@ SHARING_CODECS = (("jpeg", 75, 2), ("jpeg", 75, 0), ("webp", 75, None), ("jpeg",
 
 def roundtrip(rgb, fmt, quality, subsampling=0):
     """What an image looks like after a JPEG (subsampling 0 = 4:4:4, 2 = 4:2:0) or WebP save at `quality`."""
-    import io
-
-    from PIL import Image
-
     buffer = io.BytesIO()
     options = {"subsampling": subsampling} if fmt == "jpeg" else {"method": 4}
     Image.fromarray(rgb).save(buffer, fmt.upper(), quality=quality, **options)
@@ -149,10 +152,7 @@ def roundtrip(rgb, fmt, quality, subsampling=0):
 
 def bin_errors(rgb, bits):
     """Per block, the signed distance (LL units) from what the decoder reads to the centre of the wanted bin."""
-    height, width = rgb.shape[0] // 4 * 4, rgb.shape[1] // 4 * 4
-    ll, _ = dwt2(bgr_to_yuv(rgb[..., ::-1])[:height, :width, 1])
-    flat, peak, _ = block_peaks(ll)
-    error = (0.25 + 0.5 * bits) * STEP - np.abs(flat[np.arange(len(flat)), peak]) % STEP
+    error = (0.25 + 0.5 * bits) * STEP - residues(rgb)
     return (error + STEP / 2) % STEP - STEP / 2
 
 
