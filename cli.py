@@ -14,7 +14,7 @@ import torch
 
 from .version import __version__
 from .errors import KleinError, KleinNote
-from .models.safety import DEFAULT_POLICY, image_record, prompt_record
+from .models.safety import image_record
 from .loaders.detect import WEIGHT_SUFFIXES
 from .sampling.schedule import ASPECT_RATIOS
 
@@ -66,8 +66,6 @@ def check_generate_inputs(args):
 
 def check_image_file(path, what):
     """An image Pillow can open (header only), within Pillow's decompression-bomb limit."""
-    import warnings
-
     from PIL import Image
 
     try:
@@ -364,12 +362,12 @@ def check_prompt(text_encoder, args):
     """The prompt check's record; a flagged prompt stops the command (exit 3) before anything is generated."""
     from .loaders.safety import load_prompt_safety
 
-    (score,) = load_prompt_safety(text_encoder)([args.prompt])
+    score, record = load_prompt_safety(text_encoder).check(args.prompt, args.prompt_threshold)
     print(f"prompt check: P(unsafe) {score:.3f} (threshold {args.prompt_threshold})", file=sys.stderr)
-    if score >= args.prompt_threshold:
+    if not record["passed"]:
         raise Blocked(f"the prompt was flagged by the prompt check (P(unsafe) {score:.3f} >= "
                       f"{args.prompt_threshold}); nothing was generated")
-    return prompt_record(score, args.prompt_threshold, DEFAULT_POLICY)
+    return record
 
 
 class Blocked(KleinError):

@@ -78,6 +78,12 @@ class PromptSafety:
             scores.append(float(probabilities[: len(self.yes)].sum()))
         return scores
 
+    def check(self, prompt, threshold):
+        """(P(unsafe), what a save records of the check: score, threshold, verdict, policy names; never the prompt)."""
+        (score,) = self([prompt])
+        return score, {"check": "prompt", "score": round(score, 4), "threshold": threshold, "passed": score < threshold,
+                       "policy": sorted(self.policy)}
+
 
 def unsafe_labels(id2label):
     """Indices of a classifier's labels that mean unsafe (Falconsai: "nsfw"; others: porn, hentai, explicit ...)."""
@@ -142,7 +148,3 @@ def image_record(classifier, threshold, scores, flagged, replaced):
     return {"check": "image", "classifier": classifier, "threshold": threshold, "scores": [round(s, 4) for s in scores],
             "passed": not any(flagged), "replaced": bool(replaced and any(flagged))}
 
-
-def prompt_record(score, threshold, policy):
-    return {"check": "prompt", "score": round(score, 4), "threshold": threshold, "passed": score < threshold,
-            "policy": sorted(policy)}

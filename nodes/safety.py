@@ -5,7 +5,7 @@ import warnings
 
 from ..errors import KleinError, KleinNote
 from ..loaders.safety import load_image_safety, load_prompt_safety
-from ..models.safety import DEFAULT_POLICY, image_record, prompt_record
+from ..models.safety import DEFAULT_POLICY, image_record
 from .files import classifier_path, list_classifiers
 from .runtime import load_for_inference
 
@@ -65,9 +65,8 @@ class KleinPromptCheck:
         rules = parse_policy(policy)
         checker = prompt_checker(text_encoder, rules)
         load_for_inference(checker.model, "text_encoder")
-        (score,) = checker([prompt])
+        score, RESULTS[str(unique_id)] = checker.check(prompt, threshold)
         passed = score < threshold
-        RESULTS[str(unique_id)] = prompt_record(score, threshold, rules)
         line = f"prompt check: P(unsafe) {score:.3f} ({'passed' if passed else 'flagged'} at {threshold})"
         if not passed and block:
             raise KleinError(f"Klein Prompt Check: the prompt was flagged (P(unsafe) {score:.3f} >= {threshold}); the "
@@ -133,8 +132,8 @@ class SafetyGate:
             return
         checker = prompt_checker(text_encoder, dict(DEFAULT_POLICY))
         load_for_inference(checker.model, "text_encoder")
-        (score,) = checker([prompt])
-        RESULTS[self.node].append(prompt_record(score, self.thresholds[0], checker.policy))
+        score, record = checker.check(prompt, self.thresholds[0])
+        RESULTS[self.node].append(record)
         if score >= self.thresholds[0]:
             raise KleinError(f"Klein Generate: the prompt was flagged by the prompt check (P(unsafe) {score:.3f} >= "
                              f"{self.thresholds[0]}); nothing was generated")
