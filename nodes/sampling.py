@@ -159,14 +159,14 @@ class KleinSampler:
             raise KleinError("guidance > 1 needs a negative conditioning: connect a Klein Text Encode (an empty prompt "
                              "for the base models), or set guidance to 1.0 for the distilled models")
         log.info("klein: seed %d", seed)
-        features = model.params.context_in_dim
-        first_conditioning(positive, "positive", features)  # checked before the model loads
+        features = model.params.context_in_dim  # both conditionings are checked before the model loads
+        positive = first_conditioning(positive, "positive", features)
+        negative = None if negative is None else first_conditioning(negative, "negative", features)
         load_for_inference(model, "transformer")
         sigmas = get_schedule(steps, height * width, denoise)
-        latents = sample(model, initial_noise(seed, batch, samples.shape[1], height, width),
-                         first_conditioning(positive, "positive", features), sigmas,
-                         negative=None if negative is None else first_conditioning(negative, "negative", features),
-                         guidance=guidance, init_latents=init, mask=mask, callback=progress_callback(steps))
+        latents = sample(model, initial_noise(seed, batch, samples.shape[1], height, width), positive, sigmas,
+                         negative=negative, guidance=guidance, init_latents=init, mask=mask,
+                         callback=progress_callback(steps))
         return ({"samples": latents.cpu()},)
 
 
