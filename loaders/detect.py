@@ -72,12 +72,13 @@ def describe_file(path):
     return identify({k: file.shape(k) for k in file.keys()})
 
 
-def describe_gguf(path):
+def describe_gguf(path, file=None):
+    """ModelKind of a GGUF file (`file`: the GGUFFile when the caller has it open)."""
     try:
         from .gguf import GGUFFile
     except ImportError:
         return ModelKind("unknown", "gguf", "a GGUF file (install the `gguf` package to inspect it)")
-    file = GGUFFile(path)
+    file = file or GGUFFile(path)
     arch = file.field("general.architecture", "")
     if isinstance(arch, str) and arch.startswith("qwen3"):
         width = file.tensors.get("blk.0.attn_norm.weight", (None, (0,)))[1][0]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import Checkpoint
-from .detect import ModelKind, describe_file
+from .detect import ModelKind, describe_gguf, identify
 from .lora import TEXT_ENCODER_PREFIXES, split_key
 from .safetensors_io import SafetensorsFile, sniff_format
 from .scaled import layer_formats
@@ -39,29 +39,25 @@ class Inventory:
         return out
 
 
-def storage_of(path):
-    """{tensor type: [tensors, bytes]} (safetensors dtypes, GGUF quant types)."""
+def tally(entries):
+    """{tensor type: [tensors, bytes]} from (type, bytes) pairs."""
     counts = {}
-    if sniff_format(path) == "gguf":
-        from .gguf import GGUFFile
-
-        entries = ((qtype, data.nbytes) for qtype, _, data in GGUFFile(path).tensors.values())
-    else:
-        entries = ((dtype, end - begin) for dtype, _, begin, end in SafetensorsFile(path).entries.values())
     for kind, size in entries:
         count = counts.setdefault(kind, [0, 0])
         count[0], count[1] = count[0] + 1, count[1] + size
     return counts
 
 
-def format_of(path, storage):
-    """One word for how the weights are stored: the type holding the most bytes, nvfp4 by its markers."""
-    gguf = sniff_format(path) == "gguf"
+def gguf_format(storage):
+    """GGUF and the quant type holding the most bytes (others named)."""
     quantized = {k: v for k, v in storage.items() if k not in FLOAT_NAMES}
-    if gguf:
-        main = max(quantized or storage, key=lambda k: storage[k][1])
-        return f"GGUF {main}" + (f" (with {', '.join(sorted(set(quantized) - {main}))})" if len(quantized) > 1 else "")
-    if "U8" in storage and "nvfp4" in layer_formats(Checkpoint([SafetensorsFile(path)], path)).values():
+    main = max(quantized or storage, key=lambda k: storage[k][1])
+    return f"GGUF {main}" + (f" (with {', '.join(sorted(set(quantized) - {main}))})" if len(quantized) > 1 else "")
+
+
+def safetensors_format(file, storage):
+    """nvfp4 by its markers, fp8 by its dtype, else the float dtype holding the most bytes."""
+    if "U8" in storage and "nvfp4" in layer_formats(Checkpoint([file], file.path)).values():
         return "nvfp4"
     if "F8_E4M3" in storage:
         return "fp8" + (" (scaled)" if "F32" in storage else "")
@@ -69,11 +65,8 @@ def format_of(path, storage):
     return FLOAT_NAMES.get(main, main.lower())
 
 
-def lora_of(path):
-    """format / ranks / targets / base of a LoRA file, or None when it holds no adapter keys."""
-    if sniff_format(path) != "safetensors":
-        return None
-    file = SafetensorsFile(path)
+def lora_of(file):
+    """format / ranks / targets / base of a LoRA safetensors file, or None when it holds no adapter keys."""
     parts = [(key, split) for key in file.keys() if (split := split_key(key))]
     if not parts:
         return None
@@ -107,12 +100,19 @@ def lora_of(path):
 
 
 def inventory(path):
-    """The Inventory of one weight file (header reads only)."""
+    """The Inventory of one weight file (its header read once)."""
     path = Path(path)
-    storage = storage_of(path)
-    lora = lora_of(path)
-    kind = ModelKind("lora", "lora", "LoRA") if lora else describe_file(path)
-    return Inventory(kind, storage, format_of(path, storage), lora)
+    if sniff_format(path) == "gguf":
+        from .gguf import GGUFFile
+
+        file = GGUFFile(path)
+        storage = tally((qtype, data.nbytes) for qtype, _, data in file.tensors.values())
+        return Inventory(describe_gguf(path, file), storage, gguf_format(storage))
+    file = SafetensorsFile(path)  # anything else must be safetensors; this raises a precise error if not
+    storage = tally((dtype, end - begin) for dtype, _, begin, end in file.entries.values())
+    lora = lora_of(file)
+    kind = ModelKind("lora", "lora", "LoRA") if lora else identify({k: file.shape(k) for k in file.keys()})
+    return Inventory(kind, storage, safetensors_format(file, storage), lora)
 
 
 def weight_bytes(inv):
