@@ -311,6 +311,7 @@ def generate_images(args, cleanup):
 
     paths = output_paths(args.output, args.batch)
     width, height = check_generate_inputs(args)
+    image_checker = load_image_safety(args.image_classifier) if "image" in args.safety else None  # small, read first
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else None, "bf16": torch.bfloat16,
              "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -318,7 +319,6 @@ def generate_images(args, cleanup):
     tokenizer = args.tokenizer  # checked before any model loads; a GGUF without one uses the tokenizer it embeds
     if tokenizer or not str(text_encoder_path).lower().endswith(".gguf"):
         tokenizer = find_tokenizer(text_encoder_path, tokenizer)
-    image_checker = load_image_safety(args.image_classifier) if "image" in args.safety else None
     # weights load (memory-mapped) on the CPU; the memory plan moves each component to the device for its turn
     text_encoder = load_text_encoder(text_encoder_path, tokenizer=tokenizer, dtype=dtype)
     checks = [check_prompt(text_encoder, args)] if "prompt" in args.safety else []  # before the transformer loads
