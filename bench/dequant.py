@@ -21,31 +21,14 @@ from klein_nodes.quant.linear import QuantizedLinear
 from klein_nodes.quant.quantize import quantize
 from klein_nodes.testing import ggml_pack
 
+sys.path.insert(0, os.path.dirname(__file__))
+from machine import interleaved, machine_line, paired_text  # noqa: E402
+
 TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q4_0", "Q5_1", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "MXFP4", "NVFP4", "BF16")
 
 
 def timed(fn, repeats):
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
-
-
-def interleaved(fns, repeats):
-    """Median time of each function, measured in turns (so machine noise hits them alike)."""
-    samples = [[] for _ in fns]
-    for round_ in range(repeats + 1):
-        for fn, times in zip(fns, samples):
-            start = time.perf_counter()
-            fn()
-            if round_:
-                times.append(time.perf_counter() - start)
-    return [statistics.median(times) for times in samples]
+    return statistics.median(interleaved([fn], repeats)[0])
 
 
 def packed_matrix(qtype, rows, cols):
@@ -68,11 +51,11 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = cols = 3072
-    print(f"{rows}x{cols} weights, fp32 output, {torch.get_num_threads()} CPU threads, load average "
-          f"{os.getloadavg()[0]:.2f}; median of {args.repeats} interleaved runs")
-    header = (f"{'type':<8}{'gguf-py ms':>11}{'whole ms':>10}{'x gguf':>8}{'ours ms':>9}{'x gguf':>8}"
-              f"{'into buffer ms':>16}{'x gguf':>8}")
-    print(header + ("" if args.no_compile else f"{'compiled ms':>13}{'x gguf':>8}"))
+    print(machine_line())
+    print(f"{rows}x{cols} weights, fp32 output; median ms of {args.repeats} interleaved rounds, and gguf-py's time over "
+          "ours per round: median (min-max)")
+    header = f"{'type':<8}{'gguf-py':>9}{'whole':>8}{'x gguf':>18}{'fresh':>8}{'x gguf':>18}{'buffer':>8}{'x gguf':>18}"
+    print(header + ("" if args.no_compile else f"{'compiled':>10}{'x gguf':>8}"))
     for qtype in args.types.split(","):
         packed = np.ascontiguousarray(packed_matrix(qtype, rows, cols))
         kind = gguf.GGMLQuantizationType[qtype]
@@ -82,18 +65,19 @@ def main():
         assert np.array_equal(dequantize(data, qtype, (rows, cols)).numpy(), expected)
         assert np.array_equal(DEQUANTIZERS[qtype](blocks).reshape(rows, cols).numpy(), expected)
         buffer = torch.empty(rows, cols)
-        reference, whole, ours, reused = interleaved([lambda: gguf.quants.dequantize(packed, kind),
-                                                      lambda: DEQUANTIZERS[qtype](blocks),
-                                                      lambda: dequantize(data, qtype, (rows, cols)),
-                                                      lambda: dequantize(data, qtype, (rows, cols), out=buffer)],
-                                                     args.repeats)
-        line = (f"{qtype:<8}{reference * 1e3:>11.1f}{whole * 1e3:>10.1f}{reference / whole:>8.2f}"
-                f"{ours * 1e3:>9.1f}{reference / ours:>8.2f}{reused * 1e3:>16.1f}{reference / reused:>8.2f}")
+        samples = interleaved([lambda: gguf.quants.dequantize(packed, kind),
+                               lambda: DEQUANTIZERS[qtype](blocks),
+                               lambda: dequantize(data, qtype, (rows, cols)),
+                               lambda: dequantize(data, qtype, (rows, cols), out=buffer)], args.repeats)
+        reference = samples[0]
+        line = f"{qtype:<8}{statistics.median(reference) * 1e3:>9.1f}"
+        for times in samples[1:]:
+            line += f"{statistics.median(times) * 1e3:>8.1f}{paired_text(reference, times):>18}"
         if not args.no_compile:
             compiled = torch.compile(DEQUANTIZERS[qtype], dynamic=True)
             assert np.array_equal(compiled(blocks).reshape(rows, cols).numpy(), expected)
             fused = timed(lambda: compiled(blocks), args.repeats)
-            line += f"{fused * 1e3:>13.1f}{reference / fused:>8.2f}"
+            line += f"{fused * 1e3:>10.1f}{statistics.median(reference) / fused:>8.2f}"
         print(line)
     print("goal: >= 3x gguf-py on CPU")
     if torch.cuda.is_available():

@@ -1,6 +1,9 @@
-"""The machine's state, printed first by every bench: ratios on a shared machine move with its load."""
+"""What every bench shares: the machine's state, printed first (ratios on a shared machine move with its load), and
+timings run in turns with per-round (paired) ratios, so a burst of load hits both sides of a ratio alike."""
 
 import os
+import statistics
+import time
 
 import torch
 
@@ -9,3 +12,28 @@ def machine_line():
     return (f"machine: load average {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} CPUs, "
             f"{torch.get_num_threads()} torch threads" + (f", {torch.cuda.get_device_name()}"
                                                           if torch.cuda.is_available() else ""))
+
+
+def interleaved(fns, repeats, warmup=1):
+    """Seconds of each function in each of `repeats` rounds (after `warmup` uncounted ones), run in turns."""
+    samples = [[] for _ in fns]
+    for round_ in range(warmup + repeats):
+        for fn, times in zip(fns, samples):
+            start = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if round_ >= warmup:
+                times.append(time.perf_counter() - start)
+    return samples
+
+
+def paired(times, reference):
+    """The per-round ratios times / reference as (min, median, max)."""
+    ratios = sorted(t / r for t, r in zip(times, reference))
+    return ratios[0], statistics.median(ratios), ratios[-1]
+
+
+def paired_text(times, reference, digits=2):
+    low, mid, high = paired(times, reference)
+    return f"{mid:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"

@@ -39,6 +39,9 @@ def test_bit_exact_with_gguf(name):
         got = dequantize(torch.from_numpy(data.copy()), spelling, shape)
         assert got.dtype == torch.float32 and got.shape == shape
         assert np.array_equal(got.numpy().view(np.uint32), expected.astype(np.float32).view(np.uint32))
+    out = torch.full(shape, float("nan"))
+    assert dequantize(torch.from_numpy(data.copy()), name, shape, out=out) is out
+    assert np.array_equal(out.numpy().view(np.uint32), expected.astype(np.float32).view(np.uint32))
 
 
 def test_quantized_by_gguf_round_trip():
@@ -100,9 +103,10 @@ def check_chunked(name):
     expected = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[name]).astype(np.float32)
     got = dequantize(torch.from_numpy(data.copy()), name, shape)
     assert np.array_equal(got.numpy().view(np.uint32), expected.view(np.uint32))
-    out = torch.empty(shape, dtype=torch.bfloat16)
-    assert dequantize(torch.from_numpy(data.copy()), name, shape, out=out) is out
-    assert torch.equal(out, torch.from_numpy(expected).bfloat16())
+    for dtype in (torch.bfloat16, torch.float32):  # float32: each piece is written straight into the buffer
+        out = torch.full(shape, float("nan"), dtype=dtype)
+        assert dequantize(torch.from_numpy(data.copy()), name, shape, out=out) is out
+        assert torch.equal(out, torch.from_numpy(expected).to(dtype))
 
 
 @pytest.mark.parametrize("data,qtype,shape,fragment", [
