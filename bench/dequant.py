@@ -8,21 +8,17 @@ On a CUDA GPU it also times our kernels on the GPU and a quantized Linear agains
 """
 
 import argparse
-import os
 import statistics
 import sys
-import time
 
 import numpy as np
 import torch
 
+from machine import interleaved, machine_line, paired_text
 from klein_nodes.quant.dequant import BLOCK_SIZES, DEQUANTIZERS, dequantize
 from klein_nodes.quant.linear import QuantizedLinear
 from klein_nodes.quant.quantize import quantize
 from klein_nodes.testing import ggml_pack
-
-sys.path.insert(0, os.path.dirname(__file__))
-from machine import interleaved, machine_line, paired_text  # noqa: E402
 
 TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q4_0", "Q5_1", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "MXFP4", "NVFP4", "BF16")
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 import klein_nodes as kn
-from machine import machine_line
+from machine import interleaved, machine_line, paired_text
 from klein_nodes.models.transformer import Flux2Params
 from klein_nodes.quant.dequant import dequantize
 from klein_nodes.quant.quantize import quantize
@@ -75,18 +75,14 @@ def main():
         x_ids, ctx_ids = image_ids(side, args.tokens // side)[None], text_ids(128)[None]
         x, ctx = torch.randn(1, x_ids.shape[1], 128), torch.randn(1, 128, 3 * h)
         t = torch.tensor([0.5])
-        samples = {name: [] for name in models}
-        for _ in range(args.repeats + 1):  # interleaved; the first round warms up
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(x, x_ids, t, ctx, ctx_ids)
-                samples[name].append(time.perf_counter() - start)
-        base_time = statistics.median(samples["no LoRA"][1:])
+        runs = [lambda model=model: model(x, x_ids, t, ctx, ctx_ids) for model in models.values()]
+        samples = dict(zip(models, interleaved(runs, args.repeats)))
         print(f"{args.type} transformer, hidden {h}, {len(list(base.double_blocks))}+{len(list(base.single_blocks))} "
-              f"blocks, {x_ids.shape[1]} image + 128 text tokens, rank-32 LoRAs on every block layer")
-        for name in models:
-            print(f"  {name:8s} step {statistics.median(samples[name][1:]) * 1000:8.1f} ms   "
-                  f"x{statistics.median(samples[name][1:]) / base_time:.3f}")
+              f"blocks, {x_ids.shape[1]} image + 128 text tokens, rank-32 LoRAs on every block layer; "
+              f"{args.repeats} interleaved rounds, step time over no LoRA's per round: median (min-max)")
+        for name, times in samples.items():
+            print(f"  {name:8s} step {statistics.median(times) * 1000:8.1f} ms   "
+                  f"x{paired_text(times, samples['no LoRA'], 3)}")
         print(f"merge-and-requantize instead: re-quantizing this model took {quantize_seconds:.1f} s per LoRA "
               "change, and the re-quantized weight misrepresents the LoRA's change by:")
         for qtype in ("Q8_0", "Q6_K", "Q5_K", "Q4_K"):

@@ -15,10 +15,12 @@ def machine_line():
 
 
 def interleaved(fns, repeats, warmup=1):
-    """Seconds of each function in each of `repeats` rounds (after `warmup` uncounted ones), run in turns."""
+    """Seconds of each function in each of `repeats` rounds (after `warmup` uncounted ones), run in turns; every
+    other round in reverse order, so no function always runs right after the same one."""
     samples = [[] for _ in fns]
     for round_ in range(warmup + repeats):
-        for fn, times in zip(fns, samples):
+        turns = list(zip(fns, samples))
+        for fn, times in turns if round_ % 2 == 0 else turns[::-1]:
             start = time.perf_counter()
             fn()
             if torch.cuda.is_available():

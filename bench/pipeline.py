@@ -12,13 +12,12 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 import klein_nodes as kn
-from machine import machine_line
+from machine import interleaved, machine_line, paired_text
 from klein_nodes.models.autoencoder import AutoEncoderParams
 from klein_nodes.models.text_encoder import Qwen3Params
 from klein_nodes.models.transformer import Flux2Params
@@ -91,19 +90,13 @@ def main():
     runs = {"ours": run_ours, "diffusers": run_reference, "ours, prompt cached": lambda: run_ours(cached=True)}
     with torch.inference_mode():
         error = (run_ours() - run_reference()).abs().max().item()
-        times = {name: [] for name in runs}
-        for _ in range(args.repeats):
-            for name, run in runs.items():
-                start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(samples) for name, samples in times.items()}
-    print(f"{args.size}x{args.size}, 4 steps, fp32, {torch.get_num_threads()} threads; transformer hidden "
-          f"{TRANSFORMER.hidden_size}, Qwen3 hidden {TEXT_ENCODER.hidden_size} x {TEXT_ENCODER.num_layers} layers, "
-          f"VAE ch {VAE.ch}; {args.repeats} interleaved runs")
+        times = dict(zip(runs, interleaved(list(runs.values()), args.repeats, warmup=0)))
+    print(f"{args.size}x{args.size}, 4 steps, fp32; transformer hidden {TRANSFORMER.hidden_size}, Qwen3 hidden "
+          f"{TEXT_ENCODER.hidden_size} x {TEXT_ENCODER.num_layers} layers, VAE ch {VAE.ch}; {args.repeats} interleaved "
+          "rounds; ratio to diffusers per round: median (min-max)")
     print(f"max |ours - diffusers| = {error:.2e}")
-    for name, seconds in medians.items():
-        print(f"{name:<22}{seconds:>8.3f} s   ratio to diffusers {seconds / medians['diffusers']:.2f}")
+    for name, samples in times.items():
+        print(f"{name:<22}{statistics.median(samples):>8.3f} s   ratio {paired_text(samples, times['diffusers'])}")
     return 0
 
 

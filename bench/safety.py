@@ -9,7 +9,6 @@ DIR holds text_encoders/qwen-bench.safetensors, diffusion_models/klein-bench.saf
 """
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -18,21 +17,12 @@ from pathlib import Path
 import torch
 
 import klein_nodes as kn
+from machine import interleaved, machine_line, paired_text
 from klein_nodes.models.vit import ViTParams
 from klein_nodes.sampling.packing import image_ids, pack, text_ids
 from klein_nodes.testing import write_tiny_vit
 
 PROMPT = "A lighthouse keeper feeding a ginger cat on the rocks at dusk, warm light, watercolor on cream paper"
-
-
-def timed(fn, repeats):
-    fn()  # warm-up
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def block_times(transformer, size):
@@ -69,22 +59,25 @@ def main():
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    print(f"load average {os.getloadavg()[0]:.2f}, torch threads {torch.get_num_threads()}, {args.size}x{args.size}, "
-          f"4 steps, CPU")
+    print(machine_line())
+    print(f"{args.size}x{args.size}, 4 steps, CPU; medians of {args.repeats} interleaved rounds, per-round ratios: "
+          "median (min-max)")
     qwen = args.models / "text_encoders" / "qwen-bench.safetensors"
     encoder = kn.load_text_encoder(qwen, tokenizer=args.tokenizer)  # klein's 27 layers
     checker = kn.load_prompt_safety(encoder)  # + layers 28-36, final norm, tied head from the same file
     chat_tokens = checker.token_ids([PROMPT])[0].shape[1]
-    encode_s = timed(lambda: encoder.encode([PROMPT + f" {time.time()}"], max_length=512), args.repeats)  # uncached
-    prompt_s = timed(lambda: checker([PROMPT]), args.repeats)
+    encodes, checks = interleaved([lambda: encoder.encode([PROMPT + f" {time.time()}"], max_length=512),  # uncached
+                                   lambda: checker([PROMPT])], args.repeats)
+    encode_s, prompt_s = statistics.median(encodes), statistics.median(checks)
     vae = kn.load_vae(args.models / "vae" / "flux2-vae.safetensors", dtype=torch.float32)
     latent = torch.randn(1, 128, args.size // 16, args.size // 16)
-    with torch.inference_mode():
-        decode_s = timed(lambda: vae.decode(latent), 1)
-    folder = write_tiny_vit(Path(tempfile.mkdtemp()) / "vit-base", params=ViTParams())  # Falconsai's layout and size
-    image_checker = kn.load_image_safety(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        image_checker = kn.load_image_safety(write_tiny_vit(Path(tmp) / "vit-base", params=ViTParams()))  # Falconsai's size
     images = torch.rand(1, args.size, args.size, 3)
-    image_s = timed(lambda: image_checker.classify(images), args.repeats)
+    with torch.inference_mode():
+        decodes, image_checks = interleaved([lambda: vae.decode(latent), lambda: image_checker.classify(images)],
+                                            args.repeats)
+    decode_s, image_s = statistics.median(decodes), statistics.median(image_checks)
     transformer = kn.load_transformer(args.models / "diffusion_models" / "klein-bench.safetensors")
     double_s, single_s, rest_s = block_times(transformer, args.size)
     step_s = rest_s + 5 * double_s + 20 * single_s
@@ -94,8 +87,8 @@ def main():
           f"{generation_s:.1f} s")
     print(f"prompt check (36 layers, {chat_tokens} chat tokens, {len(checker.yes + checker.no)} answer rows): "
           f"{prompt_s:.2f} s = "
-          f"{prompt_s / encode_s:.2f}x the text encode, {prompt_s / generation_s:.3f}x one generation")
-    print(f"image check (ViT-Base, 224x224): {image_s:.3f} s = {image_s / decode_s:.3f}x the VAE decode, "
+          f"{paired_text(checks, encodes)}x the text encode, {prompt_s / generation_s:.3f}x one generation")
+    print(f"image check (ViT-Base, 224x224): {image_s:.3f} s = {paired_text(image_checks, decodes, 3)}x the VAE decode, "
           f"{image_s / generation_s:.4f}x one generation")
 
 

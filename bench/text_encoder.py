@@ -12,13 +12,12 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 import klein_nodes as kn
-from machine import machine_line
+from machine import interleaved, machine_line, paired, paired_text
 from klein_nodes.models.text_encoder import Qwen3, Qwen3Params
 from klein_nodes.testing import QWEN3_CHAT_TEMPLATE, qwen3_config, write_text_encoder, write_tokenizer
 
@@ -33,19 +32,6 @@ def load_reference(state, params, depth):
     model.load_state_dict(state, strict=False)
     model.tie_weights()
     return model
-
-
-def timed(fns, repeats):
-    """Median seconds of each function, run interleaved so machine noise hits all of them alike."""
-    samples = [[] for _ in fns]
-    for fn in fns:
-        fn()  # warm-up
-    for _ in range(repeats):
-        for fn, times in zip(fns, samples):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return [statistics.median(times) for times in samples]
 
 
 def weight_bytes(module):
@@ -82,15 +68,18 @@ def main():
 
         with torch.inference_mode():
             error = (encode_ours() - encode_with(full)()).abs().max().item()
-            t_ours, t_full, t_cut = timed([encode_ours, encode_with(full), encode_with(cut)], args.repeats)
+            t_ours, t_full, t_cut = interleaved([encode_ours, encode_with(full), encode_with(cut)], args.repeats)
 
-    print(f"config: hidden {params.hidden_size}, {args.layers} layers, 512 tokens, fp32, {torch.get_num_threads()} threads")
+    print(f"config: hidden {params.hidden_size}, {args.layers} layers, 512 tokens, fp32; {args.repeats} interleaved "
+          "rounds, ratio per round: median (min-max)")
     print(f"max |ours - diffusers| = {error:.2e}")
-    print(f"{'run':<42}{'median s':>10}{'ours/ref':>10}")
-    print(f"{'ours (27 layers)':<42}{t_ours:>10.3f}")
-    print(f"{'diffusers routine, transformers (all layers)':<42}{t_full:>10.3f}{t_ours / t_full:>10.2f}")
-    print(f"{'diffusers routine, transformers cut to 27':<42}{t_cut:>10.3f}{t_ours / t_cut:>10.2f}")
-    ratio = t_ours / t_full
+    print(f"{'run':<42}{'median s':>10}  ours/ref")
+    print(f"{'ours (27 layers)':<42}{statistics.median(t_ours):>10.3f}")
+    print(f"{'diffusers routine, transformers (all layers)':<42}{statistics.median(t_full):>10.3f}  "
+          f"{paired_text(t_ours, t_full)}")
+    print(f"{'diffusers routine, transformers cut to 27':<42}{statistics.median(t_cut):>10.3f}  "
+          f"{paired_text(t_ours, t_cut)}")
+    ratio = paired(t_ours, t_full)[1]
     print(f"goal: ratio <= 1.0 vs the reference routine -> {ratio:.2f} ({'met' if ratio <= 1.0 else 'NOT met'})")
 
     loaded = weight_bytes(ours.model)

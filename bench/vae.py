@@ -3,11 +3,12 @@
 Each mode runs in a fresh process (peak RSS = the child's own VmHWM, reset before decoding where the kernel
 allows), one after the other, so their memory peaks don't mix. Also prints the tiled-vs-untiled difference.
 
-    python bench/vae.py [--size 768] [--tile 32] [--margin 13]
+    python bench/vae.py [--size 768] [--tile 32] [--margin 13] [--repeats 2]
 """
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from machine import machine_line
+from machine import machine_line, paired_text
 from klein_nodes.models.autoencoder import AutoEncoder, AutoEncoderParams
 from klein_nodes.testing import random_state_dict
 
@@ -62,6 +63,7 @@ def main():
     parser.add_argument("--size", type=int, default=768, help="output side in pixels (multiple of 16)")
     parser.add_argument("--tile", type=int, default=32, help="tile side in latent pixels (image / 8)")
     parser.add_argument("--margin", type=int, default=13, help="context margin in latent pixels")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of the two fresh processes")
     args = parser.parse_args()
     print(machine_line())
     with torch.device("meta"):
@@ -72,16 +74,20 @@ def main():
         state["bn.running_var"] = state["bn.running_var"].abs()
         state["bn.num_batches_tracked"] = torch.tensor(0)
         save_file(state, str(path))
-        results = {mode: run(path, args.size, mode, args.tile, args.margin, Path(tmp) / f"{mode}.pt")
-                   for mode in ("untiled", "tiled")}
+        results = {"untiled": [], "tiled": []}
+        for round_ in range(args.repeats):  # fresh processes in turns, every other round tiled first
+            for mode in results if round_ % 2 == 0 else reversed(results):
+                results[mode].append(run(path, args.size, mode, args.tile, args.margin, Path(tmp) / f"{mode}.pt"))
         untiled, tiled = (torch.load(Path(tmp) / f"{m}.pt") for m in ("untiled", "tiled"))
-    print(f"FLUX.2 VAE (random weights, real architecture), {args.size}x{args.size} decode, fp32, "
-          f"{torch.get_num_threads()} threads; tiles of {args.tile * 8} px with {args.margin * 8} px context")
+    print(f"FLUX.2 VAE (random weights, real architecture), {args.size}x{args.size} decode, fp32; tiles of "
+          f"{args.tile * 8} px with {args.margin * 8} px context; {args.repeats} rounds, medians")
     print(f"{'mode':<10}{'seconds':>10}{'peak MB':>10}")
-    for mode, r in results.items():
-        print(f"{mode:<10}{r['seconds']:>10.2f}{r['peak'] / 2**20:>10.0f}")
-    print(f"tiled/untiled: time x{results['tiled']['seconds'] / results['untiled']['seconds']:.2f}, "
-          f"peak memory x{results['tiled']['peak'] / results['untiled']['peak']:.2f}")
+    for mode, rounds in results.items():
+        print(f"{mode:<10}{statistics.median(r['seconds'] for r in rounds):>10.2f}"
+              f"{statistics.median(r['peak'] for r in rounds) / 2**20:>10.0f}")
+    seconds, peaks = ([[r[key] for r in results[mode]] for mode in results] for key in ("seconds", "peak"))
+    print(f"tiled/untiled per round, median (min-max): time x{paired_text(seconds[1], seconds[0])}, "
+          f"peak memory x{paired_text(peaks[1], peaks[0])}")
     colour = (tiled.mean((2, 3)) - untiled.mean((2, 3))).abs().max().item()
     print(f"tiled vs untiled: max abs {(tiled - untiled).abs().max().item():.4f}, mean colour {colour:.4f} "
           f"(output range ±{untiled.abs().max().item():.2f}; random weights)")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import prepacked
 from .offload import Offloadable, weights_on
 
 
@@ -104,13 +105,22 @@ def factor_shape(tensors, name):
 
 
 class Linear(Offloadable, nn.Linear):
-    """nn.Linear that honours the adapters attached to it for the current forward (and ComfyUI's offloading)."""
+    """nn.Linear that honours the adapters attached to it for the current forward (and ComfyUI's offloading); on
+    the CPU in bf16 it multiplies with a prepacked copy of its weight (models/prepacked.py)."""
 
     adapters = ()
 
     def forward(self, x):
         with weights_on(self, x.device):
-            return linear_with_adapters(self, x, super().forward) if self.adapters else super().forward(x)
+            return linear_with_adapters(self, x, self.dense) if self.adapters else self.dense(x)
+
+    def dense(self, x):
+        packed = prepacked.packed_weight(self, x)
+        return super().forward(x) if packed is None else prepacked.linear(self, x, packed)
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_prepacked", None)  # moved or converted weights: the packed copy is stale
+        return super()._apply(fn, recurse)
 
 
 def linear_with_adapters(layer, x, forward):

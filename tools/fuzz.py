@@ -16,6 +16,7 @@ import json
 import multiprocessing as mp
 import random
 import resource
+import shutil
 import struct
 import sys
 import tempfile
@@ -203,6 +204,13 @@ def start_worker(folder, memory_bytes):
 def run(cases, kinds=KINDS, seed=0, memory_gb=4.0, timeout=20.0, report=print):
     """{outcome: count} and the first case of each failure, over `cases` cases spread across `kinds`."""
     folder = Path(tempfile.mkdtemp(prefix="klein-fuzz-"))
+    try:
+        return run_in(folder, cases, kinds, seed, memory_gb, timeout, report)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # the seed files and every case's leftovers
+
+
+def run_in(folder, cases, kinds, seed, memory_gb, timeout, report):
     seeds(folder)
     memory = int(memory_gb * 2**30)
     process, connection = start_worker(folder, memory)

@@ -1,0 +1,68 @@
+"""bf16 weights prepacked for oneDNN, for Linear layers computing on the CPU.
+
+A bf16 matmul on the CPU reorders the whole weight into oneDNN's blocked layout on every call: at klein's shapes
+that is 5-25% of the matmul. A layer keeps the reordered copy from its first CPU forward of at least MIN_ROWS rows and
+reuses it (the results are bit-identical). The copy is as large as the weight, so a layer is packed only while the
+memory available stays above its size plus a reserve; the original weight is untouched (a file-mapped one's pages
+are no longer read, so the OS can reclaim them). `KLEIN_CPU_PREPACK=0` turns it off.
+"""
+
+import logging
+import os
+
+import psutil
+import torch
+
+log = logging.getLogger("klein_nodes")
+RESERVE = 2 << 30  # bytes left free beyond a packed copy
+MIN_ROWS = 32  # matmuls of fewer rows (the modulation's one row per image) keep the plain path: little to gain there
+_state = {"usable": None}  # None: not tried yet; False: oneDNN refused once, or switched off
+
+
+def usable():
+    if _state["usable"] is None:
+        _state["usable"] = (os.environ.get("KLEIN_CPU_PREPACK", "1") != "0" and torch.backends.mkldnn.is_available()
+                            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return _state["usable"]
+
+
+def packed_weight(layer, x):
+    """`layer.weight` reordered for oneDNN when `layer(x)` is a plain bf16 CPU matmul without autograd, else None.
+    Cached on the layer for this very weight (its storage, shape and, where tracked, version)."""
+    weight = layer.weight
+    rows = x.numel() // max(1, x.shape[-1])
+    if (x.device.type != "cpu" or weight is None or weight.dtype != torch.bfloat16 or x.dtype != torch.bfloat16
+            or weight.device.type != "cpu" or rows < MIN_ROWS or (torch.is_grad_enabled() and weight.requires_grad)
+            or not usable()):
+        return None
+    key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), version(weight))
+    cached = layer.__dict__.get("_prepacked")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    layer.__dict__.pop("_prepacked", None)  # a changed weight: its old copy goes first
+    if psutil.virtual_memory().available < weight.nbytes + RESERVE:
+        return None
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+    except RuntimeError as e:  # a CPU or build oneDNN cannot serve: plain matmuls from now on
+        log.warning("klein: CPU weight prepacking unavailable (%s); using plain bf16 matmuls", e)
+        _state["usable"] = False
+        return None
+    layer.__dict__["_prepacked"] = (key, packed)
+    return packed
+
+
+def version(tensor):
+    """The tensor's in-place version counter; None for inference tensors (they have none: ComfyUI loads in
+    inference mode), whose in-place changes the storage/shape key cannot see; nothing here writes weights in place."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
+def linear(layer, x, packed):
+    """`F.linear(x, layer.weight, layer.bias)` with the prepacked weight (a contiguous input: strided inputs round
+    differently in oneDNN)."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, layer.bias, "none", [], "")
+

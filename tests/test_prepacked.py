@@ -1,0 +1,94 @@
+"""bf16 Linear layers on the CPU multiply with a oneDNN-prepacked copy of their weight: bit-identical to F.linear,
+made once per weight, dropped when the weight moves or changes, and skipped where it can't or shouldn't apply."""
+
+import types
+
+import psutil
+import pytest
+import torch
+import torch.nn.functional as F
+
+import klein_nodes as kn
+from klein_nodes.models import prepacked
+from klein_nodes.models.adapters import Adapter, with_adapters
+from klein_nodes.sampling.packing import image_ids, text_ids
+from klein_nodes.testing import TINY_TRANSFORMER, write_transformer
+
+pytestmark = pytest.mark.skipif(not (torch.backends.mkldnn.is_available()
+                                     and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                                reason="this CPU or torch build has no oneDNN bf16")
+
+
+@pytest.fixture(autouse=True)
+def fresh_state(monkeypatch):
+    monkeypatch.setitem(prepacked._state, "usable", None)
+    monkeypatch.delenv("KLEIN_CPU_PREPACK", raising=False)
+
+
+def bf16_layer(rows=96, cols=80, bias=True):
+    return kn.models.adapters.Linear(cols, rows, bias=bias).to(torch.bfloat16).requires_grad_(False)
+
+
+def test_packed_matmul_is_bit_identical_and_made_once():
+    layer = bf16_layer()
+    for shape in ((40, 80), (2, 33, 80), (3, 100, 80)):
+        x = torch.randn(shape).bfloat16()
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    packed = layer.__dict__["_prepacked"][1]
+    assert packed.is_mkldnn
+    layer(torch.randn(64, 80).bfloat16())
+    assert layer.__dict__["_prepacked"][1] is packed  # reused, not rebuilt
+    strided = torch.randn(80, 64).bfloat16().t()  # a transposed input is made contiguous first
+    assert torch.equal(layer(strided), F.linear(strided, layer.weight, layer.bias))
+
+
+def test_a_changed_or_moved_weight_is_packed_again():
+    layer = bf16_layer(bias=False)
+    x = torch.randn(48, 80).bfloat16()
+    layer(x)
+    with torch.no_grad():
+        layer.weight.mul_(2)  # in place: the version counter moves
+    assert torch.equal(layer(x), F.linear(x, layer.weight))
+    layer.weight = torch.nn.Parameter(torch.randn(96, 80).bfloat16(), requires_grad=False)
+    assert torch.equal(layer(x), F.linear(x, layer.weight))
+    layer.float()  # any .to()/.float()/.cuda() drops the copy
+    assert "_prepacked" not in layer.__dict__
+    assert torch.equal(layer(x.float()), F.linear(x.float(), layer.weight))
+    assert "_prepacked" not in layer.__dict__  # fp32 is not packed
+
+
+def test_where_packing_does_not_apply(monkeypatch):
+    layer = bf16_layer()
+    layer(torch.randn(prepacked.MIN_ROWS - 1, 80).bfloat16())  # a modulation-sized matmul
+    assert "_prepacked" not in layer.__dict__
+    trained = bf16_layer().requires_grad_(True)
+    out = trained(torch.randn(40, 80).bfloat16())
+    assert "_prepacked" not in trained.__dict__ and out.requires_grad
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=prepacked.RESERVE))
+    layer(torch.randn(40, 80).bfloat16())
+    assert "_prepacked" not in layer.__dict__  # no room for a second copy of the weight
+    monkeypatch.undo()
+    monkeypatch.setitem(prepacked._state, "usable", None)
+    monkeypatch.setenv("KLEIN_CPU_PREPACK", "0")
+    x = torch.randn(40, 80).bfloat16()
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias)) and "_prepacked" not in layer.__dict__
+
+
+def test_transformer_and_lora_give_the_same_bits_packed_or_not(tmp_path, monkeypatch):
+    path, _ = write_transformer(tmp_path / "klein.safetensors", dtype=torch.bfloat16)
+    model = kn.load_transformer(path)
+    layer = "double_blocks.0.img_attn.qkv"
+    weight = model.get_submodule(layer).weight
+    lora = Adapter("lora", {"down": torch.randn(4, weight.shape[1]) * 0.1,
+                            "up": torch.randn(weight.shape[0], 4) * 0.1}, scale=1.0)
+    patched = with_adapters(model, {layer: [lora]}, "test")
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 36, 128, generator=g), torch.randn(1, 7, TINY_TRANSFORMER.context_in_dim, generator=g)
+    args = (x, image_ids(6, 6)[None], torch.tensor([0.6]), ctx, text_ids(7)[None])
+    with torch.inference_mode():
+        packed = model(*args), patched(*args)
+        assert "_prepacked" in model.get_submodule(layer).__dict__
+        monkeypatch.setitem(prepacked._state, "usable", False)
+        plain = model(*args), patched(*args)
+    assert all(torch.equal(a, b) for a, b in zip(packed, plain))
+    assert not torch.equal(packed[0], packed[1])  # the LoRA did change the output
