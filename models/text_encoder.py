@@ -146,6 +146,11 @@ class RMSNorm(Offloadable, nn.Module):
 class Embedding(Offloadable, nn.Embedding):
     bias = None  # ComfyUI's loaders read it (see models/offload.py)
 
+    def reset_parameters(self):
+        # on the meta device (the loaders build there, then read the file) torch's first normal_ costs ~1 s
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
     def forward(self, ids):
         with weights_on(self, ids.device):
             return super().forward(ids)
