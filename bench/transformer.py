@@ -1,10 +1,12 @@
 """Transformer benchmark: forward speed against diffusers, and peak memory while loading.
 
-1. Forward time of our `Flux2` against diffusers' `Flux2Transformer2DModel` with the same random fp32 weights,
-   in one process: outputs are compared first, then both run interleaved and the medians are compared.
-   Goal: ours / diffusers <= 1.0.
-2. Peak RSS of a fresh process that loads a ~2 GB random bf16 BFL-layout file with `kn.load_transformer` and
-   runs one tiny forward (so every weight is touched), as a ratio to the file size. Goal: <= 1.2.
+1. Forward time of our `Flux2` against diffusers' `Flux2Transformer2DModel` with the same random weights (fp32 or
+   bf16; a mid-size config or klein 4B's widths), in one process: outputs are compared first, then both run in
+   interleaved rounds and the per-round ratios are printed. Goal: ours / diffusers <= 1.0 (<= 0.9 for klein widths
+   in bf16).
+2. Peak RSS of a fresh process that loads a ~2 GB random bf16 BFL-layout file (or its Q8_0 GGUF) with
+   `kn.load_transformer` and runs one tiny forward (so every weight is touched), as a ratio to the file size.
+   Goal: <= 1.2 (GGUF: <= 1.15).
    Peak is the child's VmHWM (ru_maxrss on non-Linux): on Linux ru_maxrss carries the parent's peak across
    exec. Weights are memory-mapped, so most pages become resident during the forward, not the load.
    The file is written to a temporary directory that is always removed.
@@ -36,7 +38,7 @@ from klein_nodes.testing import bfl_to_diffusers, diffusers_config, random_state
 
 SPEED_GOAL = 1.0
 SPEED_GOAL_KLEIN_BF16 = 0.9
-RSS_GOAL = 1.2
+RSS_GOAL = {"safetensors": 1.2, "gguf": 1.15}
 
 # Mid-size config for the forward comparison (~70M params).
 FORWARD_PARAMS = Flux2Params(
@@ -198,8 +200,8 @@ def bench_rss(args):
         print(f"{'after ' + stage:14} {peak_inc / 1e9:9.2f} {ratio:10.3f} {now_inc / 1e9:9.2f} {now_inc / size:9.3f}")
     print(f"(peak = the child's VmHWM; its ru_maxrss already read {r['baseline_maxrss'] / 1e9:.2f} GB before loading: "
           f"this process's peak, inherited across exec)")
-    verdict = "met" if ratio <= RSS_GOAL else "NOT met"
-    print(f"peak RSS increase / file size = {ratio:.3f}   (goal <= {RSS_GOAL}: {verdict})")
+    goal = RSS_GOAL[args.rss_format]
+    print(f"peak RSS increase / file size = {ratio:.3f}   (goal <= {goal}: {'met' if ratio <= goal else 'NOT met'})")
     return ratio
 
 

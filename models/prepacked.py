@@ -1,10 +1,12 @@
-"""bf16 weights prepacked for oneDNN, for Linear layers computing on the CPU.
+"""Weights prepacked for oneDNN, for bf16 and fp32 Linear layers computing on the CPU.
 
 A bf16 matmul on the CPU reorders the whole weight into oneDNN's blocked layout on every call: at klein's shapes
-that is 5-25% of the matmul. A layer keeps the reordered copy from its first CPU forward of at least MIN_ROWS rows and
-reuses it (the results are bit-identical). The copy is as large as the weight, so a layer is packed only while the
-memory available stays above its size plus a reserve; the original weight is untouched (a file-mapped one's pages
-are no longer read, so the OS can reclaim them). `KLEIN_CPU_PREPACK=0` turns it off.
+that is 5-25% of the matmul; prepacked, the results are bit-identical. An fp32 matmul goes to MKL, which on AMD CPUs
+runs at about half oneDNN's speed; prepacked, oneDNN sums in another order (results within ~1e-6 of the output's
+scale, as any fp32 reordering). A layer keeps the reordered copy from its first CPU forward of at least MIN_ROWS
+rows and reuses it. The copy is as large as the weight, so a layer is packed only while the memory available stays
+above its size plus a reserve; the original weight is untouched (a file-mapped one's pages are no longer read, so
+the OS can reclaim them). `KLEIN_CPU_PREPACK=0` turns it off.
 """
 
 import logging
@@ -15,25 +17,25 @@ import torch
 
 log = logging.getLogger("klein_nodes")
 RESERVE = 2 << 30  # bytes left free beyond a packed copy
+PACKED_DTYPES = (torch.bfloat16, torch.float32)  # fp16: oneDNN needs AVX512-FP16 or AVX-NE-CONVERT for it
 MIN_ROWS = 32  # matmuls of fewer rows (the modulation's one row per image) keep the plain path: little to gain there
-_state = {"usable": None}  # None: not tried yet; False: oneDNN refused once, or switched off
+_state = {"usable": None}  # None: not decided yet; False: switched off, or oneDNN refused once
 
 
-def usable():
+def usable(dtype):
     if _state["usable"] is None:
-        _state["usable"] = (os.environ.get("KLEIN_CPU_PREPACK", "1") != "0" and torch.backends.mkldnn.is_available()
-                            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return _state["usable"]
+        _state["usable"] = os.environ.get("KLEIN_CPU_PREPACK", "1") != "0" and torch.backends.mkldnn.is_available()
+    return _state["usable"] and (dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def packed_weight(layer, x):
-    """`layer.weight` reordered for oneDNN when `layer(x)` is a plain bf16 CPU matmul without autograd, else None.
+    """`layer.weight` reordered for oneDNN when `layer(x)` is a plain bf16/fp32 CPU matmul without autograd, else None.
     Cached on the layer for this very weight (its storage, shape and, where tracked, version)."""
     weight = layer.weight
     rows = x.numel() // max(1, x.shape[-1])
-    if (x.device.type != "cpu" or weight is None or weight.dtype != torch.bfloat16 or x.dtype != torch.bfloat16
+    if (x.device.type != "cpu" or weight is None or weight.dtype not in PACKED_DTYPES or x.dtype != weight.dtype
             or weight.device.type != "cpu" or rows < MIN_ROWS or (torch.is_grad_enabled() and weight.requires_grad)
-            or not usable()):
+            or not usable(weight.dtype)):
         return None
     key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), version(weight))
     cached = layer.__dict__.get("_prepacked")
@@ -45,7 +47,7 @@ def packed_weight(layer, x):
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
     except RuntimeError as e:  # a CPU or build oneDNN cannot serve: plain matmuls from now on
-        log.warning("klein: CPU weight prepacking unavailable (%s); using plain bf16 matmuls", e)
+        log.warning("klein: CPU weight prepacking unavailable (%s); using plain matmuls", e)
         _state["usable"] = False
         return None
     layer.__dict__["_prepacked"] = (key, packed)

@@ -1,9 +1,10 @@
 """GGML block formats -> float tensors, in plain torch (any device).
 
 Each function takes the packed blocks as a (n_blocks, type_size) uint8 tensor and returns (n_blocks, block_size)
-float32. The float32 operations and their order are those of the GGML reference (gguf-py), so results are
-bit-identical to `gguf.quants.dequantize`; the final scale/offset steps run in place on the freshly made values
-(allocating and faulting in a new full-size tensor per step costs as much as the arithmetic).
+float32, written into `out` (a float32 buffer of that size) when given. The float32 operations and their order are
+those of the GGML reference (gguf-py), so results are bit-identical to `gguf.quants.dequantize`. Integer work stays in
+bytes (cut 8 at a time from int64 words); the float steps run in place in the output (allocating and faulting in a
+new full-size tensor per step costs as much as the arithmetic).
 """
 
 import logging

@@ -1,5 +1,6 @@
-"""bf16 Linear layers on the CPU multiply with a oneDNN-prepacked copy of their weight: bit-identical to F.linear,
-made once per weight, dropped when the weight moves or changes, and skipped where it can't or shouldn't apply."""
+"""Linear layers on the CPU multiply with a oneDNN-prepacked copy of their weight: in bf16 bit-identical to F.linear,
+in fp32 as close as another summation order; made once per weight, dropped when the weight moves or changes, and
+skipped where it can't or shouldn't apply."""
 
 import types
 
@@ -42,6 +43,16 @@ def test_packed_matmul_is_bit_identical_and_made_once():
     assert torch.equal(layer(strided), F.linear(strided, layer.weight, layer.bias))
 
 
+def test_fp32_packed_matmul_is_as_exact_as_torchs():
+    layer = bf16_layer(rows=300, cols=700).float()
+    x = torch.randn(2, 50, 700)
+    exact = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+    got = layer(x)
+    assert layer.__dict__["_prepacked"][1].is_mkldnn and got.dtype == torch.float32
+    ours, torchs = ((y.double() - exact).abs().max().item() for y in (got, F.linear(x, layer.weight, layer.bias)))
+    assert ours <= 4 * torchs + 1e-6 * exact.abs().max().item()
+
+
 def test_a_changed_or_moved_weight_is_packed_again():
     layer = bf16_layer(bias=False)
     x = torch.randn(48, 80).bfloat16()
@@ -53,8 +64,10 @@ def test_a_changed_or_moved_weight_is_packed_again():
     assert torch.equal(layer(x), F.linear(x, layer.weight))
     layer.float()  # any .to()/.float()/.cuda() drops the copy
     assert "_prepacked" not in layer.__dict__
-    assert torch.equal(layer(x.float()), F.linear(x.float(), layer.weight))
-    assert "_prepacked" not in layer.__dict__  # fp32 is not packed
+    torch.testing.assert_close(layer(x.float()), F.linear(x.float(), layer.weight))
+    assert layer.__dict__["_prepacked"][1].dtype == torch.float32  # packed again, in the new dtype
+    half = layer.half()
+    assert torch.equal(half(x.half()), F.linear(x.half(), layer.weight)) and "_prepacked" not in layer.__dict__
 
 
 def test_where_packing_does_not_apply(monkeypatch):
