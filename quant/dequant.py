@@ -66,12 +66,6 @@ def nibbles(packed, groups):
     return bits(packed, 2, 4, groups)
 
 
-def low_high_bits(packed_u32, count):
-    """(n, 4) little-endian bytes of a 32-bit word -> (n, count) of its low `count` bits."""
-    word = packed_u32.contiguous().view(torch.int32)
-    return torch.cat([(word >> i) & 1 for i in range(count)], dim=1).to(torch.uint8)
-
-
 def scaled(q, d, m=None, out=None):
     """float(q)·d (− m), GGML's last steps, in place: into `out` (a float32 buffer of q's size) when given."""
     values = q.float() if out is None else out.view(q.shape).copy_(q)
@@ -89,10 +83,18 @@ def dequant_q4_1(blocks, out=None):
     return scaled(q, half(blocks, 0), out=out).add_(half(blocks, 2))
 
 
+# byte -> its 8 bits as 8 bytes (bit i in byte i, moved up to bit 4), one int64 word per byte value
+SPREAD_BITS = tuple(sum(((value >> i) & 1) << (8 * i + 4) for i in range(8)) for value in range(256))
+
+
 def q5_values(blocks, offset):
-    high = low_high_bits(blocks[:, offset: offset + 4], 32)
-    low = nibbles(blocks[:, offset + 4:], 1).reshape(blocks.shape[0], 32)
-    return low.bitwise_or_(high << 4)
+    """Q5_0 / Q5_1: value k's fifth bit is bit k of a little-endian 32-bit word, i.e. bit k % 8 of its byte k // 8:
+    each byte looked up as the 8 bytes it spreads to, already in value order."""
+    n = blocks.shape[0]
+    table = torch.tensor(SPREAD_BITS, dtype=torch.int64, device=blocks.device)
+    high = torch.index_select(table, 0, blocks[:, offset: offset + 4].reshape(-1).int()).view(torch.uint8)
+    low = nibbles(blocks[:, offset + 4:], 1).reshape(n, 32)
+    return low.bitwise_or_(high.reshape(n, 32))
 
 
 def dequant_q5_0(blocks, out=None):
