@@ -35,7 +35,7 @@ def packed_weight(layer, x):
     rows = x.numel() // max(1, x.shape[-1])
     if (x.device.type != "cpu" or weight is None or weight.dtype not in PACKED_DTYPES or x.dtype != weight.dtype
             or weight.device.type != "cpu" or rows < MIN_ROWS or (torch.is_grad_enabled() and weight.requires_grad)
-            or not usable(weight.dtype)):
+            or torch.compiler.is_compiling() or not usable(weight.dtype)):  # inductor packs weights its own way
         return None
     key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), version(weight))
     cached = layer.__dict__.get("_prepacked")

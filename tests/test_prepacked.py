@@ -2,6 +2,7 @@
 in fp32 as close as another summation order; made once per weight, dropped when the weight moves or changes, and
 skipped where it can't or shouldn't apply."""
 
+import shutil
 import types
 
 import psutil
@@ -105,3 +106,13 @@ def test_transformer_and_lora_give_the_same_bits_packed_or_not(tmp_path, monkeyp
         plain = model(*args), patched(*args)
     assert all(torch.equal(a, b) for a, b in zip(packed, plain))
     assert not torch.equal(packed[0], packed[1])  # the LoRA did change the output
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_layers_leave_packing_to_inductor():
+    layer = bf16_layer()
+    x = torch.randn(40, 80).bfloat16()
+    eager = layer(x)
+    compiled = torch.compile(layer)
+    with torch.inference_mode():
+        assert (compiled(x).float() - eager.float()).abs().max() <= 0.05
