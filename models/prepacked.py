@@ -4,9 +4,10 @@ A bf16 matmul on the CPU reorders the whole weight into oneDNN's blocked layout 
 that is 5-25% of the matmul; prepacked, the results are bit-identical. An fp32 matmul goes to MKL, which on AMD CPUs
 runs at about half oneDNN's speed; prepacked, oneDNN sums in another order (results within ~1e-6 of the output's
 scale, as any fp32 reordering). A layer keeps the reordered copy from its first CPU forward of at least MIN_ROWS
-rows and reuses it. The copy is as large as the weight, so a layer is packed only while the memory available stays
-above its size plus a reserve; the original weight is untouched (a file-mapped one's pages are no longer read, so
-the OS can reclaim them). `KLEIN_CPU_PREPACK=0` turns it off.
+rows and reuses it. The copy is as large as the weight, so it is kept only while the memory available stays above
+its size plus a reserve; otherwise each call packs afresh (the same numbers, so fp32 results never depend on free
+memory). The original weight is untouched (a file-mapped one's pages are no longer read, so the OS can reclaim
+them). `KLEIN_CPU_PREPACK=0` turns it off.
 """
 
 import logging
@@ -42,15 +43,15 @@ def packed_weight(layer, x):
     if cached is not None and cached[0] == key:
         return cached[1]
     layer.__dict__.pop("_prepacked", None)  # a changed weight: its old copy goes first
-    if psutil.virtual_memory().available < weight.nbytes + RESERVE:
-        return None
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
     except RuntimeError as e:  # a CPU or build oneDNN cannot serve: plain matmuls from now on
         log.warning("klein: CPU weight prepacking unavailable (%s); using plain matmuls", e)
         _state["usable"] = False
         return None
-    layer.__dict__["_prepacked"] = (key, packed)
+    if psutil.virtual_memory().available >= weight.nbytes + RESERVE:
+        layer.__dict__["_prepacked"] = (key, packed)
+    # else packed for this call only: the same numbers as with a kept copy
     return packed
 
 

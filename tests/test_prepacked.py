@@ -78,9 +78,6 @@ def test_where_packing_does_not_apply(monkeypatch):
     trained = bf16_layer().requires_grad_(True)
     out = trained(torch.randn(40, 80).bfloat16())
     assert "_prepacked" not in trained.__dict__ and out.requires_grad
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=prepacked.RESERVE))
-    layer(torch.randn(40, 80).bfloat16())
-    assert "_prepacked" not in layer.__dict__  # no room for a second copy of the weight
     monkeypatch.undo()
     monkeypatch.setitem(prepacked._state, "usable", None)
     monkeypatch.setenv("KLEIN_CPU_PREPACK", "0")
@@ -116,3 +113,14 @@ def test_compiled_layers_leave_packing_to_inductor():
     compiled = torch.compile(layer)
     with torch.inference_mode():
         assert (compiled(x).float() - eager.float()).abs().max() <= 0.05
+
+
+def test_without_room_for_a_copy_the_numbers_stay_the_same(monkeypatch):
+    """No memory to keep a packed copy: each call packs afresh, so fp32 results never depend on free memory."""
+    layer = bf16_layer().float()
+    x = torch.randn(40, 80)
+    kept = layer(x)
+    assert "_prepacked" in layer.__dict__
+    layer.float()  # drops the copy
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=prepacked.RESERVE))
+    assert torch.equal(layer(x), kept) and "_prepacked" not in layer.__dict__
