@@ -109,6 +109,7 @@ class Linear(Offloadable, nn.Linear):
     the CPU in bf16 it multiplies with a prepacked copy of its weight (models/prepacked.py)."""
 
     adapters = ()
+    keep_packed = True  # see models/prepacked.py
 
     def forward(self, x):
         with weights_on(self, x.device):

@@ -5,8 +5,9 @@ that is 5-25% of the matmul; prepacked, the results are bit-identical. An fp32 m
 runs at about half oneDNN's speed; prepacked, oneDNN sums in another order (results within ~1e-6 of the output's
 scale, as any fp32 reordering). A layer keeps the reordered copy from its first CPU forward of at least MIN_ROWS
 rows and reuses it. The copy is as large as the weight, so it is kept only while the memory available stays above
-its size plus a reserve; otherwise each call packs afresh (the same numbers, so fp32 results never depend on free
-memory). The original weight is untouched (a file-mapped one's pages are no longer read, so the OS can reclaim
+its size plus a reserve, and only by layers that run many times per image (`keep_packed`: the transformer's, not the
+text encoder's, which run once per prompt); otherwise each call packs afresh (the same numbers, so fp32 results
+never depend on free memory; in fp32 still oneDNN's speed). The original weight is untouched (a file-mapped one's pages are no longer read, so the OS can reclaim
 them). `KLEIN_CPU_PREPACK=0` turns it off.
 """
 
@@ -49,7 +50,7 @@ def packed_weight(layer, x):
         log.warning("klein: CPU weight prepacking unavailable (%s); using plain matmuls", e)
         _state["usable"] = False
         return None
-    if psutil.virtual_memory().available >= weight.nbytes + RESERVE:
+    if layer.keep_packed and psutil.virtual_memory().available >= weight.nbytes + RESERVE:
         layer.__dict__["_prepacked"] = (key, packed)
     # else packed for this call only: the same numbers as with a kept copy
     return packed

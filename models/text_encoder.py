@@ -42,6 +42,9 @@ class Qwen3(nn.Module):
             self.norm = RMSNorm(params.hidden_size, params.rms_norm_eps)
         if params.lm_head == "own":
             self.lm_head = Linear(params.hidden_size, params.vocab_size, bias=False)
+        for layer in self.modules():  # one forward per prompt: a kept CPU-packed copy would double the weights' RAM
+            if isinstance(layer, Linear):
+                layer.keep_packed = False
 
     @property
     def dtype(self):

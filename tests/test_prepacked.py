@@ -14,7 +14,7 @@ import klein_nodes as kn
 from klein_nodes.models import prepacked
 from klein_nodes.models.adapters import Adapter, with_adapters
 from klein_nodes.sampling.packing import image_ids, text_ids
-from klein_nodes.testing import TINY_TRANSFORMER, write_transformer
+from klein_nodes.testing import TINY_TRANSFORMER, write_text_encoder, write_tokenizer, write_transformer
 
 pytestmark = pytest.mark.skipif(not (torch.backends.mkldnn.is_available()
                                      and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
@@ -124,3 +124,20 @@ def test_without_room_for_a_copy_the_numbers_stay_the_same(monkeypatch):
     layer.float()  # drops the copy
     monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=prepacked.RESERVE))
     assert torch.equal(layer(x), kept) and "_prepacked" not in layer.__dict__
+
+
+def test_the_text_encoder_packs_per_call_and_keeps_nothing(tmp_path, monkeypatch):
+    """It runs once per prompt: packed per call (fp32 at oneDNN's speed), no copy of its weights kept in RAM."""
+    path, _ = write_text_encoder(tmp_path / "qwen.safetensors", dtype=torch.float32)
+    encoder = kn.load_text_encoder(path, tokenizer=write_tokenizer(tmp_path / "tok"), layers=(1, 2, 3))
+    calls = []
+    packed_linear = prepacked.linear
+    monkeypatch.setattr(prepacked, "linear", lambda *args: calls.append(args[0]) or packed_linear(*args))
+    with torch.inference_mode():
+        packed = encoder.encode(["a fox in the snow"], max_length=40, layers=(1, 2, 3))
+        monkeypatch.setitem(prepacked._state, "usable", False)
+        encoder._cache.clear()
+        plain = encoder.encode(["a fox in the snow"], max_length=40, layers=(1, 2, 3))
+    assert len(calls) == 3 * 7  # q, k, v, o, gate, up, down of each layer, through oneDNN
+    assert not any("_prepacked" in m.__dict__ for m in encoder.model.modules())
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5 * plain.abs().max().item())
