@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from machine import machine_line
+
 PROMPT = "A red fox asleep on a stack of old books, morning light"
 GIB = 2**30
 
@@ -194,4 +196,3 @@ def main():
 
 if __name__ == "__main__":
     sys.exit(main())
-from machine import machine_line

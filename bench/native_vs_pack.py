@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import comfyui_workflows as server  # noqa: E402
+from machine import machine_line  # noqa: E402
 
 PROMPTS = ("A hedgehog wearing a tiny party hat surrounded by confetti",
            "A lighthouse on a cliff at dusk, long exposure, waves crashing below")
@@ -160,4 +161,3 @@ def main():
 
 if __name__ == "__main__":
     main()
-from machine import machine_line
