@@ -149,3 +149,16 @@ def test_fp16_is_overflow_safe(state, tmp_path):
         out16 = model16(x, image_ids(3, 4)[None], t, ctx, text_ids(7)[None])
     assert max(peaks) > 65504  # the residual stream really leaves fp16's range
     assert torch.isfinite(out16).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_as_complex_multiply_equals_the_real_formula(dtype):
+    """The CPU rotates q/k as one complex multiply; other devices use the real formula: the same bits either way."""
+    from klein_nodes.models.transformer import EmbedND, apply_rope
+
+    ids = torch.cat([text_ids(7), image_ids(5, 6)])[None]
+    rotation = EmbedND(2000, (32, 32, 32, 32))(ids)
+    assert rotation.is_complex()
+    x = torch.randn(1, 3, ids.shape[1], 128).to(dtype)
+    pair = (rotation.real.contiguous(), rotation.imag.contiguous())
+    assert torch.equal(apply_rope(x, rotation), apply_rope(x, pair))
