@@ -106,7 +106,7 @@ def factor_shape(tensors, name):
 
 class Linear(Offloadable, nn.Linear):
     """nn.Linear that honours the adapters attached to it for the current forward (and ComfyUI's offloading); on
-    the CPU in bf16 it multiplies with a prepacked copy of its weight (models/prepacked.py)."""
+    the CPU in bf16 and fp32 it multiplies with a prepacked copy of its weight (models/prepacked.py)."""
 
     adapters = ()
     keep_packed = True  # see models/prepacked.py

@@ -7,8 +7,8 @@ scale, as any fp32 reordering). A layer keeps the reordered copy from its first 
 rows and reuses it. The copy is as large as the weight, so it is kept only while the memory available stays above
 its size plus a reserve, and only by layers that run many times per image (`keep_packed`: the transformer's, not the
 text encoder's, which run once per prompt); otherwise each call packs afresh (the same numbers, so fp32 results
-never depend on free memory; in fp32 still oneDNN's speed). The original weight is untouched (a file-mapped one's pages are no longer read, so the OS can reclaim
-them). `KLEIN_CPU_PREPACK=0` turns it off.
+never depend on free memory; in fp32 still oneDNN's speed). The original weight is untouched (a file-mapped one's
+pages are no longer read, so the OS can reclaim them). `KLEIN_CPU_PREPACK=0` turns it off.
 """
 
 import logging
