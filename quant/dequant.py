@@ -269,6 +269,9 @@ def dequantize(data, qtype, shape, dtype=torch.float32, out=None):
     if shape[-1] % block_size or data.numel() != count // block_size * type_size:
         raise KleinError(f"{name} data of {data.numel()} bytes does not hold a {tuple(shape)} tensor "
                          f"({block_size} values per {type_size}-byte block)")
+    if out is not None and (tuple(out.shape) != shape or out.device != data.device or not out.is_contiguous()):
+        raise KleinError(f"dequantize's out must be a contiguous {shape} tensor on {data.device}, not "
+                         f"{'a strided ' if not out.is_contiguous() else ''}{tuple(out.shape)} on {out.device}")
     blocks = data.reshape(-1, type_size)
     if use_triton(name, blocks, dtype if out is None else out.dtype):
         from .triton_dequant import launch
@@ -279,21 +282,22 @@ def dequantize(data, qtype, shape, dtype=torch.float32, out=None):
     if blocks.device.type == "cpu" and blocks.shape[0] * block_size > CPU_CHUNK:
         out = torch.empty(shape, dtype=dtype) if out is None else out
         flat, step = out.view(-1, block_size), CPU_CHUNK // block_size
-        direct = out.dtype == torch.float32  # written in place; other dtypes are rounded once from float32
-
-        def piece(start):
-            section = flat[start: start + step]
-            values = DEQUANTIZERS[name](blocks[start: start + step], out=section if direct else None)
-            if not direct:
-                section.copy_(values)
-
-        in_parallel(piece, range(0, blocks.shape[0], step))
+        in_parallel(lambda start: write(name, blocks[start: start + step], flat[start: start + step]),
+                    range(0, blocks.shape[0], step))
         return out
-    if out is not None and out.dtype == torch.float32 and out.is_contiguous():
-        DEQUANTIZERS[name](blocks, out=out.view(-1, block_size))
+    if out is not None:
+        write(name, blocks, out.view(-1, block_size))
         return out
-    values = DEQUANTIZERS[name](blocks).reshape(shape)
-    return values.to(dtype) if out is None else out.copy_(values)
+    return DEQUANTIZERS[name](blocks).reshape(shape).to(dtype)
+
+
+def write(name, blocks, out):
+    """`blocks` dequantized into `out` (n_blocks, block_size): float32 straight in, other dtypes rounded once from
+    float32."""
+    if out.dtype == torch.float32:
+        DEQUANTIZERS[name](blocks, out=out)
+    else:
+        out.copy_(DEQUANTIZERS[name](blocks))
 
 
 _pool = (None, 0)  # (executor, its thread count)

@@ -123,3 +123,16 @@ def test_bad_dequantize_arguments_are_named(data, qtype, shape, fragment):
     with pytest.raises(kn.KleinError) as info:
         kn.quant.dequantize(data, qtype, shape)
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("out,fragment", [
+    (torch.empty(2, 32), "contiguous (1, 32) tensor on cpu, not (2, 32) on cpu"),
+    (torch.empty(32), "not (32,) on cpu"),
+    (torch.empty(64).view(1, 64)[:, ::2], "not a strided (1, 32)"),
+    (torch.empty(1, 32, device="meta"), "not (1, 32) on meta"),
+])
+def test_a_wrong_out_buffer_is_named(out, fragment):
+    """A buffer that does not fit is refused before anything is written (not broadcast into, not a torch error)."""
+    with pytest.raises(kn.KleinError) as info:
+        dequantize(torch.zeros(34, dtype=torch.uint8), "Q8_0", (1, 32), out=out)
+    assert fragment in str(info.value)
