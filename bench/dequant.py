@@ -14,17 +14,13 @@ import sys
 import numpy as np
 import torch
 
-from machine import interleaved, machine_line, paired_text
+from machine import interleaved, machine_line, median_time, paired_text
 from klein_nodes.quant.dequant import BLOCK_SIZES, DEQUANTIZERS, dequantize
 from klein_nodes.quant.linear import QuantizedLinear
 from klein_nodes.quant.quantize import quantize
 from klein_nodes.testing import ggml_pack
 
 TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q4_0", "Q5_1", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "MXFP4", "NVFP4", "BF16")
-
-
-def timed(fn, repeats):
-    return statistics.median(interleaved([fn], repeats)[0])
 
 
 def packed_matrix(qtype, rows, cols):
@@ -72,7 +68,7 @@ def main():
         if not args.no_compile:
             compiled = torch.compile(DEQUANTIZERS[qtype], dynamic=True)
             assert np.array_equal(compiled(blocks).reshape(rows, cols).numpy(), expected)
-            fused = timed(lambda: compiled(blocks), args.repeats)
+            fused = median_time(lambda: compiled(blocks), args.repeats)
             line += f"{fused * 1e3:>10.1f}{statistics.median(reference) / fused:>8.2f}"
         print(line)
     print("goal: >= 3x gguf-py on CPU")
@@ -98,8 +94,8 @@ def gpu_report(repeats):
         out = torch.empty(blocks.shape[0], block_size, device="cuda", dtype=torch.bfloat16)
         reference = DEQUANTIZERS[qtype](blocks).bfloat16()
         assert torch.equal(launch(qtype, blocks, out), reference)
-        eager = timed(lambda: DEQUANTIZERS[qtype](blocks).bfloat16(), repeats)
-        kernel = timed(lambda: launch(qtype, blocks, out), repeats)
+        eager = median_time(lambda: DEQUANTIZERS[qtype](blocks).bfloat16(), repeats)
+        kernel = median_time(lambda: launch(qtype, blocks, out), repeats)
         print(f"{qtype} 3072x3072 -> bf16: torch {eager * 1e3:.3f} ms, Triton {kernel * 1e3:.3f} ms ({eager / kernel:.1f}x)")
     x = torch.randn(4608, 3072, device="cuda", dtype=torch.bfloat16)
     for out_features, in_features in ((9216, 3072), (3072, 12288), (27648, 3072)):
@@ -107,11 +103,11 @@ def gpu_report(repeats):
         dense = torch.nn.Linear(in_features, out_features, bias=False, device="cuda", dtype=torch.bfloat16)
         dense.weight.data.copy_(weight)
         x_in = x if in_features == 3072 else torch.randn(4608, in_features, device="cuda", dtype=torch.bfloat16)
-        base = timed(lambda: dense(x_in), repeats)
+        base = median_time(lambda: dense(x_in), repeats)
         for qtype in ("Q8_0", "Q4_K", "Q6_K"):
             packed = torch.from_numpy(np.ascontiguousarray(quantize(weight.numpy(), qtype))).reshape(-1).cuda()
             layer = QuantizedLinear(packed, qtype, in_features, out_features)
-            print(f"({out_features}x{in_features}) {qtype}: quantized Linear {timed(lambda: layer(x_in), repeats) * 1e3:.2f} ms, "
+            print(f"({out_features}x{in_features}) {qtype}: quantized Linear {median_time(lambda: layer(x_in), repeats) * 1e3:.2f} ms, "
                   f"bf16 Linear {base * 1e3:.2f} ms")
 
 

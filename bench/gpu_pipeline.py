@@ -10,31 +10,16 @@ Skips cleanly without CUDA.    python bench/gpu_pipeline.py [--repeats 3] [--ski
 """
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from machine import machine_line
+from machine import machine_line, median_time
 
 PROMPT = "A red fox asleep on a stack of old books, morning light"
 GIB = 2**30
-
-
-def timed(fn, repeats):
-    fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def randomize(module, device, dtype):
@@ -96,13 +81,13 @@ def time_ours(args, device, tokenizer_dir, noise):
         text_encoder._cache.clear()
         return ours(PROMPT, width=1024, height=1024, steps=4, noise=noise, tiled=False)
 
-    return timed(run, args.repeats)
+    return median_time(run, args.repeats)
 
 
 def time_diffusers(args, device, tokenizer_dir, noise):
     reference = diffusers_pipeline(device, tokenizer_dir)
     latents = noise.to(device, torch.bfloat16)
-    return timed(lambda: reference(prompt=PROMPT, height=1024, width=1024, num_inference_steps=4, guidance_scale=1.0,
+    return median_time(lambda: reference(prompt=PROMPT, height=1024, width=1024, num_inference_steps=4, guidance_scale=1.0,
                                    latents=latents, output_type="pt"), args.repeats)
 
 
@@ -153,7 +138,7 @@ def budget_rows(fmt, tokenizer_dir):
         quantize_blocks(transformer, fmt)
     noise = torch.randn(1, 128, 64, 64, generator=torch.Generator().manual_seed(0))
     resident = kn.KleinPipeline(transformer, text_encoder, vae, device="cuda", memory="resident")
-    resident_s = timed(lambda: resident(PROMPT, width=1024, height=1024, noise=noise), 1)
+    resident_s = median_time(lambda: resident(PROMPT, width=1024, height=1024, noise=noise), 1)
     for module in (transformer, text_encoder.model, vae):  # back to CPU memory: the budgeted runs start from there
         module.to("cpu")
     text_encoder._cache.clear()
@@ -163,7 +148,7 @@ def budget_rows(fmt, tokenizer_dir):
         torch.cuda.reset_peak_memory_stats()
         pipeline = kn.KleinPipeline(transformer, text_encoder, vae, device="cuda", memory="auto")
         try:
-            seconds = timed(lambda: pipeline(PROMPT, width=1024, height=1024, noise=noise), 1)
+            seconds = median_time(lambda: pipeline(PROMPT, width=1024, height=1024, noise=noise), 1)
             peak = torch.cuda.max_memory_allocated() / GIB
             print(f"{fmt:<12}{budget_gib:>6} GB{pipeline.plan.describe()[:46]:>48}{peak:>10.2f}{seconds:>8.2f}"
                   f"{seconds / resident_s:>12.2f}")

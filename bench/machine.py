@@ -30,6 +30,11 @@ def interleaved(fns, repeats, warmup=1):
     return samples
 
 
+def median_time(fn, repeats):
+    """Median seconds of `fn` over `repeats` runs after one warm-up."""
+    return statistics.median(interleaved([fn], repeats)[0])
+
+
 def paired(times, reference):
     """The per-round ratios times / reference as (min, median, max)."""
     ratios = sorted(t / r for t, r in zip(times, reference))

@@ -8,26 +8,20 @@ import io
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from machine import interleaved, machine_line, paired_text
+from machine import interleaved, machine_line, median_time, paired_text
 from klein_nodes.provenance import c2pa_sign, metadata, watermark
 from klein_nodes.provenance.save import to_uint8, write_new
 from klein_nodes.version import __version__
 
 
 def timed(fn, repeats):
-    result = fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e3, result
+    """(median ms, the result of a run)."""
+    return median_time(fn, repeats) * 1e3, fn()
 
 
 def test_image(size=1024, seed=0):
