@@ -13,12 +13,16 @@ from .loaders.transformer import load_transformer
 from .loaders.vae import load_vae
 from .models.transformer import compile_blocks
 from .provenance.save import save_images, verify_image
+from .sampling.composite import composite_edit
+from .sampling.outpaint import outpaint_canvas
 from .sampling.pipeline import KleinPipeline
+from .sampling.refine import tiled_refine
 from .sampling.sampler import Cancelled
 from .version import __version__
 __all__ = ["Cancelled", "CheckpointError", "KleinError", "KleinNote", "KleinPipeline", "WrongModelError", "apply_lora",
-           "compile_blocks", "ensure_text_encoder_fits", "load_image_safety", "load_prompt_safety",
-           "load_text_encoder", "load_transformer", "load_vae", "quant", "save_images", "verify_image", "__version__"]
+           "compile_blocks", "composite_edit", "ensure_text_encoder_fits", "load_image_safety", "load_prompt_safety",
+           "load_text_encoder", "load_transformer", "load_vae", "outpaint_canvas", "quant", "save_images", "tiled_refine",
+           "verify_image", "__version__"]
 
 try:
     import comfy.utils  # noqa: F401  (present only inside ComfyUI)

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from .version import __version__
 from .errors import KleinError, KleinNote
@@ -45,29 +46,72 @@ non_negative = bounded(int, 0)
 
 
 def check_generate_inputs(args):
-    """Everything `generate` needs that can be checked without loading a model: files, device, size."""
+    """Everything `generate` needs that can be checked without loading a model: files, device, modes, sizes.
+    Returns the output (width, height), or None to take the size of --image."""
     from .sampling.schedule import fit_size, preset_size
 
-    for flag, path in [("--ref", p) for p in args.ref] + [("--lora", lora_spec(s)[0]) for s in args.lora]:
+    files = [("--ref", p) for p in args.ref] + [(flag, getattr(args, flag[2:])) for flag in ("--image", "--mask")
+                                                 if getattr(args, flag[2:])]
+    for flag, path in files + [("--lora", lora_spec(s)[0]) for s in args.lora]:
         if not Path(path).is_file():
             raise KleinError(f"{flag} {path}: no such file")
-    for path in args.ref:
-        check_image_file(path, "--ref")
+    for flag, path in files:
+        check_image_file(path, flag)
+    check_edit_modes(args)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise KleinError(f"--device {args.device}: this torch has no CUDA device (torch {torch.__version__}); "
                          "use --device cpu, or install a CUDA build of torch")
-    width, height = preset_size(args.aspect, args.megapixels) if args.aspect else (args.width, args.height)
-    fit_size(width, height)  # refuses sizes over 4 MP before anything loads
     if "image" in args.safety and args.image_classifier is None:
         raise KleinError("--safety image needs --image-classifier FOLDER (a Hugging Face ViT classifier such as "
                          "Falconsai/nsfw_image_detection: config.json + model.safetensors)")
+    if args.aspect:
+        width, height = preset_size(args.aspect, args.megapixels)
+    elif args.width or args.height or not args.image:
+        width, height = args.width or 1024, args.height or 1024
+    else:
+        return None
+    fit_size(width, height)  # refuses sizes over 4 MP before anything loads
+    check_upscale(args, width, height)
     return width, height
+
+
+def check_edit_modes(args):
+    """The editing flags fit together: each names what it needs."""
+    if args.mask and not args.image:
+        raise KleinError("--mask needs --image: the image to repaint where the mask is white")
+    if args.outpaint and not args.image:
+        raise KleinError("--outpaint needs --image: the image to extend")
+    if args.outpaint and args.mask:
+        raise KleinError("--outpaint makes its own mask (the new area): leave out --mask")
+    if args.composite and not (args.image or args.ref):
+        raise KleinError("--composite needs --image or --ref: the original to put the edit back into")
+    if args.denoise is not None and not args.image:
+        raise KleinError("--denoise needs --image: the image to start from")
+    if args.outpaint:
+        outpaint_spec(args.outpaint)
+
+
+def outpaint_spec(spec):
+    """'64,0,64,0' (left, top, right, bottom pixels) -> {"left": ...}; '16:9' -> {"aspect": "16:9"}."""
+    if spec in ASPECT_RATIOS:
+        return {"aspect": spec}
+    parts = spec.split(",")
+    if len(parts) != 4 or not all(p.strip().isdigit() for p in parts):
+        raise KleinError(f"--outpaint {spec}: give LEFT,TOP,RIGHT,BOTTOM pixels (e.g. 128,0,128,0) or an aspect "
+                         f"({', '.join(ASPECT_RATIOS)})")
+    return dict(zip(("left", "top", "right", "bottom"), (int(p) for p in parts)))
+
+
+def check_upscale(args, width, height):
+    from .sampling.refine import MAX_OUTPUT_PIXELS
+
+    if args.upscale and width * height * args.upscale**2 > MAX_OUTPUT_PIXELS:
+        raise KleinError(f"--upscale {args.upscale} would make {round(width * args.upscale)}x"
+                         f"{round(height * args.upscale)}; the refine makes up to {MAX_OUTPUT_PIXELS // 2**20} MP")
 
 
 def check_image_file(path, what):
     """An image Pillow can open (header only), within Pillow's decompression-bomb limit."""
-    from PIL import Image
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -310,7 +354,8 @@ def generate_images(args, cleanup):
     from .sampling.pipeline import KleinPipeline
 
     paths = output_paths(args.output, args.batch)
-    width, height = check_generate_inputs(args)
+    size = check_generate_inputs(args)
+    edit = EditInputs(args, size)  # the image files are read before the models
     image_checker = load_image_safety(args.image_classifier) if "image" in args.safety else None  # small, read first
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else None, "bf16": torch.bfloat16,
@@ -329,13 +374,7 @@ def generate_images(args, cleanup):
     if args.compile:
         compile_blocks(transformer)
     pipeline = KleinPipeline(transformer, text_encoder, load_vae(vae_path), device=device, memory=args.memory)
-    progress = cleanup.enter_context(step_progress(args.steps))
-    images = pipeline(args.prompt, width=width, height=height, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                      negative_prompt=args.negative, references=[load_reference(p) for p in args.ref] or None,
-                      batch_size=args.batch, callback=progress, max_sequence_length=args.max_tokens or None)
-    for note in pipeline.notes:
-        warnings.warn(note, KleinNote, stacklevel=1)  # printed once: most were noted as they happened
-    print(f"memory plan: {pipeline.plan.describe()}", file=sys.stderr)
+    images = edit.run(pipeline, cleanup)
     from .provenance.save import save_file
 
     flagged = [False] * len(images)
@@ -350,12 +389,105 @@ def generate_images(args, cleanup):
             continue
         record = save_file(image, path, quality=args.quality, watermark=not args.no_watermark and args.watermark_mode,
                            c2pa=not args.no_c2pa, prompt={"prompt": args.prompt, "seed": pipeline.last_seed},
-                           allow_unsigned=args.allow_unsigned, safety=checks or None)
+                           allow_unsigned=args.allow_unsigned, safety=checks or None, sources=edit.sources)
         for note in record.notes:
             print(f"note: {path.name}: {note}", file=sys.stderr)
         print(path)
     print(f"seed {pipeline.last_seed}", file=sys.stderr)
     return BLOCKED if any(flagged) else 0
+
+
+class EditInputs:
+    """What `generate` starts from and does after sampling: references, an image to edit (img2img, inpainting,
+    outpainting), the composite back into the original, and the tiled upscale; with the C2PA ingredients."""
+
+    def __init__(self, args, size):
+        from .sampling.outpaint import outpaint_canvas
+        from .sampling.references import pil_to_tensor, to_mask
+        from .sampling.schedule import fit_size
+
+        self.args = args
+        self.references = [load_reference(p) for p in args.ref]
+        self.sources = [("reference", Path(p).name, r) for p, r in zip(args.ref, self.references)]
+        self.image = self.mask = self.canvas = None
+        if args.image:
+            with Image.open(args.image) as opened:
+                self.image = pil_to_tensor(opened.convert("RGB"))[None]
+            self.sources.insert(0, ("edited", Path(args.image).name, self.image))
+        if args.mask:
+            with Image.open(args.mask) as opened:
+                self.mask = to_mask(opened)
+        if args.outpaint:
+            self.canvas, self.mask = outpaint_canvas(self.image, **outpaint_spec(args.outpaint))
+        start = self.canvas if self.canvas is not None else self.image
+        if size is None and start is not None:
+            size = fit_size(*fitted_area(start.shape[2], start.shape[1]))[:2]
+            check_upscale(args, *size)
+        self.size = size
+        self.upscale_only = bool(args.upscale and args.image and not (args.mask or args.outpaint or args.denoise))
+
+    def run(self, pipeline, cleanup):
+        """The images to save: sampled, put back into the original when asked, enlarged when asked."""
+        from .sampling.composite import composite_edit, describe
+        from .sampling.refine import tiled_refine
+
+        args = self.args
+        if self.upscale_only:
+            from .sampling.schedule import resolve_seed
+
+            images = self.image
+            pipeline.last_seed = resolve_seed(args.seed)
+        else:
+            progress = cleanup.enter_context(step_progress(args.steps))
+            start = self.canvas if self.canvas is not None else self.image
+            denoise = args.denoise or (1.0 if self.mask is not None else 0.6)
+            if start is not None and args.denoise is None and self.mask is None:
+                print(f"note: img2img at --denoise {denoise} (how much of --image is redrawn)", file=sys.stderr)
+            references = ([self.image] if self.canvas is not None else []) + self.references
+            images = pipeline(args.prompt, width=self.size[0], height=self.size[1], steps=args.steps,
+                              guidance=args.guidance, seed=args.seed, negative_prompt=args.negative,
+                              references=references or None, batch_size=args.batch, callback=progress,
+                              max_sequence_length=args.max_tokens or None, image=start, mask=self.mask,
+                              denoise=denoise if start is not None else 1.0)
+            for note in pipeline.notes:
+                warnings.warn(note, KleinNote, stacklevel=1)  # printed once: most were noted as they happened
+            print(f"memory plan: {pipeline.plan.describe()}", file=sys.stderr)
+        original = self.canvas if self.canvas is not None else self.image if self.image is not None else (
+            self.references[0] if self.references else None)
+        if self.canvas is not None or (args.composite and not self.upscale_only):
+            from .sampling.references import to_hwc, to_rgb
+
+            original = to_rgb(to_hwc(original)[0]).permute(1, 2, 0)
+            composited = []
+            for image in images:
+                image, _, info = composite_edit(original, image, self.mask)
+                print(f"composite: {describe(info)}", file=sys.stderr)
+                composited.append(image)
+            images = torch.stack(composited)
+        if args.upscale:
+            seed = pipeline.last_seed  # the run's seed; the tiles take seed, seed + 1, ...
+            images = torch.cat([tiled_refine(pipeline, image, args.prompt, scale=args.upscale, tile=args.tile,
+                                             denoise=args.refine_denoise, seed=seed, progress=tile_lines)
+                                for image in images])
+            pipeline.last_seed = seed
+        return images
+
+
+def fitted_area(width, height):
+    """A size at most klein's 4 MP with the aspect of width x height (a larger image is scaled down, noted)."""
+    from .sampling.schedule import MAX_PIXELS
+
+    if width * height <= MAX_PIXELS:
+        return width, height
+    scale = (MAX_PIXELS / (width * height)) ** 0.5
+    fitted = int(width * scale) // 16 * 16, int(height * scale) // 16 * 16
+    warnings.warn(f"--image is {width}x{height}; sampled at {fitted[0]}x{fitted[1]} (klein's 4 MP)", KleinNote,
+                  stacklevel=2)
+    return fitted
+
+
+def tile_lines(done, total):
+    print(f"refine: tile {done}/{total}", file=sys.stderr, flush=True)
 
 
 def check_prompt(text_encoder, args):
@@ -410,8 +542,6 @@ def notes_once():
 
 
 def load_reference(path):
-    from PIL import Image
-
     with Image.open(path) as image:
         image.load()
         return image
@@ -450,6 +580,22 @@ def main(argv=None):
     gen.add_argument("prompt")
     gen.add_argument("-o", "--output", default="klein.png", help="output file (.png/.jpg/.webp); never overwritten")
     gen.add_argument("--ref", action="append", default=[], help="reference image (repeat for up to 4 or more)")
+    gen.add_argument("--image", help="image to edit: img2img (--denoise), inpainting (--mask), outpainting "
+                                     "(--outpaint) or, alone with --upscale, upscaling; recorded as the C2PA ingredient")
+    gen.add_argument("--mask", help="inpainting mask for --image (white = repaint)")
+    gen.add_argument("--denoise", type=bounded(float, 0.01, 1.0),
+                     help="how much of --image is redrawn (default: 1 with --mask or --outpaint, else 0.6)")
+    gen.add_argument("--composite", action="store_true",
+                     help="put the edit back into --image (or the first --ref): undo its shift and colour drift and "
+                          "keep every unchanged pixel of the original")
+    gen.add_argument("--outpaint", metavar="L,T,R,B|ASPECT",
+                     help="extend --image by pixels per side (128,0,128,0) or to an aspect (16:9); the original's "
+                          "pixels come back exactly")
+    gen.add_argument("--upscale", type=bounded(float, 1.0, 8.0),
+                     help="enlarge the result (or --image alone) by this factor, refined by klein in tiles: beyond 4 MP")
+    gen.add_argument("--refine-denoise", type=bounded(float, 0.01, 1.0), default=0.35,
+                     help="how much each --upscale tile is redrawn")
+    gen.add_argument("--tile", type=bounded(int, 256, 2048), default=1024, help="--upscale tile side (multiple of 16)")
     gen.add_argument("--lora", action="append", default=[],
                      help="LoRA file, optionally with a strength: style.safetensors:0.8 (repeat to stack)")
     gen.add_argument("--compile", action="store_true",
@@ -460,8 +606,8 @@ def main(argv=None):
     gen.add_argument("--max-tokens", type=non_negative, default=512,
                      help="prompt tokens: 512 cuts longer prompts (diffusers); 0 keeps every token (ComfyUI)")
     gen.add_argument("--seed", type=int, default=-1, help="-1 = random (the seed used is printed)")
-    gen.add_argument("--width", type=bounded(int, 16, 16384), default=1024)
-    gen.add_argument("--height", type=bounded(int, 16, 16384), default=1024)
+    gen.add_argument("--width", type=bounded(int, 16, 16384), help="default 1024, or the size of --image")
+    gen.add_argument("--height", type=bounded(int, 16, 16384), help="default 1024, or the size of --image")
     gen.add_argument("--aspect", choices=ASPECT_RATIOS, help="aspect preset, overrides --width/--height")
     gen.add_argument("--megapixels", type=bounded(float, 0.01, 4.0), default=1.0, help="size of the aspect preset (1 MP = 1024x1024)")
     gen.add_argument("--batch", type=bounded(int, 1, 64), default=1, help="images to make")

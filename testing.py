@@ -324,8 +324,8 @@ def write_workflow_loras(folder):
 
 
 def write_workflow_inputs(folder):
-    """The images the example workflows load: four references and an RGBA inpainting source (right half
-    transparent: repaint it)."""
+    """The images the example workflows load: four references, an RGBA inpainting source (right half transparent:
+    repaint it), and the outpainting and upscaling sources."""
     import numpy as np
     from PIL import Image
 
@@ -338,6 +338,8 @@ def write_workflow_inputs(folder):
     rgba[..., 3] = 255
     rgba[:, 32:, 3] = 0
     Image.fromarray(rgba, "RGBA").save(folder / "inpaint_source.png")
+    Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(folder / "outpaint_source.png")
+    Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(folder / "upscale_source.png")
 
 # byte offsets of the fp16 scale fields per GGML block: random blocks get small finite scales there
 GGML_HALF_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "IQ4_NL": (0,),
@@ -458,3 +460,75 @@ def random_weight_thresholds(graph):
         if node.get("class_type") in ("KleinPromptCheck", "KleinImageCheck"):
             node["inputs"]["threshold"] = 0.99
     return graph
+
+
+EDIT_BORDER = 24  # px of picture around the crop, for the shift to pull in
+EDIT_COLOURS = {"gain": (1.06, 0.95, 0.92), "offset": (-0.02, 0.04, 0.02), "gamma": (0.9, 1.1, 1.05)}
+EDIT_SHIFTS = [(2.37, -4.61), (-5.8, 3.15), (0.45, 0.7), (6.0, -5.5), (-1.25, -3.9), (4.6, 5.95), (-3.3, 1.8)]
+
+
+def edit_blob(size, fraction, rng):
+    """An irregular one-piece blob (a circle with random wobbles of its radius) covering `fraction` of the square."""
+    import numpy as np
+
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    cy, cx = rng.uniform(0.42, 0.58, 2)
+    angle, radius = np.arctan2(yy - cy, xx - cx), np.hypot(yy - cy, xx - cx)
+    wobble = sum(rng.uniform(0.08, 0.2) / k * np.cos(k * angle + rng.uniform(0, 2 * np.pi)) for k in range(2, 7))
+    field = radius / (1 + wobble)
+    return field <= np.quantile(field, fraction)
+
+
+def edit_case(name, size=512, shift=(2.37, -4.61), fraction=0.15, kind="paste", colours=EDIT_COLOURS, seed=0):
+    """A known edit of a natural photo: (original, edited, truth) as (size, size, 3) float32 tensors and the true
+    change (bool array). The truth is the photo with a local change pasted in, with a soft edge: kind 'paste'
+    (another photo's content), 'invert' (the photo itself, inverted) or 'none'. The edit is the truth moved by
+    `shift` (content right by dx, down by dy) with scipy's order-5 spline on a larger crop (no border or wraparound
+    enters, and it is not the bicubic the undo uses), put through a per-channel gain, offset and gamma and rounded
+    to 8 bits, as a saved edit would be. Test dependencies: scipy, scikit-image."""
+    import numpy as np
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    big = size + 2 * EDIT_BORDER
+    photo = natural_photo(name, big).astype(np.float64) / 255
+    if kind == "paste":
+        content = natural_photo(PHOTOS[(PHOTOS.index(name) + 1) % len(PHOTOS)], big).astype(np.float64) / 255
+    else:
+        content = 1 - photo
+    region = edit_blob(big, fraction * size**2 / big**2, rng) if kind != "none" else np.zeros((big, big), bool)
+    alpha = ndimage.gaussian_filter(region.astype(np.float64), 1.0)[..., None]
+    truth = photo * (1 - alpha) + content * alpha
+    dx, dy = shift
+    moved = np.stack([ndimage.shift(truth[..., c], (dy, dx), order=5, mode="nearest") for c in range(3)], -1)
+    crop = (slice(EDIT_BORDER, EDIT_BORDER + size), slice(EDIT_BORDER, EDIT_BORDER + size))
+    gain, offset, gamma = (np.asarray(colours[k]) for k in ("gain", "offset", "gamma"))
+    edited = np.round(np.clip(gain * moved[crop].clip(0, 1) ** gamma + offset, 0, 1) * 255) / 255
+    tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+    return tensor(photo[crop]), tensor(edited), tensor(truth[crop]), alpha[crop][..., 0] > 0.5
+
+
+def edit_scores(result, mask, info, original, truth, change, shift, feather=8):
+    """Shift error per axis, IoU of mask > 0.5 with the change, PSNR inside the change (eroded by 3 px) against the
+    truth, and whether everything farther than feather + 4 px from the change is the original, bit for bit."""
+    import numpy as np
+    from scipy import ndimage
+
+    error = (abs(info["shift"][0] - shift[0]), abs(info["shift"][1] - shift[1]))
+    found = mask.numpy() > 0.5
+    iou = (found & change).sum() / max((found | change).sum(), 1)
+    inner = ndimage.binary_erosion(change, iterations=3)
+    mse = float(((result.numpy()[inner] - truth.numpy()[inner]) ** 2).mean())
+    psnr = 10 * math.log10(1 / max(mse, 1e-12))
+    reach = feather + 4  # the feather, the 1 px margin, 1 px of smoothing, the soft edge of the pasted blob
+    far = ~ndimage.maximum_filter(change, size=2 * reach + 1)
+    exact = np.array_equal(result.numpy()[far], original.numpy()[far])
+    return error, iou, psnr, exact
+
+
+def edit_colours(seed):
+    """A per-channel tone change: gain 0.9-1.1, offset ±0.04, gamma 0.85-1.15."""
+    import numpy as np
+
+    rng = np.random.default_rng(100 + seed)
+    return {"gain": rng.uniform(0.9, 1.1, 3), "offset": rng.uniform(-0.04, 0.04, 3), "gamma": rng.uniform(0.85, 1.15, 3)}

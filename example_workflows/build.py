@@ -176,7 +176,13 @@ def reference_edit(count):
                            **slots)
     latent = graph.add("KleinEmptyLatent", width=1024, height=1024, aspect="custom", megapixels=1.0, batch_size=1,
                        size_from=(images[0], 0))
-    finish(graph, vae, sampler(graph, model, references, latent), "klein_edit")
+    if count > 1:
+        finish(graph, vae, sampler(graph, model, references, latent), "klein_compose")
+        return graph
+    edited = graph.add("KleinVAEDecode", vae=(vae, 0), latent=(sampler(graph, model, references, latent), 0), tiled="auto")
+    composite = graph.add("KleinEditComposite", original=(images[0], 0), edited=(edited, 0), align=True,
+                          match_colors=True, feather=8)
+    graph.add("SaveImage", images=(composite, 0), filename_prefix="klein_edit")
     return graph
 
 
@@ -186,7 +192,41 @@ def inpainting():
     prompt = graph.add("KleinTextEncode", text_encoder=(text_encoder, 0), text="A small potted cactus on the table")
     image = graph.add("LoadImage", image="inpaint_source.png", upload="image")
     latent = graph.add("KleinVAEEncode", vae=(vae, 0), image=(image, 0), mask=(image, 1), tiled="auto")
-    finish(graph, vae, sampler(graph, model, prompt, latent), "klein_inpaint")
+    edited = graph.add("KleinVAEDecode", vae=(vae, 0), latent=(sampler(graph, model, prompt, latent), 0), tiled="auto")
+    composite = graph.add("KleinEditComposite", original=(image, 0), edited=(edited, 0), mask=(image, 1), align=True,
+                          match_colors=True, feather=8)
+    graph.add("SaveImage", images=(composite, 0), filename_prefix="klein_inpaint")
+    return graph
+
+
+def outpaint():
+    graph = Graph("FLUX.2 klein 4B: outpaint (extend an image to 16:9; its own pixels come back exactly)")
+    model, text_encoder, vae = loaders(graph)
+    prompt = graph.add("KleinTextEncode", text_encoder=(text_encoder, 0),
+                       text="Continue the scene beyond the frame, same light and style")
+    image = graph.add("LoadImage", image="outpaint_source.png", upload="image")
+    canvas = graph.add("KleinOutpaintCanvas", image=(image, 0), left=0, top=0, right=0, bottom=0, aspect="16:9",
+                       fill="edge", feather=32)
+    references = graph.add("KleinReferences", conditioning=(prompt, 0), vae=(vae, 0), image_1=(image, 0),
+                           max_megapixels=1.0, tiled="auto")
+    latent = graph.add("KleinVAEEncode", vae=(vae, 0), image=(canvas, 0), mask=(canvas, 1), tiled="auto")
+    edited = graph.add("KleinVAEDecode", vae=(vae, 0), latent=(sampler(graph, model, references, latent), 0), tiled="auto")
+    composite = graph.add("KleinEditComposite", original=(canvas, 0), edited=(edited, 0), mask=(canvas, 1), align=True,
+                          match_colors=True, feather=8)
+    graph.add("SaveImage", images=(composite, 0), filename_prefix="klein_outpaint")
+    return graph
+
+
+def upscale():
+    graph = Graph("FLUX.2 klein 4B: upscale beyond 4 MP (Lanczos, then klein refines 1 MP tiles)")
+    model, text_encoder, vae = loaders(graph)
+    prompt = graph.add("KleinTextEncode", text_encoder=(text_encoder, 0),
+                       text="A detailed photograph, sharp focus, natural textures")
+    image = graph.add("LoadImage", image="upscale_source.png", upload="image")
+    refined = graph.add("KleinTiledRefine", model=(model, 0), positive=(prompt, 0), vae=(vae, 0), image=(image, 0),
+                        upscale_by=2.0, tile_size=1024, overlap=128, denoise=0.35, seed=42, steps=4,
+                        tile_as_reference=False)
+    graph.add("SaveImage", images=(refined, 0), filename_prefix="klein_upscale")
     return graph
 
 
@@ -260,6 +300,8 @@ TEMPLATES = {
     "klein_edit_single_reference": ("Klein edit an image", lambda: reference_edit(1)),
     "klein_compose_four_references": ("Klein compose four references", lambda: reference_edit(4)),
     "klein_inpainting": ("Klein inpainting", inpainting),
+    "klein_outpaint": ("Klein outpaint", outpaint),
+    "klein_upscale": ("Klein upscale beyond 4 MP", upscale),
     "klein_low_vram_gguf": ("Klein low VRAM GGUF for 8 GB cards", low_vram_gguf),
     "klein_loras": ("Klein two LoRAs stacked", loras),
     "klein_watermark_and_save": ("Klein watermark and signed save", watermark_and_save),
@@ -338,7 +380,9 @@ def thumbnail(graph, size=(640, 400)):
 NODE_COLOURS = [("KleinPromptCheck", (150, 120, 40)), ("KleinImageCheck", (150, 120, 40)), ("KleinTransformerLoader", (52, 88, 140)), ("KleinTextEncoderLoader", (52, 88, 140)),
                 ("KleinVAELoader", (52, 88, 140)), ("KleinLora", (92, 70, 140)), ("KleinTextEncode", (140, 110, 40)),
                 ("KleinSave", (40, 120, 80)), ("SaveImage", (40, 120, 80)), ("LoadImage", (120, 70, 60)),
-                ("KleinSampler", (150, 60, 90)), ("KleinGenerate", (150, 60, 90))]
+                ("KleinSampler", (150, 60, 90)), ("KleinGenerate", (150, 60, 90)),
+                ("KleinTiledRefine", (150, 60, 90)), ("KleinEditComposite", (40, 110, 120)),
+                ("KleinOutpaintCanvas", (40, 110, 120))]
 LINK_COLOURS = {"KLEIN_MODEL": (120, 160, 230), "KLEIN_TEXT_ENCODER": (230, 200, 90), "KLEIN_VAE": (230, 110, 110),
                 "CONDITIONING": (240, 170, 60), "LATENT": (240, 130, 200), "IMAGE": (110, 200, 240), "MASK": (120, 220, 120)}
 

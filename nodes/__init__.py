@@ -6,6 +6,7 @@ import warnings
 
 from ..errors import KleinNote
 from .conditioning import KleinTextEncode
+from .edit import KleinEditComposite, KleinOutpaintCanvas, KleinTiledRefine
 from .loaders import KleinTextEncoderLoader, KleinTransformerLoader, KleinVAELoader
 from .lora import KleinLora
 from .safety import KleinImageCheck, KleinPromptCheck
@@ -24,6 +25,9 @@ NODE_CLASS_MAPPINGS = {
     "KleinVAEEncode": KleinVAEEncode,
     "KleinVAEDecode": KleinVAEDecode,
     "KleinGenerate": KleinGenerate,
+    "KleinEditComposite": KleinEditComposite,
+    "KleinOutpaintCanvas": KleinOutpaintCanvas,
+    "KleinTiledRefine": KleinTiledRefine,
     "KleinSave": KleinSave,
     "KleinVerify": KleinVerify,
     "KleinPromptCheck": KleinPromptCheck,
@@ -41,6 +45,9 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "KleinVAEEncode": "Klein VAE Encode",
     "KleinVAEDecode": "Klein VAE Decode",
     "KleinGenerate": "Klein Generate",
+    "KleinEditComposite": "Klein Edit Composite",
+    "KleinOutpaintCanvas": "Klein Outpaint Canvas",
+    "KleinTiledRefine": "Klein Tiled Refine",
     "KleinSave": "Klein Watermark & Save",
     "KleinVerify": "Klein Verify Image",
     "KleinPromptCheck": "Klein Prompt Check",

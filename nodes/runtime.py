@@ -96,6 +96,23 @@ def progress_callback(total):
     return callback
 
 
+def tile_progress():
+    """A tiled_refine progress callback: ComfyUI's progress bar counts tiles, Interrupt stops between them."""
+    comfy = comfy_modules()
+    if comfy is None:
+        return None
+    mm, _, utils = comfy
+    bar = None
+
+    def progress(done, total):
+        nonlocal bar
+        bar = bar or utils.ProgressBar(total)
+        bar.update_absolute(done, total)
+        mm.throw_exception_if_processing_interrupted()
+
+    return progress
+
+
 def previews_enabled():
     try:
         from comfy.cli_args import LatentPreviewMethod, args

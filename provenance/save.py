@@ -272,9 +272,9 @@ def sign_or_note(data, fmt, title, signer, allow_unsigned, notes, sources=()):
 
 
 def save_file(image, path, quality=90, watermark=True, c2pa=True, prompt=None, credentials=None, allow_unsigned=False,
-              safety=None):
-    """One image to exactly `path` (format from the extension), same steps as `save_image_records`; an existing
-    file is never replaced. Returns the Saved record."""
+              safety=None, sources=None):
+    """One image to exactly `path` (format from the extension), same steps as `save_image_records` (`sources`: the
+    C2PA ingredients); an existing file is never replaced. Returns the Saved record."""
     path = Path(path)
     fmt = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(path.suffix.lower())
     if fmt is None:
@@ -285,7 +285,8 @@ def save_file(image, path, quality=90, watermark=True, c2pa=True, prompt=None, c
     signer = signing_credentials(c2pa, credentials, allow_unsigned)
     data, bits, notes = prepare(image, fmt, quality, watermark,
                                 metadata.metadata_items(prompt, {"klein_safety": safety} if safety else {}))
-    data, signed = sign_or_note(data, fmt, path.name, signer, allow_unsigned, notes)
+    data, signed = sign_or_note(data, fmt, path.name, signer, allow_unsigned, notes,
+                                source_records(sources) if signer is not None else [])
     if write_exclusive(path.parent, data, [(None, path)]) is None:
         raise KleinError(f"{path} already exists; choose another output name")
     return Saved(path, "", bits, signed, notes)

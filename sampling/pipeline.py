@@ -24,11 +24,13 @@ class KleinPipeline:
     """
 
     def __init__(self, transformer, text_encoder=None, vae=None, text_layers=KLEIN_LAYERS, device=None, memory="auto",
-                 resident_blocks=None):
+                 resident_blocks=None, before_turn=None):
         """device: where to compute (components move there for their turn, as the memory plan says); None keeps
         every component where it is. memory: "auto" plans from free memory, or force "resident", "offload" or
-        "stream" (with `resident_blocks` transformer blocks kept on the device)."""
+        "stream" (with `resident_blocks` transformer blocks kept on the device). before_turn(module, name): called
+        before a component ("text_encoder", "transformer", "vae") computes; ComfyUI's nodes load it there."""
         self.transformer, self.text_encoder, self.vae = transformer, text_encoder, vae
+        self.before_turn = before_turn
         self.device = None if device is None else torch.device(device)
         if memory not in ("auto", "resident", "offload", "stream"):
             raise KleinError(f"memory must be auto, resident, offload or stream, not {memory!r}")
@@ -53,14 +55,14 @@ class KleinPipeline:
     def encode_prompt(self, prompts, max_length=512):
         if self.text_encoder is None:
             raise KleinError("no text encoder: pass prompt_embeds, or build the pipeline with text_encoder=")
-        with self._turn(self.text_encoder.model, self.plan.text_encoder if self.plan else None):
+        with self._turn("text_encoder"):
             return self.text_encoder.encode(prompts, max_length=max_length, layers=self.text_layers)
 
     def encode_images(self, images, max_pixels=DEFAULT_MAX_PIXELS, tiled="auto"):
         """Reference images -> ([(1, 128, h, w) latents], notes)."""
         if self.vae is None:
             raise KleinError("references need a VAE: build the pipeline with vae=")
-        with self._turn(self.vae, self.plan.vae if self.plan else None):
+        with self._turn("vae"):
             return encode_references(self.vae, images, max_pixels, tiled)
 
     def __call__(self, prompt=None, width=None, height=None, steps=4, guidance=1.0, seed=-1, negative_prompt="",
@@ -99,7 +101,7 @@ class KleinPipeline:
         sigmas = get_schedule(steps, noise.shape[-2] * noise.shape[-1], denoise)
         references = tuple(reference_latents)
         per_prompt = lambda embeds: Conditioning(embeds.repeat_interleave(batch // embeds.shape[0], 0), references)  # noqa: E731
-        with self._turn(self.transformer, self.plan.transformer if self.plan else None):
+        with self._turn("transformer"):
             latents = sample(self.transformer, noise, per_prompt(positive), sigmas,
                              negative=None if negative is None else per_prompt(negative), guidance=guidance,
                              init_latents=init_latents, mask=latent_mask, callback=callback)
@@ -113,7 +115,7 @@ class KleinPipeline:
             raise KleinError("decoding needs a VAE: build the pipeline with vae=")
         if tiled == "auto" and self.plan is not None and self.plan.vae_tiled:
             tiled = True
-        with self._turn(self.vae, self.plan.vae if self.plan else None):
+        with self._turn("vae"):
             return decode_images(self.vae, latents, tiled)
 
     def _plan(self, width, height, noise, references, cfg, batch_size):
@@ -147,8 +149,13 @@ class KleinPipeline:
         return next(self.transformer.parameters()).device == self.device
 
     @contextlib.contextmanager
-    def _turn(self, module, role):
-        """Run `module` on the pipeline's device for one step of the work, then offload it if the plan says so."""
+    def _turn(self, name):
+        """Run component `name` on the pipeline's device for one step of the work, then offload it if the plan says
+        so; `before_turn` is told first."""
+        module = self.text_encoder.model if name == "text_encoder" else getattr(self, name)
+        if self.before_turn is not None:
+            self.before_turn(module, name)
+        role = getattr(self.plan, name) if self.plan else None
         if role is None:
             yield
             return
@@ -189,8 +196,9 @@ class KleinPipeline:
         """The img2img / inpainting source encoded at the output size."""
         pixels, notes = prepare_image(image, width, height)
         self.notes += notes
-        device = next(self.vae.parameters()).device
-        return tiling.encode(self.vae, pixels.to(device), tiled)
+        with self._turn("vae"):
+            device = next(self.vae.parameters()).device
+            return tiling.encode(self.vae, pixels.to(device), tiled)
 
 
 def encode_references(vae, images, max_pixels=DEFAULT_MAX_PIXELS, tiled="auto"):

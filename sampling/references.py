@@ -43,6 +43,11 @@ def pil_to_tensor(image):
     return torch.from_numpy(np.ascontiguousarray(array)).clamp(0, 1)
 
 
+def pil_as_rgb(image):
+    """A PIL image as an (H, W, 3) float tensor in [0, 1] (grey replicated, alpha on white); anything else as is."""
+    return to_rgb(pil_to_tensor(image)).permute(1, 2, 0) if isinstance(image, Image.Image) else image
+
+
 def to_hwc(image):
     """Any accepted input -> list of (H, W, C) float tensors (a batch of B gives B references)."""
     if isinstance(image, Image.Image):

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,3 +199,87 @@ def test_inspect_files_and_folders(tmp_path, capsys):
             "transformer layers, 1 text encoder layers") in out
     assert "klein_detail_lokr.safetensors: LyCORIS LoKr (BFL/ComfyUI names)" in out
     assert main(["inspect", str(tmp_path / "empty-folder")]) == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_comfyui(tmp_path_factory):
+    root = tmp_path_factory.mktemp("edit") / "ComfyUI"
+    write_tiny_model_set(root)
+    return root
+
+
+def photo_file(path, size=(96, 64), seed=0):
+    from klein_nodes.testing import natural_photo
+
+    pixels = natural_photo(("chelsea", "coffee", "rocket")[seed], max(size))[: size[1], : size[0]]
+    Image.fromarray(np.ascontiguousarray(pixels)).save(path)
+    return path
+
+
+def ingredients(path):
+    from klein_nodes.provenance.save import verify_image
+
+    anchor = (Path(os.environ["XDG_CONFIG_HOME"]) / "klein_nodes" / "c2pa" / "root.pem").read_bytes()
+    return [i["title"] for i in verify_image(path, anchor)["c2pa_ingredients"]]
+
+
+def test_generate_edits_images_and_records_them_as_ingredients(tiny_comfyui, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    source, reference = photo_file(tmp_path / "photo.png"), photo_file(tmp_path / "hat.png", seed=1)
+    mask = np.zeros((64, 96), dtype=np.uint8)
+    mask[16:48, 32:64] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    base = ["generate", "a cat", "--comfyui", str(tiny_comfyui), "--seed", "3", "--steps", "2", "--no-watermark"]
+    assert main([*base, "-o", str(tmp_path / "img2img.png"), "--image", str(source), "--denoise", "0.5"]) == 0
+    assert Image.open(tmp_path / "img2img.png").size == (96, 64)  # the size of --image
+    assert ingredients(tmp_path / "img2img.png") == ["photo.png"]
+    assert main([*base, "-o", str(tmp_path / "inpaint.png"), "--image", str(source), "--mask",
+                 str(tmp_path / "mask.png"), "--composite", "--ref", str(reference)]) == 0
+    assert "composite: shift" in capsys.readouterr().err
+    inpainted = np.asarray(Image.open(tmp_path / "inpaint.png"))
+    original = np.asarray(Image.open(source))
+    assert np.array_equal(inpainted[mask == 0], original[mask == 0])  # outside the mask: the photo's own pixels
+    assert not np.array_equal(inpainted[mask == 255], original[mask == 255])
+    assert ingredients(tmp_path / "inpaint.png") == ["photo.png", "hat.png"]
+    assert main([*base, "-o", str(tmp_path / "edit.png"), "--ref", str(reference), "--width", "64", "--height", "64"]) == 0
+    assert ingredients(tmp_path / "edit.png") == ["hat.png"]
+
+
+def test_generate_outpaints_and_upscales(tiny_comfyui, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    source = photo_file(tmp_path / "photo.png")
+    base = ["generate", "a cat", "--comfyui", str(tiny_comfyui), "--seed", "3", "--steps", "2", "--no-watermark",
+            "--no-c2pa"]
+    assert main([*base, "-o", str(tmp_path / "wide.png"), "--image", str(source), "--outpaint", "32,0,32,16"]) == 0
+    wide = np.asarray(Image.open(tmp_path / "wide.png"))
+    assert wide.shape == (80, 160, 3)
+    assert np.array_equal(wide[:32, 32 + 32: 128 - 32], np.asarray(Image.open(source))[:32, 32:64])  # beyond the band
+    assert main([*base, "-o", str(tmp_path / "big.png"), "--image", str(source), "--upscale", "4", "--tile", "256"]) == 0
+    assert Image.open(tmp_path / "big.png").size == (384, 256)
+    err = capsys.readouterr().err
+    assert "refine: tile 2/2" in err and "seed 3" in err
+    assert main([*base, "-o", str(tmp_path / "t2i_big.png"), "--width", "64", "--height", "64", "--upscale", "4",
+                 "--tile", "256"]) == 0
+    assert Image.open(tmp_path / "t2i_big.png").size == (256, 256)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mask", "MASK"], "--mask needs --image"),
+    (["--outpaint", "16:9"], "--outpaint needs --image"),
+    (["--image", "PHOTO", "--outpaint", "16:9", "--mask", "MASK"], "makes its own mask"),
+    (["--image", "PHOTO", "--outpaint", "1,2,3"], "LEFT,TOP,RIGHT,BOTTOM"),
+    (["--composite"], "--composite needs --image or --ref"),
+    (["--denoise", "0.5"], "--denoise needs --image"),
+    (["--image", "PHOTO", "--upscale", "8", "--width", "2048", "--height", "2048"], "up to 64 MP"),
+    (["--image", "missing.png"], "--image missing.png: no such file"),
+    (["--image", "MASK_AS_TEXT"], "not an image"),
+])
+def test_generate_refuses_edit_mistakes_before_loading_models(tmp_path, capsys, flags, message):
+    photo = photo_file(tmp_path / "photo.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    names = {"PHOTO": str(photo), "MASK": str(photo), "MASK_AS_TEXT": str(tmp_path / "notes.txt")}
+    args = ["generate", "a cat", "-o", str(tmp_path / "x.png"), "--model", str(tmp_path / "absent.safetensors"),
+            "--text-encoder", "x", "--vae", "y"] + [names.get(f, f) for f in flags]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "absent.safetensors" not in err and "Traceback" not in err

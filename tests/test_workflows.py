@@ -129,5 +129,8 @@ def test_api_twin_runs(models, tmp_path, name):
         (written,) = (models.parent / "output" / "klein").glob("signed_*_.png")
         anchor = (models.parent / "user" / "klein_nodes" / "c2pa" / "root.pem").read_bytes()
         assert c2pa_sign.verify(written, anchor)["state"] == "Trusted"
+    if name == "klein_outpaint":  # 96x96 grown to 176x96: beyond the 32-pixel band the source comes back exactly
+        source, _ = load_image(tmp_path / "outpaint_source.png")
+        assert images.shape == (1, 96, 176, 3) and torch.equal(images[:, :, 40 + 32: 136 - 32], source[:, :, 32:64])
     assert images.ndim == 4 and images.shape[-1] == 3 and images.dtype == torch.float32
     assert 0 <= images.min() and images.max() <= 1 and images.std() > 0
