@@ -96,6 +96,48 @@ EDIT_SAVE = {  # an encoded and decoded input saved by Klein Watermark & Save: i
 }
 
 
+def mistake_graphs():
+    """{name: (graph, what the error must say)}: mistakes an artist makes with the edit nodes, each refused with one
+    clear message (or, where the node can go on, run with a note and checked to succeed: expected "")."""
+    def graph(*nodes):
+        return {str(k): {"class_type": kind, "inputs": inputs} for k, (kind, inputs) in enumerate(nodes, start=1)}
+
+    load = ("LoadImage", {"image": "outpaint_source.png"})
+    canvas = {"image": ["1", 0], "left": 0, "top": 0, "right": 0, "bottom": 0, "aspect": "custom", "fill": "edge",
+              "feather": 32}
+    refine = {"model": ["3", 0], "positive": ["5", 0], "vae": ["6", 0], "image": ["2", 0], "upscale_by": 2.0,
+              "tile_size": 1024, "overlap": 128, "denoise": 0.35, "seed": 1, "steps": 1, "tile_as_reference": False}
+    models = [("KleinTransformerLoader", {"model_name": "flux-2-klein-4b.safetensors", "weight_dtype": "default"}),
+              ("KleinTextEncoderLoader", {"text_encoder_name": "qwen_3_4b.safetensors", "weight_dtype": "default"}),
+              ("KleinTextEncode", {"text_encoder": ["4", 0], "text": "a photo"}),
+              ("KleinVAELoader", {"vae_name": "flux2-vae.safetensors", "weight_dtype": "default"})]
+    composite = {"original": ["1", 0], "edited": ["2", 0], "align": True, "match_colors": True, "feather": 8}
+    return {
+        "mistake_outpaint_zero_pads": (graph(load, ("KleinOutpaintCanvas", canvas),
+                                             ("SaveImage", {"images": ["2", 0], "filename_prefix": "x"})),
+                                       "nothing to extend"),
+        "mistake_outpaint_68_megapixels": (graph(load, ("KleinOutpaintCanvas", {**canvas, "left": 4096, "top": 4096,
+                                                                                "right": 4096, "bottom": 4096}),
+                                                 ("SaveImage", {"images": ["2", 0], "filename_prefix": "x"})),
+                                           "klein samples up to 4 MP"),
+        "mistake_refine_144_megapixels": (graph(load, ("ImageScaleBy", {"image": ["1", 0], "upscale_method": "nearest-exact",
+                                                                        "scale_by": 8.0}), *models,
+                                                ("ImageScaleBy", {"image": ["2", 0], "upscale_method": "nearest-exact",
+                                                                  "scale_by": 8.0}),
+                                                ("KleinTiledRefine", {**refine, "image": ["7", 0]}),
+                                                ("SaveImage", {"images": ["8", 0], "filename_prefix": "x"})),
+                                          "makes up to 64 MP"),
+        "note_refine_tile_larger_than_image": (graph(load, ("ImageScaleBy", {"image": ["1", 0], "scale_by": 1.0,
+                                                                             "upscale_method": "nearest-exact"}),
+                                                     *models, ("KleinTiledRefine", refine),
+                                                     ("SaveImage", {"images": ["7", 0], "filename_prefix": "x"})), ""),
+        "note_composite_other_size_empty_mask": (graph(load, ("LoadImage", {"image": "reference_1.png"}),
+                                                       ("SolidMask", {"value": 0.0, "width": 96, "height": 96}),
+                                                       ("KleinEditComposite", {**composite, "mask": ["3", 0]}),
+                                                       ("SaveImage", {"images": ["4", 0], "filename_prefix": "x"})), ""),
+    }
+
+
 def interop_graphs():
     """{name: (graph, the name of the all-Klein graph it must match)}: core's MODEL and VAE into Klein nodes, and
     Klein latents into core's VAE nodes (EmptyFlux2LatentImage, VAEEncode, VAEDecode)."""
@@ -211,11 +253,19 @@ def main():
                           for path in sorted((ROOT / "example_workflows" / "api").glob("*.json"))}
                 graphs["save_transparent_png"] = (TRANSPARENT_SAVE, None)
                 graphs["save_edit_with_ingredients"] = (EDIT_SAVE, None)
+                mistakes = mistake_graphs()
+                graphs.update({name: (graph, None) for name, (graph, _) in mistakes.items()})
                 if has_native_klein(core):
                     graphs.update(interop_graphs())
                 saved = {}
                 for name, (graph, twin) in graphs.items():
                     status, seconds, saved[name], message = run(url, graph)
+                    expected = mistakes.get(name, (None, ""))[1]
+                    if expected:  # a mistake: its error must say what is wrong
+                        status = "refused" if status == "error" and expected in message else f"{status}?"
+                        failed += status != "refused"
+                        print(f"{name:38} {status:8} {seconds:7.1f} {0:6d} {'':>8}  {message}", flush=True)
+                        continue
                     difference = ""
                     if twin and saved[name] and saved.get(twin):
                         worst = max_difference(base / "output", saved[name][0], saved[twin][0])
