@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .loaders.tokenizer import QWEN3_ADDED_TOKENS
 from .models.autoencoder import AutoEncoder, AutoEncoderParams
 from .models.text_encoder import Qwen3, Qwen3Params
 from .models.transformer import Flux2, Flux2Params
@@ -116,11 +117,7 @@ def write_transformer(path, params=TINY_TRANSFORMER, layout="bfl", dtype=torch.b
 
 TINY_QWEN3 = Qwen3Params(vocab_size=151936, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
                          num_kv_heads=2, head_dim=16)
-QWEN_ADDED_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
-                     "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-                     "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
+QWEN_ADDED_TOKENS = [text for text, _ in QWEN3_ADDED_TOKENS]
 QWEN3_CHAT_TEMPLATE = (  # the part of Qwen3's template klein uses: user turn, generation prompt, empty think block
     "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
     "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"

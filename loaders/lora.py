@@ -247,18 +247,48 @@ def apply_lora(model, path, strength=1.0):
 
 def apply_lora_pair(model, text_encoder, path, strength=1.0, text_encoder_strength=None):
     """(model, text encoder) with one LoRA file's transformer layers on the first and its text-encoder layers on the
-    second (`text_encoder` may be None; strength 0 leaves a model as it is)."""
+    second (`text_encoder` may be None; strength 0 leaves a model as it is). A LoRA of which nothing can apply to
+    klein (an SDXL or FLUX.1 LoRA, say) is refused, naming what it looks made for."""
     tensors, metadata = read_lora(path)
     label = Path(path).name
+    has_te_keys = any(qwen3_layer(k) for k in tensors)
+    if not has_te_keys and isinstance(model, Flux2):
+        layers, _ = parse(tensors, metadata, model, "transformer")
+        if not layers:
+            raise WrongModelError(f"{label}: nothing in this LoRA applies to FLUX.2 [klein]: it looks made for "
+                                  f"{lora_family(tensors)}. Use a LoRA trained on klein (4B for the 4B model)")
     if strength:
         model, _ = apply_lora_tensors(model, tensors, metadata, strength, label)
     te_strength = strength if text_encoder_strength is None else text_encoder_strength
-    has_te_keys = any(k.startswith(TEXT_ENCODER_PREFIXES) for k in tensors)
     if has_te_keys and text_encoder is None:
         warnings.warn(f"{label}: has text-encoder layers; connect a text encoder to apply them", KleinNote, stacklevel=2)
     elif has_te_keys and te_strength:
         text_encoder, _ = apply_lora_tensors(text_encoder, tensors, metadata, te_strength, label)
     return model, text_encoder
+
+
+QWEN3_LAYER = re.compile(r"(model[._])?layers[._]\d+[._](self_attn[._][qkvo]_proj|mlp[._](gate|up|down)_proj)")
+FAMILIES = (  # (what a key contains, the model family it points to), first match wins
+    (re.compile(r"(input_blocks|output_blocks|down_blocks|up_blocks|mid_block)[._]"),
+     "a Stable Diffusion UNet (SD 1.x, SD 2.x or SDXL)"),
+    (re.compile(r"(double_blocks|(?<!single_)transformer_blocks)[._](\d\d|[5-9])[._]"),
+     "FLUX.1 (19 double blocks; klein 4B has 5)"),
+    (re.compile(r"text_model|lora_te[12]_|encoder[._]block"), "CLIP or T5 text encoders (SD, SDXL, FLUX.1)"),
+)
+
+
+def qwen3_layer(key):
+    """True for a key of a LoRA layer on Qwen3 (klein's text encoder), by its text-encoder prefix and module name."""
+    parts = split_key(key)
+    prefix = next((p for p in TEXT_ENCODER_PREFIXES if key.startswith(p)), None)
+    return parts is not None and prefix is not None and bool(QWEN3_LAYER.fullmatch(parts[0][len(prefix):]))
+
+
+def lora_family(tensors):
+    """What a LoRA's keys point to, in words, for a LoRA that matches nothing of klein's."""
+    keys = " ".join(tensors)
+    return next((family for pattern, family in FAMILIES if pattern.search(keys)),
+                f"another model (keys look like: {', '.join(list(tensors)[:3])})")
 
 
 def apply_lora_tensors(model, tensors, metadata, strength, label):
@@ -282,8 +312,8 @@ def apply_lora_tensors(model, tensors, metadata, strength, label):
         log.debug("%s: %d keys are for the %s and were not applied here", label, len(report["other"]),
                  "text encoder" if is_transformer else "transformer")
     if not layers and not report["other"]:
-        sample = ", ".join(list(tensors)[:3])
-        raise WrongModelError(f"{label}: no layer of this LoRA matches a klein {what} (keys look like: {sample}).")
+        raise WrongModelError(f"{label}: no layer of this LoRA matches a klein {what}: it looks made for "
+                              f"{lora_family(tensors)}.")
     layers = {name: [a.scaled(strength) for a in adapters] for name, adapters in layers.items()}
     log.info("%s: applied to %d %s layers at strength %g", label, len(layers), what, strength)
     if is_transformer:

@@ -106,9 +106,9 @@ def preprocessing(config, params):
     return {"size": size, "resample": Image.Resampling(resample), "mean": mean, "std": std, "rescale": float(rescale)}
 
 
-def load_image_safety(path, dtype=torch.float32, device="cpu", unsafe_labels=None):
-    """An ImageSafety from a Hugging Face ViT image classifier: a folder with config.json and model.safetensors
-    (and preprocessor_config.json), or the model.safetensors file inside one."""
+def check_image_safety(path):
+    """(empty model on the meta device, weights file, labels, preprocessing) of a ViT image classifier, checked from
+    its JSON files and the weights' header alone: cheap enough to run when a graph is validated."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     weights = path if path.is_file() else folder / "model.safetensors"
@@ -121,10 +121,16 @@ def load_image_safety(path, dtype=torch.float32, device="cpu", unsafe_labels=Non
         model = ViT(params)
     file = SafetensorsFile(weights)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    names = {k: k for k in file.keys() if not k.startswith("vit.pooler.")}
     check_state_dict(weights, "a ViT image classifier with this config.json", expected,
-                     {k: file.shape(k) for k in names})
-    dtype = choose_dtype(file, list(names), dtype)
-    model.load_state_dict({k: file.get(k).to(device=device, dtype=dtype) for k in expected}, assign=True)
+                     {k: file.shape(k) for k in file.keys() if not k.startswith("vit.pooler.")})
     settings = preprocessing(read_json(folder / "preprocessor_config.json", "preprocessor_config.json"), params)
+    return model, file, id2label, settings
+
+
+def load_image_safety(path, dtype=torch.float32, device="cpu", unsafe_labels=None):
+    """An ImageSafety from a Hugging Face ViT image classifier: a folder with config.json and model.safetensors
+    (and preprocessor_config.json), or the model.safetensors file inside one."""
+    model, file, id2label, settings = check_image_safety(path)
+    dtype = choose_dtype(file, [k for k in file.keys() if not k.startswith("vit.pooler.")], dtype)
+    model.load_state_dict({k: file.get(k).to(device=device, dtype=dtype) for k in model.state_dict()}, assign=True)
     return ImageSafety(model.eval().requires_grad_(False), id2label, settings, unsafe_labels)

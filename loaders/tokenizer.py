@@ -3,14 +3,28 @@
 import importlib.util
 import json
 import os
+import warnings
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, KleinNote
 
 PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 COMFY_TOKENIZER = Path("comfy") / "text_encoders" / "qwen25_tokenizer"
+QWEN3_FIRST_ADDED = 151643
+# Qwen3's added tokens from id 151643 on, (text, special), as its tokenizer_config.json lists them. ComfyUI up to
+# 0.3.x bundles other tokens at 151665-151668 (<|img|>, <|endofimg|>, <|meta|>, <|endofmeta|>), which would encode
+# klein's empty <think></think> block as plain text: these are used whatever a folder says.
+QWEN3_ADDED_TOKENS = (
+    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True), ("<|object_ref_start|>", True),
+    ("<|object_ref_end|>", True), ("<|box_start|>", True), ("<|box_end|>", True), ("<|quad_start|>", True),
+    ("<|quad_end|>", True), ("<|vision_start|>", True), ("<|vision_end|>", True), ("<|vision_pad|>", True),
+    ("<|image_pad|>", True), ("<|video_pad|>", True), ("<tool_call>", False), ("</tool_call>", False),
+    ("<|fim_prefix|>", False), ("<|fim_middle|>", False), ("<|fim_suffix|>", False), ("<|fim_pad|>", False),
+    ("<|repo_name|>", False), ("<|file_sep|>", False), ("<tool_response>", False), ("</tool_response>", False),
+    ("<think>", False), ("</think>", False),
+)
 
 
 def has_tokenizer_files(folder):
@@ -77,26 +91,58 @@ def qwen_bpe(vocab, merges):
 
 
 def load_tokenizer(path):
-    """A `tokenizers.Tokenizer` with the Qwen2 pre-tokenizer and every added token of the folder."""
-    from tokenizers import AddedToken, Tokenizer
+    """A `tokenizers.Tokenizer` with the Qwen2 pre-tokenizer, Qwen3's added tokens at their ids (a folder or file
+    that puts other tokens there is corrected, with a note) and the folder's further added tokens."""
+    from tokenizers import Tokenizer
 
     path = Path(path)
-    if path.is_file():
-        return Tokenizer.from_file(str(path))
-    if (path / "tokenizer.json").is_file():
-        return Tokenizer.from_file(str(path / "tokenizer.json"))
-    vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
-    merges = [line for line in (path / "merges.txt").read_text(encoding="utf-8").splitlines()
-              if line and not line.startswith("#version")]
-    tokenizer = qwen_bpe(vocab, merges)
-    config_path = path / "tokenizer_config.json"
-    added = json.loads(config_path.read_text(encoding="utf-8")).get("added_tokens_decoder", {}) if config_path.is_file() else {}
-    for token_id, token in sorted(added.items(), key=lambda item: int(item[0])):
-        if tokenizer.token_to_id(token["content"]) not in (None, int(token_id)):
-            raise CheckpointError(f"{config_path}: added token {token['content']!r} has id {token_id}, vocab.json disagrees.")
+    file = path if path.is_file() else path / "tokenizer.json"
+    if file.is_file():
+        tokenizer = Tokenizer.from_file(str(file))
+        if not wrong_added_tokens({i: tokenizer.id_to_token(i) for i in qwen3_ids()}):
+            return tokenizer
+        data = json.loads(file.read_text(encoding="utf-8"))  # rebuilt from its vocabulary with Qwen3's tokens
+        vocab, merges = data["model"]["vocab"], [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+        added = {str(t["id"]): t for t in data.get("added_tokens", [])}
+    else:
+        vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
+        merges = [line for line in (path / "merges.txt").read_text(encoding="utf-8").splitlines()
+                  if line and not line.startswith("#version")]
+        config = path / "tokenizer_config.json"
+        added = json.loads(config.read_text(encoding="utf-8")).get("added_tokens_decoder", {}) if config.is_file() else {}
+    return with_added_tokens(qwen_bpe(vocab, merges), added, file if file.is_file() else path)
+
+
+def qwen3_ids():
+    return range(QWEN3_FIRST_ADDED, QWEN3_FIRST_ADDED + len(QWEN3_ADDED_TOKENS))
+
+
+def wrong_added_tokens(found):
+    """[(id, found text, Qwen3's text)] where `found` ({id: text or None}) differs from Qwen3's added tokens."""
+    return [(i, found[i], text) for i, (text, _) in zip(qwen3_ids(), QWEN3_ADDED_TOKENS)
+            if found.get(i) is not None and found[i] != text]
+
+
+def with_added_tokens(tokenizer, added, source):
+    """`tokenizer` with Qwen3's added tokens and then the other entries of `added` ({id: {"content", "special",
+    ...}}, as tokenizer_config.json's added_tokens_decoder), each checked to land on its id."""
+    from tokenizers import AddedToken
+
+    wrong = wrong_added_tokens({int(i): token["content"] for i, token in added.items()})
+    if wrong:
+        warnings.warn(f"{source}: Qwen3's tokens used at ids {wrong[0][0]}-{wrong[-1][0]} ("
+                      + ", ".join(f"{theirs} for {found}" for _, found, theirs in wrong)
+                      + "), so prompts encode as diffusers and BFL's code encode them", KleinNote, stacklevel=3)
+    tokens = {**{int(i): token for i, token in added.items()},
+              **{i: {"content": text, "special": special} for i, (text, special) in zip(qwen3_ids(), QWEN3_ADDED_TOKENS)}}
+    for token_id, token in sorted(tokens.items()):
+        if tokenizer.token_to_id(token["content"]) not in (None, token_id):
+            raise CheckpointError(f"{source}: added token {token['content']!r} has id {token_id}, the vocabulary "
+                                  "disagrees.")
         tokenizer.add_special_tokens([AddedToken(token["content"], special=token.get("special", True), normalized=False,
                                                  lstrip=token.get("lstrip", False), rstrip=token.get("rstrip", False),
                                                  single_word=token.get("single_word", False))])
-        if tokenizer.token_to_id(token["content"]) != int(token_id):
-            raise CheckpointError(f"{config_path}: added token {token['content']!r} does not get id {token_id}.")
+        if tokenizer.token_to_id(token["content"]) != token_id:
+            raise CheckpointError(f"{source}: added token {token['content']!r} does not get id {token_id}: not "
+                                  f"Qwen3's tokenizer ({QWEN3_FIRST_ADDED} tokens and {len(QWEN3_ADDED_TOKENS)} added)")
     return tokenizer

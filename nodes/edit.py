@@ -7,10 +7,10 @@ from ..errors import KleinError
 from ..sampling.composite import composite_edit, describe
 from ..sampling.outpaint import FILLS, outpaint_canvas
 from ..sampling.pipeline import KleinPipeline
-from ..sampling.refine import MAX_TILE, MIN_TILE, tiled_refine
+from ..sampling.refine import MAX_TILE, MIN_TILE, tile_sizes, tiled_refine
 from ..sampling.schedule import ASPECT_RATIOS
 from .interop import MODEL_INPUT, VAE_INPUT, klein_transformer, klein_vae
-from .runtime import load_for_inference, tile_progress
+from .runtime import load_for_inference, tile_progress, verdict
 from .sampling import SEED_INPUT, STEPS_INPUT, first_conditioning
 
 
@@ -125,6 +125,10 @@ class KleinTiledRefine:
                                                              "(closer to the input, slower)."}),
             },
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, tile_size=None, overlap=None):
+        return verdict(lambda tile, band: tile_sizes(MAX_TILE, MAX_TILE, tile, band), tile_size, overlap)
 
     def refine(self, model, positive, vae, image, upscale_by=2.0, tile_size=1024, overlap=128, denoise=0.35, seed=0,
                steps=4, tile_as_reference=False):

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from ..errors import KleinError
 from ..models import offload
 
 log = logging.getLogger("klein_nodes")
@@ -94,6 +95,18 @@ def progress_callback(total):
         bar.update_absolute(step.index, step.total, preview)
 
     return callback
+
+
+def verdict(check, *args):
+    """A VALIDATE_INPUTS answer: True when `check(*args)` passes, else the message the run would fail with, so a
+    mistake is reported when the graph is queued instead of after the generation before it."""
+    if any(arg is None for arg in args):  # an input fed by a link: checked when the node runs
+        return True
+    try:
+        check(*args)
+    except (KleinError, OSError, ValueError) as e:
+        return str(e)
+    return True
 
 
 def tile_progress():

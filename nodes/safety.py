@@ -4,10 +4,10 @@ classifier from models/safety; results are kept per node so Klein Watermark & Sa
 import warnings
 
 from ..errors import KleinError, KleinNote
-from ..loaders.safety import load_image_safety, load_prompt_safety
+from ..loaders.safety import check_image_safety, load_image_safety, load_prompt_safety
 from ..models.safety import DEFAULT_POLICY, image_record
 from .files import classifier_path, list_classifiers
-from .runtime import load_for_inference
+from .runtime import load_for_inference, verdict
 
 RESULTS = {}  # node id -> the last check it ran: what the save node records
 
@@ -98,6 +98,10 @@ class KleinImageCheck:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, classifier=None):
+        return verdict(check_classifier, classifier)
+
     def check(self, images, classifier, threshold=0.85, replace=True, unique_id=None):
         checker = image_checker(classifier_path(classifier))
         out, scores, flagged = checker.screen(images, threshold, replace)
@@ -150,6 +154,12 @@ class SafetyGate:
 
 
 IMAGE_CHECKERS = {}
+
+
+def check_classifier(name):
+    """A classifier folder's files checked from their headers (the run would load it only after generating)."""
+    if name != "none":
+        check_image_safety(classifier_path(name))
 
 
 def image_checker(path):

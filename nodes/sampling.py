@@ -15,8 +15,8 @@ from ..sampling.schedule import (ASPECT_RATIOS, MAX_SEED, MEGAPIXEL, fit_size, g
                                  round_to_multiple)
 from .conditioning import MAX_TOKENS_INPUT, max_length
 from .interop import MODEL_INPUT, VAE_INPUT, klein_transformer, klein_vae
-from .runtime import load_for_inference, progress_callback
-from .safety import SAFETY_INPUTS, SafetyGate
+from .runtime import load_for_inference, progress_callback, verdict
+from .safety import SAFETY_INPUTS, SafetyGate, check_classifier
 
 log = logging.getLogger("klein_nodes")
 TILED = {"auto": "auto", "enable": True, "disable": False}
@@ -285,14 +285,18 @@ class KleinGenerate:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, image_classifier=None):
+        return verdict(check_classifier, image_classifier)
+
     def generate(self, model, text_encoder, vae, prompt, negative_prompt="", width=1024, height=1024, aspect="custom",
                  megapixels=1.0, seed=0, steps=4, guidance=1.0, batch_size=1, max_tokens=0, safety="off",
                  image_classifier="none", prompt_threshold=0.5, image_threshold=0.85, unique_id=None, **images):
+        width, height = output_size(width, height, aspect, megapixels)  # a size klein cannot make: before any work
         gate = SafetyGate(safety, image_classifier, prompt_threshold, image_threshold, unique_id)
         gate.check_prompt(text_encoder, prompt)
         model, vae = klein_transformer(model), klein_vae(vae)
         references = [images[slot] for slot in IMAGE_SLOTS if images.get(slot) is not None]
-        width, height = output_size(width, height, aspect, megapixels)
         pipeline = KleinPipeline(model, text_encoder, vae)
         load_for_inference(text_encoder.model, "text_encoder")
         positive = pipeline.encode_prompt([prompt], max_length(max_tokens))

@@ -4,7 +4,8 @@ import json
 import os
 
 from ..errors import KleinError
-from ..provenance.save import FORMATS, save_image_records, verify_image
+from ..provenance.save import FORMATS, output_folder, save_image_records, verify_image
+from .runtime import verdict
 from .safety import checks_upstream
 from .sampling import IMAGE_SLOTS
 
@@ -112,6 +113,10 @@ class KleinSave:
                              "imwatermark; lost by most lossy saves."})},
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "unique_id": "UNIQUE_ID"},
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix=None):
+        return verdict(lambda prefix: output_folder(comfy_output_directory(), prefix), filename_prefix)
 
     def save(self, images, filename_prefix="klein", format="png", quality=80, watermark=True, c2pa=True,
              allow_unsigned=False, mask=None, watermark_mode="robust", prompt=None, extra_pnginfo=None, unique_id=None):

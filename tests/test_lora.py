@@ -398,3 +398,24 @@ def test_lora_strength_must_be_a_finite_number(ours, tmp_path, strength):
                                   "lora_up.weight": torch.randn(192, 4, generator=RANDOM)})
     with pytest.raises(kn.KleinError, match="LoRA strength must be a finite number"):
         kn.apply_lora(ours, path, strength)
+
+
+SDXL = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 640),
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(640, 4),
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 768),
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(768, 4)}
+FLUX1_CLIP = {f"lora_te1_text_model_encoder_layers_{i}_mlp_fc1.lora_{r}.weight": torch.zeros(4, 4)
+              for i in range(2) for r in ("down", "up")}
+
+
+@pytest.mark.parametrize("lora, family", [(SDXL, "a Stable Diffusion UNet"), (FLUX1_CLIP, "CLIP or T5 text encoders")])
+def test_a_lora_of_which_nothing_applies_is_refused_by_name(ours, tmp_path, lora, family):
+    """An SDXL LoRA (UNet + CLIP-L) or CLIP-only layers: nothing reaches klein, with or without a text encoder."""
+    from klein_nodes.loaders.lora import apply_lora_pair
+
+    save_file(lora, str(tmp_path / "other.safetensors"))
+    with pytest.raises(kn.WrongModelError, match=f"other.safetensors: nothing in this LoRA applies to FLUX.2 \\[klein\\]: "
+                                                 f"it looks made for {family}"):
+        apply_lora_pair(ours, None, tmp_path / "other.safetensors", 1.0)
+    with pytest.raises(kn.WrongModelError, match="nothing in this LoRA applies"):
+        apply_lora_pair(ours, None, tmp_path / "other.safetensors", 0.0)  # refused even at strength 0

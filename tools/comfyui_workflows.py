@@ -111,6 +111,7 @@ def mistake_graphs():
               ("KleinTextEncoderLoader", {"text_encoder_name": "qwen_3_4b.safetensors", "weight_dtype": "default"}),
               ("KleinTextEncode", {"text_encoder": ["4", 0], "text": "a photo"}),
               ("KleinVAELoader", {"vae_name": "flux2-vae.safetensors", "weight_dtype": "default"})]
+    same_size = ("ImageScaleBy", {"image": ["1", 0], "scale_by": 1.0, "upscale_method": "nearest-exact"})
     composite = {"original": ["1", 0], "edited": ["2", 0], "align": True, "match_colors": True, "feather": 8}
     return {
         "mistake_outpaint_zero_pads": (graph(load, ("KleinOutpaintCanvas", canvas),
@@ -127,9 +128,13 @@ def mistake_graphs():
                                                 ("KleinTiledRefine", {**refine, "image": ["7", 0]}),
                                                 ("SaveImage", {"images": ["8", 0], "filename_prefix": "x"})),
                                           "makes up to 64 MP"),
-        "note_refine_tile_larger_than_image": (graph(load, ("ImageScaleBy", {"image": ["1", 0], "scale_by": 1.0,
-                                                                             "upscale_method": "nearest-exact"}),
-                                                     *models, ("KleinTiledRefine", refine),
+        "mistake_save_outside_the_output_folder": (graph(load, ("KleinSave", {
+            "images": ["1", 0], "filename_prefix": "../outside/klein", "format": "png", "quality": 80, "watermark": True,
+            "c2pa": True, "allow_unsigned": False})), "points outside the output folder"),
+        "mistake_refine_overlap_over_half_the_tile": (graph(load, same_size, *models, ("KleinTiledRefine", {
+            **refine, "tile_size": 256, "overlap": 200}), ("SaveImage", {"images": ["7", 0], "filename_prefix": "x"})),
+            "overlap must be 0 to half the tile"),
+        "note_refine_tile_larger_than_image": (graph(load, same_size, *models, ("KleinTiledRefine", refine),
                                                      ("SaveImage", {"images": ["7", 0], "filename_prefix": "x"})), ""),
         "note_composite_other_size_empty_mask": (graph(load, ("LoadImage", {"image": "reference_1.png"}),
                                                        ("SolidMask", {"value": 0.0, "width": 96, "height": 96}),
@@ -202,8 +207,11 @@ def run(url, graph, timeout=900):
     began = time.monotonic()
     try:
         prompt_id = request(f"{url}/prompt", {"prompt": graph, "client_id": "klein-check"})["prompt_id"]
-    except urllib.error.HTTPError as e:
-        return "refused", 0.0, [], json.dumps(json.loads(e.read()))[:300]
+    except urllib.error.HTTPError as e:  # refused when queued (validation): the nodes' error details
+        answer = json.loads(e.read())
+        details = [error.get("details", "") for node in answer.get("node_errors", {}).values()
+                   for error in node.get("errors", [])]
+        return "refused", 0.0, [], "; ".join(details) or json.dumps(answer)[:300]
     while time.monotonic() - began < timeout:
         history = request(f"{url}/history/{prompt_id}").get(prompt_id)
         if history and history.get("status", {}).get("completed") is not None:
@@ -262,7 +270,7 @@ def main():
                     status, seconds, saved[name], message = run(url, graph)
                     expected = mistakes.get(name, (None, ""))[1]
                     if expected:  # a mistake: its error must say what is wrong
-                        status = "refused" if status == "error" and expected in message else f"{status}?"
+                        status = "refused" if status in ("error", "refused") and expected in message else f"{status}?"
                         failed += status != "refused"
                         print(f"{name:38} {status:8} {seconds:7.1f} {0:6d} {'':>8}  {message}", flush=True)
                         continue
