@@ -181,12 +181,13 @@ def interop_graphs():
     }
 
 
-def start(core, base, tokenizer, log):
-    """Start `main.py --cpu` on `base`; (process, url) once it answers. `tokenizer`: KLEIN_TOKENIZER, or None for
-    ComfyUI's bundled one."""
+def start(core, base, tokenizer, log, python=sys.executable):
+    """Start `main.py --cpu` on `base` with `python`; (process, url) once it answers. `tokenizer`: KLEIN_TOKENIZER,
+    or None for ComfyUI's bundled one."""
     port = free_port()
-    env = {**os.environ, **({"KLEIN_TOKENIZER": str(tokenizer)} if tokenizer else {})}
-    server = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+    env = {key: value for key, value in os.environ.items() if key != "KLEIN_TOKENIZER"}
+    env.update({"KLEIN_TOKENIZER": str(tokenizer)} if tokenizer else {})
+    server = subprocess.Popen([python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                                "--base-directory", str(base), "--disable-auto-launch"],
                               cwd=core, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
