@@ -102,7 +102,7 @@ class Graph:
                        for slot, kind in enumerate(node_outputs(class_type))]
             nodes.append({"id": node_id, "type": class_type, "pos": places[node_id],
                           "size": [300, node_height(sockets, widgets, outputs)], "flags": {}, "order": order, "mode": 0, "inputs": sockets,
-                          "outputs": outputs, "properties": {"Node name for S&R": class_type},
+                          "outputs": outputs, "properties": {"Node name for S&R": class_type, **downloads(inputs)},
                           "widgets_values": widgets})
         ui_links = []
         for link_id, source, slot, target, name, kind in links:
@@ -116,6 +116,28 @@ class Graph:
                           "properties": {"text": ""}, "widgets_values": [note], "color": "#432", "bgcolor": "#653"})
         return {"last_node_id": len(nodes), "last_link_id": len(links), "nodes": nodes, "links": ui_links,
                 "groups": [], "config": {}, "extra": {"title": self.title}, "version": 0.4}
+
+
+# Files with an official download: (folder under ComfyUI/models/, URL), as ComfyUI's own FLUX.2 klein templates give
+# them (comfyui-workflow-templates, image_flux2_klein_text_to_image.json). A template's loader node carries them in
+# properties.models, and the frontend offers the download when the file is missing. Our GGUF quantizations, the
+# example LoRAs and the safety classifier's folder have no such file to point at: they get no entry.
+KLEIN_FILES = "https://huggingface.co/Comfy-Org/flux2-klein/resolve/main/split_files"
+DOWNLOADS = {
+    "flux-2-klein-4b.safetensors": ("diffusion_models", f"{KLEIN_FILES}/diffusion_models/flux-2-klein-4b.safetensors"),
+    "flux-2-klein-base-4b.safetensors": ("diffusion_models",
+                                         f"{KLEIN_FILES}/diffusion_models/flux-2-klein-base-4b.safetensors"),
+    "qwen_3_4b.safetensors": ("text_encoders", f"{KLEIN_FILES}/text_encoders/qwen_3_4b.safetensors"),
+    "flux2-vae.safetensors": (
+        "vae", "https://huggingface.co/Comfy-Org/flux2-dev/resolve/main/split_files/vae/flux2-vae.safetensors"),
+}
+
+
+def downloads(inputs):
+    """{"models": [{name, url, directory}]} for a node's file widgets that name an official download, else {}."""
+    models = [{"name": value, "url": DOWNLOADS[value][1], "directory": DOWNLOADS[value][0]}
+              for key, value in inputs.items() if key in FILE_WIDGETS and isinstance(value, str) and value in DOWNLOADS]
+    return {"models": models} if models else {}
 
 
 def node_height(sockets, widgets, outputs):

@@ -39,6 +39,35 @@ def test_every_template_has_its_thumbnail_and_a_note_naming_its_files():
             assert path in note["widgets_values"][0]
 
 
+# The official downloads of the files our templates name, as ComfyUI's FLUX.2 klein templates list them
+# (comfyui-workflow-templates: image_flux2_klein_text_to_image.json): file name -> folder under ComfyUI/models/.
+OFFICIAL = {"flux-2-klein-4b.safetensors": "diffusion_models", "flux-2-klein-base-4b.safetensors": "diffusion_models",
+            "qwen_3_4b.safetensors": "text_encoders", "flux2-vae.safetensors": "vae"}
+LOADER_WIDGETS = {"KleinTransformerLoader": "model_name", "KleinTextEncoderLoader": "text_encoder_name",
+                  "KleinVAELoader": "vae_name"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_official_files_come_with_their_download(name):
+    """The frontend offers to download a missing model from the loader node's properties.models (name, url,
+    directory); every official file a template loads has one, and no entry points at a file we made up."""
+    ui = json.loads((WORKFLOWS / f"{build.TEMPLATES[name][0]}.json").read_text())
+    loaded = 0
+    for node in ui["nodes"]:
+        entries = {m["name"]: m for m in node["properties"].get("models", [])}
+        if node["type"] in LOADER_WIDGETS:
+            loaded += 1
+            value = node["widgets_values"][0]  # the file widget comes first on each loader
+            if value in OFFICIAL:
+                entry = entries.pop(value, None)
+                assert entry is not None, f"{node['type']} loads {value} without a models entry"
+                assert entry["directory"] == OFFICIAL[value]
+                assert entry["url"].startswith("https://huggingface.co/") and entry["url"].endswith("/" + value)
+                assert "/resolve/" in entry["url"]  # the file itself, not its page
+        assert entries == {}, f"{node['type']}: models entries for files it does not load: {list(entries)}"
+    assert loaded == 3
+
+
 @pytest.fixture(scope="module")
 def model_files(tmp_path_factory):
     """Tiny models under the file names the workflows use (built once), and ComfyUI's bundled tokenizer."""
