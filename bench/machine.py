@@ -9,9 +9,11 @@ import torch
 
 
 def machine_line():
+    from klein_nodes.models import prepacked
+
     return (f"machine: load average {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} CPUs, "
-            f"{torch.get_num_threads()} torch threads" + (f", {torch.cuda.get_device_name()}"
-                                                          if torch.cuda.is_available() else ""))
+            f"{torch.get_num_threads()} torch threads, {prepacked.describe()}"
+            + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
 
 
 def interleaved(fns, repeats, warmup=1):

@@ -5,7 +5,8 @@
    interleaved rounds and the per-round ratios are printed. Goal: ours / diffusers <= 1.0 (<= 0.9 for klein widths
    in bf16).
 2. Peak RSS of a fresh process that loads a ~2 GB random bf16 BFL-layout file (or its Q8_0 GGUF) with
-   `kn.load_transformer` and runs one tiny forward (so every weight is touched), as a ratio to the file size.
+   `kn.load_transformer` and runs one tiny forward (so every weight is touched; `--rss-image-tokens` for a larger
+   one), as a ratio to the file size.
    Goal: <= 1.2 (GGUF: <= 1.15).
    Peak is the child's VmHWM (ru_maxrss on non-Linux): on Linux ru_maxrss carries the parent's peak across
    exec. Weights are memory-mapped, so most pages become resident during the forward, not the load.
@@ -105,7 +106,8 @@ def bench_forward(args):
                 raise SystemExit("outputs differ; not timing")
             ours_times, ref_times = interleaved([run_ours, run_ref], args.repeats, args.warmup)
 
-    print(f"{'':10} {'median s':>9} {'min s':>8} {'max s':>8}   ({args.repeats} interleaved rounds, {args.warmup} warmup)")
+    print(f"{'':10} {'median s':>9} {'min s':>8} {'max s':>8}   "
+          f"({args.repeats} interleaved rounds, {args.warmup} warmup)")
     for name, values in (("ours", ours_times), ("diffusers", ref_times)):
         print(f"{name:10} {statistics.median(values):9.4f} {min(values):8.4f} {max(values):8.4f}")
     low, ratio, high = paired(ours_times, ref_times)
@@ -141,8 +143,9 @@ model = kn.load_transformer(sys.argv[1])
 out.update(load_s=time.perf_counter() - start, load_rss=rss(), load_peak=peak())
 
 p = model.params
-x, ctx = torch.randn(1, 4, p.in_channels), torch.randn(1, 4, p.context_in_dim)
-x_ids = torch.cartesian_prod(torch.zeros(1), torch.arange(2.), torch.arange(2.), torch.zeros(1))
+side = int(sys.argv[2])
+x, ctx = torch.randn(1, side * side, p.in_channels), torch.randn(1, 4, p.context_in_dim)
+x_ids = torch.cartesian_prod(torch.zeros(1), torch.arange(float(side)), torch.arange(float(side)), torch.zeros(1))
 ctx_ids = torch.zeros(4, 4)
 ctx_ids[:, 3] = torch.arange(4)
 start = time.perf_counter()
@@ -165,7 +168,8 @@ def bench_rss(args):
     free = shutil.disk_usage(tmp_root).free
     print(f"\n## Peak RSS loading a bf16 file ({n_params / 1e9:.3f}e9 params, {need / 1e9:.2f} GB) in a fresh process")
     if free < need * 1.2 + 1e9:
-        print(f"skipped: only {free / 1e9:.1f} GB free in {tmp_root}, need ~{need * 1.2 / 1e9 + 1:.1f} GB (use --tmpdir)")
+        print(f"skipped: only {free / 1e9:.1f} GB free in {tmp_root}, "
+              f"need ~{need * 1.2 / 1e9 + 1:.1f} GB (use --tmpdir)")
         return None
 
     with tempfile.TemporaryDirectory(prefix="klein-bench-", dir=tmp_root) as tmp:
@@ -179,19 +183,20 @@ def bench_rss(args):
         print(f"wrote {size / 1e9:.2f} GB in {time.perf_counter() - start:.1f} s")
 
         if args.rss_format == "gguf":  # the same weights as our Q8_0 GGUF (norms, embeddings, modulation stay BF16/F32)
-            from klein_nodes.quant.convert import quantize_file
+            from klein_nodes.loaders.convert import quantize_file
 
             path = quantize_file(path, Path(tmp) / "big-Q8_0.gguf", "Q8_0")[0]
             size = Path(path).stat().st_size
             print(f"quantized to {Path(path).name}: {size / 1e9:.2f} GB")
-        proc = subprocess.run([sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True)
+        side = round(args.rss_image_tokens ** 0.5)
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(path), str(side)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"child failed ({proc.returncode}):\n{proc.stderr}")
         r = json.loads(proc.stdout.strip().splitlines()[-1])
 
     base = r["baseline_rss"]
     print(f"child baseline RSS (torch + klein_nodes imported): {base / 1e9:.2f} GB; dtype {r['dtype']}; "
-          f"load {r['load_s']:.1f} s, tiny forward {r['forward_s']:.1f} s")
+          f"load {r['load_s']:.1f} s, forward of {side * side} image + 4 text tokens {r['forward_s']:.1f} s")
     print(f"{'':14} {'peak +GB':>9} {'peak/file':>10} {'now +GB':>9} {'now/file':>9}")
     ratio = None
     for stage in ("load", "forward"):
@@ -219,6 +224,9 @@ def main():
                         help="the file the memory measurement loads: the bf16 safetensors, or its Q8_0 GGUF")
     parser.add_argument("--image-tokens", type=int, default=256, help="a square number")
     parser.add_argument("--tmpdir", help="where to write the temporary 2 GB file (default: system temp)")
+    parser.add_argument("--rss-image-tokens", type=int, default=4,
+                        help="image tokens of the forward after the load (a square; default 4: too few rows to pack "
+                             "or widen a weight, so the peak is the weights'; 1024: with one layer's CPU copy)")
     args = parser.parse_args()
 
     print(f"torch {torch.__version__}, python {sys.version.split()[0]}")

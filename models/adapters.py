@@ -40,7 +40,8 @@ class Adapter:
 
     def on(self, device, dtype):
         """The tensors on `device` in `dtype`."""
-        return self.placed((device, dtype), lambda: {n: t.to(device=device, dtype=dtype) for n, t in self.tensors.items()})
+        return self.placed((device, dtype),
+                           lambda: {n: t.to(device=device, dtype=dtype) for n, t in self.tensors.items()})
 
     def rows_on(self, device):
         """`rows` for indexing a tensor on `device` (an index tensor is copied there)."""
@@ -106,7 +107,8 @@ def factor_shape(tensors, name):
 
 class Linear(Offloadable, nn.Linear):
     """nn.Linear that honours the adapters attached to it for the current forward (and ComfyUI's offloading); on
-    the CPU in bf16 and fp32 it multiplies with a prepacked copy of its weight (models/prepacked.py)."""
+    the CPU in bf16 and fp32 it multiplies with a prepacked copy of its weight, and where the CPU has no bf16/fp16
+    matmul it computes in fp32 (models/prepacked.py)."""
 
     adapters = ()
     keep_packed = True  # see models/prepacked.py
@@ -117,7 +119,11 @@ class Linear(Offloadable, nn.Linear):
 
     def dense(self, x):
         packed = prepacked.packed_weight(self, x)
-        return super().forward(x) if packed is None else prepacked.linear(self, x, packed)
+        if packed is not None:
+            return prepacked.linear(self, x, packed)
+        if prepacked.widens(self.weight.dtype, x):
+            return prepacked.widened_linear(x, self.weight, self.bias)
+        return super().forward(x)
 
     def _apply(self, fn, recurse=True):
         self.__dict__.pop("_prepacked", None)  # moved or converted weights: the packed copy is stale
@@ -131,14 +137,18 @@ def linear_with_adapters(layer, x, forward):
     low_rank = [a for a in layer.adapters if a.kind == "lora" and not in_weight]
     full = [a for a in layer.adapters if a.kind != "lora" or in_weight]
     dequantized = getattr(layer, "dequantized", None)
-    dtype = layer.compute_dtype if dequantized else layer.weight.dtype
+    dtype = out_dtype = layer.compute_dtype if dequantized else layer.weight.dtype
+    if prepacked.widens(dtype, x):  # a half-precision layer on a CPU without such matmuls: all in fp32
+        dtype, out_dtype = torch.float32, x.dtype
     x = x.to(dtype)
     if full:
-        weight = dequantized() if dequantized else layer.weight.clone()  # dequantized: a fresh scratch buffer
+        # dequantized: a fresh scratch buffer
+        weight = dequantized(dtype) if dequantized else layer.weight.to(dtype, copy=True)
         for adapter in full:
             rows = adapter.rows_on(weight.device)
             weight[rows] = adapter.apply(weight[rows].float()).to(dtype)
-        out = F.linear(x, weight, getattr(layer, "bias", None))
+        bias = getattr(layer, "bias", None)
+        out = F.linear(x, weight, None if bias is None else bias.to(dtype))
     else:
         out = forward(x)
     for adapter in low_rank:
@@ -148,7 +158,7 @@ def linear_with_adapters(layer, x, forward):
             out += update  # in place; indexing would add a copy
         else:
             out[..., adapter.rows_on(out.device)] += update
-    return out
+    return out.to(out_dtype)
 
 
 @contextmanager

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import KleinError, KleinNote
+from . import prepacked
 from .adapters import Linear, adapting, release_adapters
 from .offload import Offloadable, compute_device, weights_on
 
@@ -53,11 +54,16 @@ class Qwen3(nn.Module):
 
     @adapting
     def forward(self, input_ids, attention_mask, layers):
-        """Hidden states after the given layers (0 = embeddings, k = output of decoder layer k), as a list."""
+        """Hidden states after the given layers (0 = embeddings, k = output of decoder layer k), as a list, in the
+        embeddings' dtype. Where bf16/fp16 layers compute in fp32 (a CPU without such matmuls, see prepacked.py) the
+        whole model does, as ComfyUI's own encoder does on a CPU (elementwise work is faster there in fp32 too)."""
         deepest = max(layers)
         if deepest > len(self.layers):
-            raise ValueError(f"layer {deepest} requested but only {len(self.layers)} decoder layers are loaded")
+            raise KleinError(f"layer {deepest} requested but only {len(self.layers)} decoder layers are loaded; load "
+                             "the text encoder with these layers (load_text_encoder(..., layers=))")
         hidden = self.embed_tokens(input_ids)
+        dtype = hidden.dtype
+        hidden = hidden.to(prepacked.compute_dtype(dtype, hidden.device))
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         rope = rope_cos_sin(positions, self.params.head_dim, self.params.rope_theta, hidden.dtype)
         keep = attention_mask.bool()
@@ -66,8 +72,9 @@ class Qwen3(nn.Module):
         outputs = {0: hidden}
         for index, layer in enumerate(self.layers[:deepest], start=1):
             hidden = layer(hidden, rope, mask)
-            outputs[index] = hidden
-        return [outputs[k] for k in layers]
+            if index in layers:
+                outputs[index] = hidden
+        return [outputs[k].to(dtype) for k in layers]
 
 
     def next_token_logits(self, input_ids, attention_mask, rows=None):
@@ -161,7 +168,8 @@ class Embedding(Offloadable, nn.Embedding):
 
 def rope_cos_sin(positions, head_dim, theta, dtype):
     """Rotate-half RoPE tables over the full head, angles in fp32."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
+                               / head_dim)
     angles = positions.float()[:, None] * inv_freq[None]
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -201,9 +209,9 @@ class KleinTextEncoder:
         `length` (default: max_length); and the mask."""
         ids = self.tokenizer.encode(KLEIN_TEMPLATE.format(prompt), add_special_tokens=False).ids
         if max_length is not None and len(ids) > max_length:
-            warnings.warn(f"Prompt is {len(ids)} tokens with the chat template; the last {len(ids) - max_length} tokens "
-                          f"were cut to fit max_length={max_length} (the prompt starts: {prompt[:40]!r}).", KleinNote,
-                          stacklevel=3)
+            warnings.warn(f"Prompt is {len(ids)} tokens with the chat template; the last {len(ids) - max_length} "
+                          f"tokens were cut to fit max_length={max_length} (the prompt starts: {prompt[:40]!r}).",
+                          KleinNote, stacklevel=3)
             ids = ids[:max_length]
         length = length or max_length or len(ids)
         mask = [1] * len(ids) + [0] * (length - len(ids))
@@ -214,12 +222,14 @@ class KleinTextEncoder:
         prompt's length, whichever is more."""
         if max_length is not None:
             if not isinstance(max_length, int) or max_length < 1:
-                raise KleinError(f"max_length must be a positive number of tokens or None (every token), not {max_length!r}")
+                raise KleinError("max_length must be a positive number of tokens or None (every token), "
+                                 f"not {max_length!r}")
             return max_length
         return max([MIN_TOKENS] + [len(self.tokenize(p, None)[0]) for p in prompts])
 
     @torch.inference_mode()
-    def encode(self, prompts, max_length=512, layers=KLEIN_LAYERS):
+    def encode(self, prompts: str | list[str], max_length: int | None = 512,
+               layers: tuple = KLEIN_LAYERS) -> torch.Tensor:
         """(B, L, len(layers)·hidden) embeddings for a prompt or a list of prompts; L = sequence_length()."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         layers = tuple(layers)

@@ -34,10 +34,9 @@ class Fp8Linear(DequantizingLinear):
     native = True  # set to False for good when the fp8 matmul fails on this GPU / torch
 
     def forward_base(self, x):
-        x = x.to(self.compute_dtype)
         if Fp8Linear.native and native_fp8(x.device) and x.shape[-1] % 16 == 0 and self.out_features % 16 == 0:
             try:
-                return self.scaled_mm(x)
+                return self.scaled_mm(x.to(self.compute_dtype))
             except RuntimeError as e:
                 log.warning("fp8 matmul (torch._scaled_mm) failed (%s); dequantizing fp8 weights instead", e)
                 Fp8Linear.native = False
@@ -46,8 +45,11 @@ class Fp8Linear(DequantizingLinear):
     def scaled_mm(self, x):
         rows = x.reshape(-1, x.shape[-1])
         fp8_max = FP8_MAX[torch.float8_e4m3fn]
-        scale = self.input_scale if self.input_scale is not None else (rows.abs().amax().float() / fp8_max).clamp_min(1e-12)
+        scale = (self.input_scale if self.input_scale is not None
+                 else (rows.abs().amax().float() / fp8_max).clamp_min(1e-12))
         quantized = (rows / scale.to(rows.dtype)).clamp(-fp8_max, fp8_max).to(torch.float8_e4m3fn)
-        weight = self.weight if self.weight.dtype == torch.float8_e4m3fn else self.weight.float().to(torch.float8_e4m3fn)
-        out = torch._scaled_mm(quantized, weight.t(), scale_a=scale, scale_b=self.weight_scale, out_dtype=self.compute_dtype)
+        weight = (self.weight if self.weight.dtype == torch.float8_e4m3fn
+                  else self.weight.float().to(torch.float8_e4m3fn))
+        out = torch._scaled_mm(quantized, weight.t(), scale_a=scale, scale_b=self.weight_scale,
+                               out_dtype=self.compute_dtype)
         return out.reshape(*x.shape[:-1], self.out_features)

@@ -4,20 +4,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import CheckpointError
+from ..models import prepacked
 from ..models.adapters import linear_with_adapters
 from ..models.offload import Offloadable, weights_on
+from ..models.prepacked import scratch  # one buffer per thread, device and dtype, shared with widened layers
 from .dequant import BLOCK_SIZES, dequantize, type_name
-
-_scratch = {}
-
-
-def scratch(numel, dtype, device):
-    """A buffer reused by every quantized layer on this device/dtype (layers run one at a time)."""
-    key = (torch.device(device), dtype)
-    buffer = _scratch.get(key)
-    if buffer is None or buffer.numel() < numel:
-        buffer = _scratch[key] = torch.empty(numel, dtype=dtype, device=device)
-    return buffer[:numel]
 
 
 class DequantizingLinear(Offloadable, nn.Module):
@@ -46,7 +38,11 @@ class DequantizingLinear(Offloadable, nn.Module):
             return linear_with_adapters(self, x, self.forward_base) if self.adapters else self.forward_base(x)
 
     def forward_base(self, x):
-        return F.linear(x.to(self.compute_dtype), self.dequantized())
+        if not prepacked.widens(self.compute_dtype, x):
+            return F.linear(x.to(self.compute_dtype), self.dequantized())
+        # a CPU without bf16/fp16 matmuls: dequantized to fp32 (a few rows: to the compute dtype), in x's dtype
+        dtype = self.compute_dtype if prepacked.few_rows(x) else torch.float32
+        return F.linear(x.to(dtype), self.dequantized(dtype)).to(x.dtype)
 
 
 class QuantizedLinear(DequantizingLinear):
@@ -93,3 +89,28 @@ def replace_module(root, name, module):
     """Put `module` at dotted `name` inside `root` (e.g. 'double_blocks.0.img_attn.qkv')."""
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def fill_packed(model, tensors, compute_dtype):
+    """Fill a model built on the meta device from {name: tensor or (packed, qtype, shape)} (a GGUF file's): packed
+    2-D weights become QuantizedLinear/QuantizedEmbedding modules, the rest loads with assign."""
+    plain = {}
+    for name, value in tensors.items():
+        if not isinstance(value, tuple):
+            plain[name] = value
+            continue
+        packed, qtype, shape = value
+        owner_name = name.rsplit(".", 1)[0]
+        owner = model.get_submodule(owner_name)
+        if isinstance(owner, nn.Embedding):
+            replace_module(model, owner_name, QuantizedEmbedding(packed, qtype, *shape, compute_dtype))
+        elif isinstance(owner, nn.Linear):
+            replace_module(model, owner_name, QuantizedLinear(packed, qtype, shape[1], shape[0], compute_dtype))
+        else:
+            raise CheckpointError(f"'{name}' is stored as {qtype}, "
+                                  "but only linear and embedding weights may be quantized")
+    model.load_state_dict(plain, strict=False, assign=True)
+    leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if leftover:
+        raise CheckpointError(f"tensors missing from the file: {', '.join(leftover[:5])}")
+    return model.requires_grad_(False).eval()

@@ -16,7 +16,8 @@ from klein_nodes.testing import (QWEN3_CHAT_TEMPLATE, TINY_QWEN3, TINY_TRANSFORM
 
 transformers = pytest.importorskip("transformers")
 
-SHARED_TOKENIZER = Path(os.environ.get("KLEIN_TEST_TOKENIZER", Path(__file__).resolve().parents[2] / "shared/data/qwen25_tokenizer"))
+SHARED_TOKENIZER = Path(os.environ.get("KLEIN_TEST_TOKENIZER",
+                                       Path(__file__).resolve().parents[2] / "shared/data/qwen25_tokenizer"))
 needs_real_vocab = pytest.mark.skipif(not (SHARED_TOKENIZER / "vocab.json").is_file(),
                                       reason=f"real Qwen vocabulary not found at {SHARED_TOKENIZER}")
 LAYERS = (1, 2, 3)  # the tiny model has 4 layers; klein reads (9, 18, 27) of 36 (HF norms the last one)
@@ -151,7 +152,8 @@ def test_only_needed_layers_are_read(files, monkeypatch):
     monkeypatch.setattr(Checkpoint, "get", lambda self, name: read.append(name) or original(self, name))
     te = kn.load_text_encoder(files["comfy"], tokenizer=files["tokenizer"], layers=(1, 2))
     assert len(te.model.layers) == 2
-    assert read and not [n for n in read if n.startswith(("model.layers.2.", "model.layers.3.", "model.norm", "lm_head"))]
+    assert read and not [n for n in read
+                         if n.startswith(("model.layers.2.", "model.layers.3.", "model.norm", "lm_head"))]
 
 
 def test_embeddings_are_cached(files):
@@ -208,7 +210,8 @@ def test_qwen25_file_is_refused(tmp_path):
     from safetensors.torch import save_file
 
     state = {"model.embed_tokens.weight": torch.zeros(16, 32), "model.layers.0.input_layernorm.weight": torch.zeros(32),
-             "model.layers.0.self_attn.q_proj.weight": torch.zeros(32, 32), "model.layers.0.self_attn.q_proj.bias": torch.zeros(32)}
+             "model.layers.0.self_attn.q_proj.weight": torch.zeros(32, 32),
+             "model.layers.0.self_attn.q_proj.bias": torch.zeros(32)}
     save_file(state, str(tmp_path / "qwen2.5.safetensors"))
     with pytest.raises(kn.WrongModelError, match="not Qwen3"):
         kn.load_text_encoder(tmp_path / "qwen2.5.safetensors")
@@ -251,7 +254,8 @@ def test_text_encode_node_keeps_every_token_unless_told(files):
     from klein_nodes.nodes.conditioning import KleinTextEncode
 
     te = kn.load_text_encoder(files["comfy"], tokenizer=files["tokenizer"], layers=LAYERS)
-    te.encode = lambda prompts, max_length: kn.models.text_encoder.KleinTextEncoder.encode(te, prompts, max_length, LAYERS)
+    te.encode = lambda prompts, max_length: (
+        kn.models.text_encoder.KleinTextEncoder.encode(te, prompts, max_length, LAYERS))
     node = KleinTextEncode()
     ((kept, _),), = node.encode(te, long_prompt(300))
     cut_run = node.encode(te, long_prompt(300), max_tokens=512)
@@ -262,3 +266,42 @@ def test_text_encode_node_keeps_every_token_unless_told(files):
     assert (kept[:, :512] - cut).abs().max() <= 1e-5  # the same tokens up to the cut
     with pytest.raises(kn.KleinError, match="max_length must be a positive number of tokens or None"):
         node.encode(te, "a cat", max_tokens=-1)
+
+
+def test_bf16_encoder_computes_in_fp32_where_the_cpu_has_no_bf16_matmul(tmp_path, monkeypatch):
+    """Forced through the capability check: a bf16 file's encoder keeps fp32 activations and widens each layer
+    (models/prepacked.py), so it matches transformers in fp32 on the same bf16 weights up to the final rounding,
+    much nearer than torch's bf16 matmuls; outputs stay bf16."""
+    from klein_nodes.models import prepacked
+
+    path, state = write_text_encoder(tmp_path / "qwen.safetensors", dtype=torch.bfloat16)
+    reference = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**qwen3_config(TINY_QWEN3))).eval()
+    reference.load_state_dict({k: v.bfloat16().float() for k, v in state.items()}, strict=False)
+    reference.tie_weights()
+    te = kn.load_text_encoder(path, tokenizer=write_tokenizer(tmp_path / "tok"), layers=LAYERS)
+    ids = torch.randint(0, TINY_QWEN3.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 13:] = 0
+    seen = []
+    te.model.layers[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    monkeypatch.setitem(prepacked._state, "enabled", None)
+    monkeypatch.delenv("KLEIN_CPU_PREPACK", raising=False)
+    with torch.inference_mode():
+        expected = reference(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        monkeypatch.setitem(prepacked._state, "native", {torch.bfloat16: False})
+        widened = te.model(ids, mask, (0, *LAYERS))
+        embeds = te.encode(PROMPTS[:2], max_length=32, layers=LAYERS)
+        monkeypatch.setitem(prepacked._state, "enabled", False)  # KLEIN_CPU_PREPACK=0: torch's bf16 matmuls
+        plain = te.model(ids, mask, (0, *LAYERS))
+        te._cache.clear()
+        plain_embeds = te.encode(PROMPTS[:2], max_length=32, layers=LAYERS)
+    assert seen == [torch.float32, torch.float32, torch.bfloat16, torch.bfloat16]
+    assert embeds.dtype == plain_embeds.dtype == torch.bfloat16
+    for layer in (0, *LAYERS):
+        assert widened[layer].dtype == torch.bfloat16
+        torch.testing.assert_close(widened[layer].float(), expected[layer], rtol=2 ** -8, atol=1e-5)
+        error, plain_error = ((got[layer].float() - expected[layer]).abs().max() for got in (widened, plain))
+        assert error <= plain_error
+    assert (widened[3].float() - expected[3]).abs().max() < 0.5 * (plain[3].float() - expected[3]).abs().max()
+    scale = plain_embeds.float().abs().max()
+    assert (embeds.float() - plain_embeds.float()).abs().max() <= 0.05 * scale
