@@ -21,8 +21,8 @@ from .sampling.sampler import Cancelled
 from .version import __version__
 __all__ = ["Cancelled", "CheckpointError", "KleinError", "KleinNote", "KleinPipeline", "WrongModelError", "apply_lora",
            "compile_blocks", "composite_edit", "ensure_text_encoder_fits", "load_image_safety", "load_prompt_safety",
-           "load_text_encoder", "load_transformer", "load_vae", "outpaint_canvas", "quant", "save_images", "tiled_refine",
-           "verify_image", "__version__"]
+           "load_text_encoder", "load_transformer", "load_vae", "outpaint_canvas", "quant", "save_images",
+           "tiled_refine", "verify_image", "__version__"]
 
 try:
     import comfy.utils  # noqa: F401  (present only inside ComfyUI)

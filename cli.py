@@ -148,9 +148,13 @@ def device_report():
     import psutil
 
     memory = psutil.virtual_memory()
-    lines.append(f"CPU: {os.cpu_count()} cores, {memory.total / 2**30:.1f} GiB RAM ({memory.available / 2**30:.1f} GiB free)")
+    from .models import prepacked
+
+    lines.append(f"CPU: {os.cpu_count()} cores, {memory.total / 2**30:.1f} GiB RAM "
+                 f"({memory.available / 2**30:.1f} GiB free); {prepacked.describe()}")
     if not torch.cuda.is_available():
-        cuda = "CPU-only torch build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}, no GPU visible"
+        cuda = ("CPU-only torch build" if torch.version.cuda is None
+                else f"built for CUDA {torch.version.cuda}, no GPU visible")
         lines.append(f"CUDA: not available ({cuda}); everything runs on the CPU with torch dequantization.")
         return lines
     for i in range(torch.cuda.device_count()):
@@ -299,7 +303,8 @@ def resolve_models(args, budget, cleanup):
         print("tiny random models (a wiring check, the image is noise)", file=sys.stderr)
         return write_tiny_model_set(folder)
     root = args.comfyui or os.environ.get("COMFYUI_PATH")
-    wanted = {"model": ("diffusion_models", "transformer", "flux2"), "text_encoder": ("text_encoders", "text_encoder", "qwen3"),
+    wanted = {"model": ("diffusion_models", "transformer", "flux2"),
+              "text_encoder": ("text_encoders", "text_encoder", "qwen3"),
               "vae": ("vae", "vae", "flux2")}
     paths = []
     for name, (key, kind, family) in wanted.items():
@@ -311,8 +316,9 @@ def resolve_models(args, budget, cleanup):
                 if why:
                     print(f"note: {why}", file=sys.stderr)
         if path is None:
-            raise KleinError(f"no {name.replace('_', ' ')} given: pass --{name.replace('_', '-')} PATH, or --comfyui PATH "
-                             f"to search ComfyUI's models/{key} folder (or --tiny-random for a wiring check)")
+            raise KleinError(f"no {name.replace('_', ' ')} given: pass --{name.replace('_', '-')} PATH, "
+                             f"or --comfyui PATH to search ComfyUI's models/{key} folder "
+                             "(or --tiny-random for a wiring check)")
         paths.append(path)
     return paths
 
@@ -322,7 +328,8 @@ def output_paths(output, count):
     output = Path(output)
     if output.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise KleinError(f"{output}: the output must end in .png, .jpg or .webp")
-    paths = [output] if count == 1 else [output.with_name(f"{output.stem}_{i:05d}{output.suffix}") for i in range(1, count + 1)]
+    paths = ([output] if count == 1
+             else [output.with_name(f"{output.stem}_{i:05d}{output.suffix}") for i in range(1, count + 1)])
     existing = [str(p) for p in paths if p.exists()]
     if existing:
         raise KleinError(f"{', '.join(existing)} already exist(s); choose another output name")
@@ -387,8 +394,9 @@ def generate_images(args, cleanup):
         if unsafe:
             print(f"note: {path.name} not saved: flagged by the image check", file=sys.stderr)
             continue
-        record = save_file(image, path, quality=args.quality, watermark=not args.no_watermark and args.watermark_mode,
-                           c2pa=not args.no_c2pa, prompt={"prompt": args.prompt, "seed": pipeline.last_seed},
+        record = save_file(image, path, quality=args.quality, watermark=not args.no_watermark,
+                           watermark_mode=args.watermark_mode, c2pa=not args.no_c2pa,
+                           prompt={"prompt": args.prompt, "seed": pipeline.last_seed},
                            allow_unsigned=args.allow_unsigned, safety=checks or None, sources=edit.sources)
         for note in record.notes:
             print(f"note: {path.name}: {note}", file=sys.stderr)
@@ -493,12 +501,12 @@ def tile_lines(done, total):
 def check_prompt(text_encoder, args):
     """The prompt check's record; a flagged prompt stops the command (exit 3) before anything is generated."""
     from .loaders.safety import load_prompt_safety
+    from .models.safety import flagged_prompt
 
     score, record = load_prompt_safety(text_encoder).check(args.prompt, args.prompt_threshold)
     print(f"prompt check: P(unsafe) {score:.3f} (threshold {args.prompt_threshold})", file=sys.stderr)
     if not record["passed"]:
-        raise Blocked(f"the prompt was flagged by the prompt check (P(unsafe) {score:.3f} >= "
-                      f"{args.prompt_threshold}); nothing was generated")
+        raise Blocked(f"{flagged_prompt(score, args.prompt_threshold)}; nothing was generated")
     return record
 
 
@@ -548,7 +556,7 @@ def load_reference(path):
 
 
 def quantize(args):
-    from .quant.convert import quantize_file
+    from .loaders.convert import quantize_file
 
     output, kind = quantize_file(args.source, args.output, args.type, args.tokenizer)
     size = Path(output).stat().st_size
@@ -581,7 +589,8 @@ def main(argv=None):
     gen.add_argument("-o", "--output", default="klein.png", help="output file (.png/.jpg/.webp); never overwritten")
     gen.add_argument("--ref", action="append", default=[], help="reference image (repeat for up to 4 or more)")
     gen.add_argument("--image", help="image to edit: img2img (--denoise), inpainting (--mask), outpainting "
-                                     "(--outpaint) or, alone with --upscale, upscaling; recorded as the C2PA ingredient")
+                                     "(--outpaint) or, alone with --upscale, upscaling; recorded as the C2PA "
+                                     "ingredient")
     gen.add_argument("--mask", help="inpainting mask for --image (white = repaint)")
     gen.add_argument("--denoise", type=bounded(float, 0.01, 1.0),
                      help="how much of --image is redrawn (default: 1 with --mask or --outpaint, else 0.6)")
@@ -592,7 +601,8 @@ def main(argv=None):
                      help="extend --image by pixels per side (128,0,128,0) or to an aspect (16:9); the original's "
                           "pixels come back exactly")
     gen.add_argument("--upscale", type=bounded(float, 1.0, 8.0),
-                     help="enlarge the result (or --image alone) by this factor, refined by klein in tiles: beyond 4 MP")
+                     help="enlarge the result (or --image alone) by this factor, refined by klein in tiles: "
+                          "beyond 4 MP")
     gen.add_argument("--refine-denoise", type=bounded(float, 0.01, 1.0), default=0.35,
                      help="how much each --upscale tile is redrawn")
     gen.add_argument("--tile", type=bounded(int, 256, 2048), default=1024, help="--upscale tile side (multiple of 16)")
@@ -601,7 +611,8 @@ def main(argv=None):
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile the transformer blocks (slow first run, then faster steps; needs a compiler)")
     gen.add_argument("--steps", type=bounded(int, 1, 1000), default=4, help="4 for distilled klein, ~50 for base klein")
-    gen.add_argument("--guidance", type=bounded(float, 0.0, 100.0), default=1.0, help="1.0 = no CFG (distilled); base klein: 4.0")
+    gen.add_argument("--guidance", type=bounded(float, 0.0, 100.0), default=1.0,
+                     help="1.0 = no CFG (distilled); base klein: 4.0")
     gen.add_argument("--negative", default="", help="negative prompt (used when guidance > 1)")
     gen.add_argument("--max-tokens", type=non_negative, default=512,
                      help="prompt tokens: 512 cuts longer prompts (diffusers); 0 keeps every token (ComfyUI)")
@@ -609,7 +620,8 @@ def main(argv=None):
     gen.add_argument("--width", type=bounded(int, 16, 16384), help="default 1024, or the size of --image")
     gen.add_argument("--height", type=bounded(int, 16, 16384), help="default 1024, or the size of --image")
     gen.add_argument("--aspect", choices=ASPECT_RATIOS, help="aspect preset, overrides --width/--height")
-    gen.add_argument("--megapixels", type=bounded(float, 0.01, 4.0), default=1.0, help="size of the aspect preset (1 MP = 1024x1024)")
+    gen.add_argument("--megapixels", type=bounded(float, 0.01, 4.0), default=1.0,
+                     help="size of the aspect preset (1 MP = 1024x1024)")
     gen.add_argument("--batch", type=bounded(int, 1, 64), default=1, help="images to make")
     gen.add_argument("--model", help="transformer file or diffusers folder")
     gen.add_argument("--text-encoder", dest="text_encoder", help="Qwen3 text encoder file or folder")
@@ -624,7 +636,8 @@ def main(argv=None):
                           "turn, or stream transformer blocks")
     gen.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                      help="weight dtype (auto: bf16 on CUDA, the file's own dtype on CPU)")
-    gen.add_argument("--tiny-random", action="store_true", help="tiny random models: checks the wiring, no weights needed")
+    gen.add_argument("--tiny-random", action="store_true",
+                     help="tiny random models: checks the wiring, no weights needed")
     gen.add_argument("--quality", type=bounded(int, 1, 100), default=90, help="JPEG/WebP quality 1-100")
     gen.add_argument("--no-watermark", action="store_true", help="skip the invisible FLUX watermark")
     gen.add_argument("--watermark-mode", default="robust", choices=("robust", "standard"),
@@ -642,7 +655,8 @@ def main(argv=None):
     gen.add_argument("--image-threshold", type=bounded(float, 0.01, 0.99), default=0.85,
                      help="flag images at or above this P(unsafe) (BFL's reference: 0.85)")
     gen.set_defaults(run=generate)
-    qua = commands.add_parser("quantize", help="write a GGUF (Q8_0, Q6_K, Q5_K, Q4_K, Q4_0 ...) or fp8 safetensors file")
+    qua = commands.add_parser("quantize",
+                              help="write a GGUF (Q8_0, Q6_K, Q5_K, Q4_K, Q4_0 ...) or fp8 safetensors file")
     qua.add_argument("source", help="transformer (BFL/ComfyUI safetensors) or Qwen3 text encoder (safetensors)")
     qua.add_argument("output", help="OUT.gguf, or OUT.safetensors for fp8; never overwritten")
     qua.add_argument("--type", default="Q8_0", help="Q8_0, Q6_K, Q5_K, Q4_K, Q5_1, Q5_0, Q4_1, Q4_0 or fp8")

@@ -7,11 +7,15 @@ truth inside the change, whether everything beyond feather + margins is the orig
 """
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 from klein_nodes.sampling.composite import composite_edit
-from klein_nodes.testing import EDIT_SHIFTS, PHOTOS, edit_case, edit_colours, edit_scores
 from machine import machine_line, median_time
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # for helpers.py
+from helpers import EDIT_SHIFTS, PHOTOS, edit_case, edit_colours, edit_scores  # noqa: E402
 
 FRACTIONS = (0.05, 0.30, 0.12, 0.20, 0.08, 0.25, 0.15)
 

@@ -44,8 +44,8 @@ def main():
         torch.set_num_threads(args.threads)
     rows = cols = 3072
     print(machine_line())
-    print(f"{rows}x{cols} weights, fp32 output; median ms of {args.repeats} interleaved rounds, and gguf-py's time over "
-          "ours per round: median (min-max)")
+    print(f"{rows}x{cols} weights, fp32 output; median ms of {args.repeats} interleaved rounds, "
+          "and gguf-py's time over ours per round: median (min-max)")
     header = f"{'type':<8}{'gguf-py':>9}{'whole':>8}{'x gguf':>18}{'fresh':>8}{'x gguf':>18}{'buffer':>8}{'x gguf':>18}"
     print(header + ("" if args.no_compile else f"{'compiled':>10}{'x gguf':>8}"))
     for qtype in args.types.split(","):
@@ -96,7 +96,8 @@ def gpu_report(repeats):
         assert torch.equal(launch(qtype, blocks, out), reference)
         eager = median_time(lambda: DEQUANTIZERS[qtype](blocks).bfloat16(), repeats)
         kernel = median_time(lambda: launch(qtype, blocks, out), repeats)
-        print(f"{qtype} 3072x3072 -> bf16: torch {eager * 1e3:.3f} ms, Triton {kernel * 1e3:.3f} ms ({eager / kernel:.1f}x)")
+        print(f"{qtype} 3072x3072 -> bf16: torch {eager * 1e3:.3f} ms, "
+              f"Triton {kernel * 1e3:.3f} ms ({eager / kernel:.1f}x)")
     x = torch.randn(4608, 3072, device="cuda", dtype=torch.bfloat16)
     for out_features, in_features in ((9216, 3072), (3072, 12288), (27648, 3072)):
         weight = torch.randn(out_features, in_features) * 0.02
@@ -107,7 +108,8 @@ def gpu_report(repeats):
         for qtype in ("Q8_0", "Q4_K", "Q6_K"):
             packed = torch.from_numpy(np.ascontiguousarray(quantize(weight.numpy(), qtype))).reshape(-1).cuda()
             layer = QuantizedLinear(packed, qtype, in_features, out_features)
-            print(f"({out_features}x{in_features}) {qtype}: quantized Linear {median_time(lambda: layer(x_in), repeats) * 1e3:.2f} ms, "
+            print(f"({out_features}x{in_features}) {qtype}: "
+                  f"quantized Linear {median_time(lambda: layer(x_in), repeats) * 1e3:.2f} ms, "
                   f"bf16 Linear {base * 1e3:.2f} ms")
 
 

@@ -61,7 +61,8 @@ def diffusers_pipeline(device, tokenizer_dir):
     config = {k: v for k, v in diffusers_config(Flux2Params()).items() if not k.startswith("_")}
     with torch.device("meta"):
         transformer = diffusers.Flux2Transformer2DModel(**config)
-        text_encoder = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**qwen3_config(Qwen3Params(num_layers=36))))
+        text_encoder = transformers.Qwen3ForCausalLM(
+            transformers.Qwen3Config(**qwen3_config(Qwen3Params(num_layers=36))))
         vae = diffusers.AutoencoderKLFlux2()
     tokenizer = transformers.Qwen2Tokenizer.from_pretrained(str(tokenizer_dir))
     tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
@@ -87,8 +88,8 @@ def time_ours(args, device, tokenizer_dir, noise):
 def time_diffusers(args, device, tokenizer_dir, noise):
     reference = diffusers_pipeline(device, tokenizer_dir)
     latents = noise.to(device, torch.bfloat16)
-    return median_time(lambda: reference(prompt=PROMPT, height=1024, width=1024, num_inference_steps=4, guidance_scale=1.0,
-                                   latents=latents, output_type="pt"), args.repeats)
+    return median_time(lambda: reference(prompt=PROMPT, height=1024, width=1024, num_inference_steps=4,
+                                         guidance_scale=1.0, latents=latents, output_type="pt"), args.repeats)
 
 
 def latency(args, device, tokenizer_dir):

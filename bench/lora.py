@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 import klein_nodes as kn
 from machine import interleaved, machine_line, paired_text
+from klein_nodes.loaders.convert import quantize_file
 from klein_nodes.models.transformer import Flux2Params
 from klein_nodes.quant.dequant import dequantize
 from klein_nodes.quant.quantize import quantize
@@ -30,8 +31,10 @@ def lora_file(path, model, rank, seed):
     tensors = {}
     for name, module in model.named_modules():
         if name.startswith(("double_blocks", "single_blocks")) and hasattr(module, "adapters"):
-            tensors[f"diffusion_model.{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator) / module.in_features ** 0.5
-            tensors[f"diffusion_model.{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.004
+            tensors[f"diffusion_model.{name}.lora_A.weight"] = (
+                torch.randn(rank, module.in_features, generator=generator) / module.in_features ** 0.5)
+            tensors[f"diffusion_model.{name}.lora_B.weight"] = (
+                torch.randn(module.out_features, rank, generator=generator) * 0.004)
     save_file(tensors, str(path))
     return path
 
@@ -64,7 +67,7 @@ def main():
         tmp = Path(tmp)
         source, _ = write_transformer(tmp / "klein.safetensors", params, dtype=torch.bfloat16)
         start = time.perf_counter()
-        kn.quant.convert.quantize_file(source, tmp / "klein.gguf", args.type)
+        quantize_file(source, tmp / "klein.gguf", args.type)
         quantize_seconds = time.perf_counter() - start
         base = kn.load_transformer(tmp / "klein.gguf", dtype=torch.float32)
         models = {"no LoRA": base}

@@ -21,12 +21,16 @@ from machine import interleaved, machine_line, paired_text
 from klein_nodes.models.autoencoder import AutoEncoderParams
 from klein_nodes.models.text_encoder import Qwen3Params
 from klein_nodes.models.transformer import Flux2Params
-from klein_nodes.testing import (QWEN3_CHAT_TEMPLATE, bfl_to_diffusers, diffusers_config, diffusers_vae, qwen3_config,
+from klein_nodes.testing import (QWEN3_CHAT_TEMPLATE, bfl_to_diffusers, diffusers_config, qwen3_config,
                                  qwen3_state_dict, transformer_state_dict, write_tokenizer)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # for helpers.py
+from helpers import diffusers_vae  # noqa: E402
 
 TRANSFORMER = Flux2Params(context_in_dim=768, hidden_size=384, num_heads=3, depth=2, depth_single_blocks=4,
                           mlp_hidden_dim=1152)
-TEXT_ENCODER = Qwen3Params(hidden_size=256, intermediate_size=768, num_layers=28, num_heads=4, num_kv_heads=2, head_dim=64)
+TEXT_ENCODER = Qwen3Params(hidden_size=256, intermediate_size=768, num_layers=28, num_heads=4, num_kv_heads=2,
+                           head_dim=64)
 VAE = AutoEncoderParams(ch=64, ch_mult=(1, 2, 2, 2), num_res_blocks=1, decoder_ch=64, decoder_ch_mult=(1, 2, 2, 2),
                         decoder_num_res_blocks=2)
 PROMPT = "A paper boat on a puddle after the rain, reflections of street lights, 35mm photo"

@@ -15,6 +15,7 @@ from PIL import Image
 
 from machine import interleaved, machine_line, median_time, paired_text
 from klein_nodes.provenance import c2pa_sign, metadata, watermark
+from klein_nodes.provenance.formats import IMAGE_FORMATS
 from klein_nodes.provenance.save import to_uint8, write_new
 from klein_nodes.version import __version__
 
@@ -37,7 +38,8 @@ def main():
     args = parser.parse_args()
     print(machine_line())
     image = test_image()
-    items = metadata.metadata_items({"3": {"inputs": {"seed": 1}}}, {"workflow": {"nodes": [{"id": i} for i in range(200)]}})
+    items = metadata.metadata_items({"3": {"inputs": {"seed": 1}}},
+                                    {"workflow": {"nodes": [{"id": i} for i in range(200)]}})
     with tempfile.TemporaryDirectory() as tmp:
         credentials = c2pa_sign.load_credentials(Path(tmp) / "credentials")
         convert_ms, rgb = timed(lambda: to_uint8(image, []), args.repeats)
@@ -58,13 +60,13 @@ def main():
         except ImportError:
             print("imwatermark not installed: ratio skipped")
         print(f"{'format':<8}{'encode+meta':>12}{'sign':>8}{'write':>8}{'verify':>8}{'total':>8}{'KiB':>8}{'bits':>6}")
-        for fmt in ("png", "jpeg", "webp"):
+        for fmt, spec in IMAGE_FORMATS.items():
             encode_ms, data = timed(lambda: metadata.encode(marked, fmt, 90, items), args.repeats)
-            sign_ms, signed = timed(lambda: c2pa_sign.sign(data, metadata.MIME[fmt], "bench", credentials, __version__),
+            sign_ms, signed = timed(lambda: c2pa_sign.sign(data, spec.mime, "bench", credentials, __version__),
                                     args.repeats)
             counter = iter(range(1, 10**6))
-            write_ms, (path, _) = timed(lambda: write_new(tmp, f"bench_{fmt}", next(counter), metadata.EXTENSIONS[fmt],
-                                                          signed), args.repeats)
+            write_ms, (path, _) = timed(lambda: write_new(tmp, f"bench_{fmt}", next(counter), spec.extension, signed),
+                                        args.repeats)
             verify_ms, report = timed(lambda: c2pa_sign.verify(path, credentials["root"]), args.repeats)
             bits = watermark.matched_bits(np.asarray(Image.open(io.BytesIO(signed)).convert("RGB")))
             total = convert_ms + ours_ms + encode_ms + sign_ms + write_ms

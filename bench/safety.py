@@ -55,7 +55,8 @@ def block_times(transformer, size):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, required=True)
-    parser.add_argument("--tokenizer", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/qwen25_tokenizer")
+    parser.add_argument("--tokenizer", type=Path,
+                        default=Path(__file__).resolve().parents[2] / "shared/data/qwen25_tokenizer")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
@@ -72,7 +73,8 @@ def main():
     vae = kn.load_vae(args.models / "vae" / "flux2-vae.safetensors", dtype=torch.float32)
     latent = torch.randn(1, 128, args.size // 16, args.size // 16)
     with tempfile.TemporaryDirectory() as tmp:
-        image_checker = kn.load_image_safety(write_tiny_vit(Path(tmp) / "vit-base", params=ViTParams()))  # Falconsai's size
+        image_checker = kn.load_image_safety(write_tiny_vit(Path(tmp) / "vit-base",
+                                                            params=ViTParams()))  # Falconsai's size
     images = torch.rand(1, args.size, args.size, 3)
     with torch.inference_mode():
         decodes, image_checks = interleaved([lambda: vae.decode(latent), lambda: image_checker.classify(images)],
@@ -82,13 +84,15 @@ def main():
     double_s, single_s, rest_s = block_times(transformer, args.size)
     step_s = rest_s + 5 * double_s + 20 * single_s
     generation_s = encode_s + 4 * step_s + decode_s
-    print(f"klein text encode (27 layers, 512 tokens) {encode_s:.2f} s; transformer step (5 double x {double_s:.2f} s + "
+    print(f"klein text encode (27 layers, 512 tokens) {encode_s:.2f} s; "
+          f"transformer step (5 double x {double_s:.2f} s + "
           f"20 single x {single_s:.2f} s + {rest_s:.2f} s) {step_s:.1f} s; VAE decode {decode_s:.2f} s; one generation "
           f"{generation_s:.1f} s")
     print(f"prompt check (36 layers, {chat_tokens} chat tokens, {len(checker.yes + checker.no)} answer rows): "
           f"{prompt_s:.2f} s = "
           f"{paired_text(checks, encodes)}x the text encode, {prompt_s / generation_s:.3f}x one generation")
-    print(f"image check (ViT-Base, 224x224): {image_s:.3f} s = {paired_text(image_checks, decodes, 3)}x the VAE decode, "
+    print(f"image check (ViT-Base, 224x224): {image_s:.3f} s = "
+          f"{paired_text(image_checks, decodes, 3)}x the VAE decode, "
           f"{image_s / generation_s:.4f}x one generation")
 
 

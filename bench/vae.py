@@ -31,7 +31,8 @@ def peak():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
-path, size, mode, tile, margin, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+path, size, mode, tile, margin, out = (sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]),
+                                       sys.argv[6])
 vae = kn.load_vae(path)
 z = torch.randn(1, 128, size // 16, size // 16, generator=torch.Generator().manual_seed(0))
 with torch.inference_mode():

@@ -8,6 +8,8 @@ resizes, PSNR/SSIM of each mark, and the embedding time as a ratio, side by side
 import argparse
 import io
 import statistics
+import sys
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -15,7 +17,9 @@ from skimage.metrics import structural_similarity
 
 from klein_nodes.provenance import watermark
 from machine import interleaved, machine_line
-from klein_nodes.testing import PHOTOS, natural_photo
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # for helpers.py
+from helpers import PHOTOS, natural_photo  # noqa: E402
 
 SAVES = [(f"JPEG 4:2:0 q{q}", "JPEG", q, {"subsampling": 2}) for q in (60, 75, 90, 95)] + \
         [(f"JPEG 4:4:4 q{q}", "JPEG", q, {"subsampling": 0}) for q in (60, 75, 90, 95)] + \
@@ -52,7 +56,8 @@ def main():
     table, quality, ratios = {}, [], []
     for name in names:
         rgb = natural_photo(name, args.size)
-        marks = {mode: embed(rgb) for mode, embed in (("standard", watermark.embed), ("robust", watermark.embed_robust))}
+        marks = {mode: embed(rgb)
+                 for mode, embed in (("standard", watermark.embed), ("robust", watermark.embed_robust))}
         standard_s, robust_s = interleaved([lambda: watermark.embed(rgb), lambda: watermark.embed_robust(rgb)], 1, 0)
         ratios.append(robust_s[0] / standard_s[0])
         quality.append((name, *(f(rgb, marks[m]) for m in ("standard", "robust")

@@ -68,7 +68,8 @@ class Graph:
 
     def api(self):
         return {str(node_id): {"class_type": class_type, "_meta": {"title": class_type},
-                               "inputs": {k: [str(v[0]), v[1]] if isinstance(v, tuple) else v for k, v in inputs.items()}}
+                               "inputs": {k: [str(v[0]), v[1]] if isinstance(v, tuple) else v
+                                          for k, v in inputs.items()}}
                 for node_id, class_type, inputs in self.nodes}
 
     def ui(self, note=None):
@@ -101,7 +102,8 @@ class Graph:
                         "links": [link[0] for link in links if link[1] == node_id and link[2] == slot]}
                        for slot, kind in enumerate(node_outputs(class_type))]
             nodes.append({"id": node_id, "type": class_type, "pos": places[node_id],
-                          "size": [300, node_height(sockets, widgets, outputs)], "flags": {}, "order": order, "mode": 0, "inputs": sockets,
+                          "size": [300, node_height(sockets, widgets, outputs)], "flags": {}, "order": order,
+                          "mode": 0, "inputs": sockets,
                           "outputs": outputs, "properties": {"Node name for S&R": class_type, **downloads(inputs)},
                           "widgets_values": widgets})
         ui_links = []
@@ -201,7 +203,8 @@ def reference_edit(count):
     if count > 1:
         finish(graph, vae, sampler(graph, model, references, latent), "klein_compose")
         return graph
-    edited = graph.add("KleinVAEDecode", vae=(vae, 0), latent=(sampler(graph, model, references, latent), 0), tiled="auto")
+    edited = graph.add("KleinVAEDecode", vae=(vae, 0), latent=(sampler(graph, model, references, latent), 0),
+                       tiled="auto")
     composite = graph.add("KleinEditComposite", original=(images[0], 0), edited=(edited, 0), align=True,
                           match_colors=True, feather=8)
     graph.add("SaveImage", images=(composite, 0), filename_prefix="klein_edit")
@@ -232,7 +235,8 @@ def outpaint():
     references = graph.add("KleinReferences", conditioning=(prompt, 0), vae=(vae, 0), image_1=(image, 0),
                            max_megapixels=1.0, tiled="auto")
     latent = graph.add("KleinVAEEncode", vae=(vae, 0), image=(canvas, 0), mask=(canvas, 1), tiled="auto")
-    edited = graph.add("KleinVAEDecode", vae=(vae, 0), latent=(sampler(graph, model, references, latent), 0), tiled="auto")
+    edited = graph.add("KleinVAEDecode", vae=(vae, 0), latent=(sampler(graph, model, references, latent), 0),
+                       tiled="auto")
     composite = graph.add("KleinEditComposite", original=(canvas, 0), edited=(edited, 0), mask=(canvas, 1), align=True,
                           match_colors=True, feather=8)
     graph.add("SaveImage", images=(composite, 0), filename_prefix="klein_outpaint")
@@ -267,8 +271,8 @@ def loras():
     model, text_encoder, vae = loaders(graph)
     style = graph.add("KleinLora", model=(model, 0), text_encoder=(text_encoder, 0),
                       lora_name="klein_style_lora.safetensors", strength_model=0.8, strength_text_encoder=0.8)
-    detail = graph.add("KleinLora", model=(style, 0), text_encoder=(style, 1), lora_name="klein_detail_lokr.safetensors",
-                       strength_model=0.5, strength_text_encoder=0.5)
+    detail = graph.add("KleinLora", model=(style, 0), text_encoder=(style, 1),
+                       lora_name="klein_detail_lokr.safetensors", strength_model=0.5, strength_text_encoder=0.5)
     prompt = graph.add("KleinTextEncode", text_encoder=(detail, 1),
                        text="A harbour town at dawn, fishing boats, gulls, in the LoRA's style")
     latent = graph.add("KleinEmptyLatent", width=1024, height=1024, aspect="custom", megapixels=1.0, batch_size=1)
@@ -399,14 +403,16 @@ def thumbnail(graph, size=(640, 400)):
     return image
 
 
-NODE_COLOURS = [("KleinPromptCheck", (150, 120, 40)), ("KleinImageCheck", (150, 120, 40)), ("KleinTransformerLoader", (52, 88, 140)), ("KleinTextEncoderLoader", (52, 88, 140)),
+NODE_COLOURS = [("KleinPromptCheck", (150, 120, 40)), ("KleinImageCheck", (150, 120, 40)),
+                ("KleinTransformerLoader", (52, 88, 140)), ("KleinTextEncoderLoader", (52, 88, 140)),
                 ("KleinVAELoader", (52, 88, 140)), ("KleinLora", (92, 70, 140)), ("KleinTextEncode", (140, 110, 40)),
                 ("KleinSave", (40, 120, 80)), ("SaveImage", (40, 120, 80)), ("LoadImage", (120, 70, 60)),
                 ("KleinSampler", (150, 60, 90)), ("KleinGenerate", (150, 60, 90)),
                 ("KleinTiledRefine", (150, 60, 90)), ("KleinEditComposite", (40, 110, 120)),
                 ("KleinOutpaintCanvas", (40, 110, 120))]
 LINK_COLOURS = {"KLEIN_MODEL": (120, 160, 230), "KLEIN_TEXT_ENCODER": (230, 200, 90), "KLEIN_VAE": (230, 110, 110),
-                "CONDITIONING": (240, 170, 60), "LATENT": (240, 130, 200), "IMAGE": (110, 200, 240), "MASK": (120, 220, 120)}
+                "CONDITIONING": (240, 170, 60), "LATENT": (240, 130, 200), "IMAGE": (110, 200, 240),
+                "MASK": (120, 220, 120)}
 
 
 def display_name(class_type):

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from .scaled import layer_formats
+from .scaled import layer_formats, values_per_element
 from .safetensors_io import PICKLE_SUFFIXES, SafetensorsFile, refuse_pickle, sniff_format
 
 MODEL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -33,12 +33,12 @@ class Checkpoint:
         return name in self.index
 
     def shape(self, name):
-        """The logical shape: an nvfp4 weight stores two values per byte."""
+        """The logical shape (an nvfp4 weight stores two values per byte)."""
         file, raw = self.index[name]
         shape = file.shape(raw)
-        if name.endswith(".weight") and self.quant_formats.get(name[: -len(".weight")]) == "nvfp4":
-            return torch.Size((shape[0], shape[1] * 2))
-        return shape
+        if not name.endswith(".weight") or len(shape) != 2:
+            return shape
+        return torch.Size((shape[0], shape[1] * values_per_element(self.quant_formats.get(name[: -len(".weight")]))))
 
     @functools.cached_property
     def quant_formats(self):
@@ -118,10 +118,12 @@ def diffusers_shards(folder, subfolder, weights_name):
         shard_names = sorted(set(weight_map.values()))
         missing = [name for name in shard_names if not (folder / name).is_file()]
         if missing:
-            raise CheckpointError(f"{index_path}: lists shard(s) that are missing from the folder: {', '.join(missing)}.")
+            raise CheckpointError(f"{index_path}: lists shard(s) that are missing from the folder: "
+                                  f"{', '.join(missing)}.")
         files = [SafetensorsFile(folder / name) for name in shard_names]
         for file in files:
-            absent = [key for key, shard in weight_map.items() if shard == os.path.basename(file.path) and key not in file.keys()]
+            absent = [key for key, shard in weight_map.items()
+                      if shard == os.path.basename(file.path) and key not in file.keys()]
             if absent:
                 raise CheckpointError(f"{file.path}: the shard index says it holds {absent[:3]} but it does not.")
         return files
@@ -143,7 +145,8 @@ def is_gguf(path):
 
 def has_weights(folder, weights_name):
     """Whether `folder` holds `<name>.safetensors`, its shard index, or shards (not e.g. model_index.json)."""
-    return ((folder / f"{weights_name}.safetensors").exists() or (folder / f"{weights_name}.safetensors.index.json").exists()
+    return ((folder / f"{weights_name}.safetensors").exists()
+            or (folder / f"{weights_name}.safetensors.index.json").exists()
             or any(folder.glob(f"{weights_name}-*-of-*.safetensors")))
 
 

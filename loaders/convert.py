@@ -9,9 +9,12 @@ from pathlib import Path
 import torch
 
 from ..errors import KleinError
-from ..loaders.gguf import hf_to_llama
-from .dequant import BLOCK_SIZES
-from .quantize import quantize
+from ..quant.dequant import BLOCK_SIZES
+from ..quant.quantize import quantize
+from .checkpoint import MODEL_PREFIXES, open_checkpoint
+from .detect import identify
+from .gguf import hf_to_llama
+from .tokenizer import find_tokenizer
 
 GGUF_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
 OUTPUT_TYPES = GGUF_TYPES + ("fp8",)
@@ -33,9 +36,6 @@ def tensor_type(name, tensor, qtype, text_encoder):
 
 def read_model(path):
     """(kind, {name: tensor}) from a transformer (BFL names) or a Qwen3 encoder (HF names) safetensors file."""
-    from ..loaders.checkpoint import MODEL_PREFIXES, open_checkpoint
-    from ..loaders.detect import identify
-
     ckpt = open_checkpoint(path, "transformer", "diffusion_pytorch_model", MODEL_PREFIXES)
     kind = identify(ckpt.shapes())
     if (kind.kind, kind.family) == ("transformer", "flux2") and kind.layout == "bfl":
@@ -63,7 +63,8 @@ def text_encoder_metadata(writer, tensors, tokenizer_dir):
     if tokenizer_dir is not None and (Path(tokenizer_dir) / "vocab.json").is_file():
         vocab = json.loads((Path(tokenizer_dir) / "vocab.json").read_text(encoding="utf-8"))
         config_path = Path(tokenizer_dir) / "tokenizer_config.json"
-        added = json.loads(config_path.read_text(encoding="utf-8")).get("added_tokens_decoder", {}) if config_path.exists() else {}
+        added = (json.loads(config_path.read_text(encoding="utf-8")).get("added_tokens_decoder", {})
+                 if config_path.exists() else {})
         for index, token in added.items():
             vocab[token["content"]] = int(index)
         size = tensors["model.embed_tokens.weight"].shape[0]
@@ -76,7 +77,8 @@ def text_encoder_metadata(writer, tensors, tokenizer_dir):
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre("qwen2")
         writer.add_token_list(tokens)
-        writer.add_token_types([3 if i in special else (5 if t.startswith("[PAD") else 1) for i, t in enumerate(tokens)])
+        writer.add_token_types([3 if i in special else (5 if t.startswith("[PAD") else 1)
+                                for i, t in enumerate(tokens)])
         writer.add_token_merges(merges)
 
 
@@ -136,8 +138,6 @@ def quantize_file(source, output, qtype, tokenizer=None):
         raise KleinError(f"{output} already exists; choose another output name")
     kind, tensors = read_model(source)
     if tokenizer is None and kind == "text_encoder":
-        from ..loaders.tokenizer import find_tokenizer
-
         try:
             tokenizer = find_tokenizer(source)
         except KleinError:

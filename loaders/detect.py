@@ -29,8 +29,10 @@ def identify(shapes):
         if mod_key in stripped:
             ctx = next((shapes[k] for k in keys if k.endswith(ctx_key)), (0, 0))[-1]
             name = FLUX2_CONTEXT_DIMS.get(ctx, f"FLUX.2-family (text width {ctx})")
-            return ModelKind("transformer", "flux2", f"FLUX.2 {name} transformer" if "klein" in name else f"{name} transformer", layout)
-    if "double_blocks.0.img_mod.lin.weight" in stripped or has("transformer_blocks.0.norm1.linear.weight", "x_embedder.weight"):
+            return ModelKind("transformer", "flux2",
+                             f"FLUX.2 {name} transformer" if "klein" in name else f"{name} transformer", layout)
+    if ("double_blocks.0.img_mod.lin.weight" in stripped
+            or has("transformer_blocks.0.norm1.linear.weight", "x_embedder.weight")):
         return ModelKind("transformer", "flux1", "FLUX.1 transformer (FLUX.1 dev/schnell/Kontext)")
     if any(k.startswith("joint_blocks.") for k in stripped):
         return ModelKind("transformer", "sd3", "Stable Diffusion 3 MMDiT")
@@ -42,7 +44,8 @@ def identify(shapes):
     if "model.embed_tokens.weight" in keys or "model.layers.0.input_layernorm.weight" in keys:
         width = shapes.get("model.layers.0.input_layernorm.weight", (0,))[0]
         if "model.layers.0.self_attn.q_norm.weight" in keys:
-            return ModelKind("text_encoder", "qwen3", QWEN3_SIZES.get(width, f"Qwen3 (hidden {width})") + " text encoder")
+            return ModelKind("text_encoder", "qwen3",
+                             QWEN3_SIZES.get(width, f"Qwen3 (hidden {width})") + " text encoder")
         return ModelKind("text_encoder", "llm", f"a Llama/Qwen2-style language model (hidden {width}), not Qwen3")
     if any(k.startswith(("text_model.encoder.", "transformer.resblocks.")) for k in keys):
         return ModelKind("text_encoder", "clip", "a CLIP text encoder")
@@ -57,31 +60,3 @@ def identify(shapes):
         layout = "diffusers" if "decoder.up_blocks.0.resnets.0.norm1.weight" in vae_keys else "bfl"
         return ModelKind("vae", "flux2" if is_flux2 else "other", f"{family} VAE", layout)
     return ModelKind("unknown", "unknown", "an unrecognised model")
-
-
-def describe_file(path):
-    """ModelKind of a weight file from its header alone (no tensor data is read)."""
-    from .safetensors_io import SafetensorsFile, sniff_format
-
-    fmt = sniff_format(path)
-    if fmt == "gguf":
-        return describe_gguf(path)
-    if fmt == "pickle":
-        return ModelKind("unknown", "pickle", "a pickle checkpoint (refused: use safetensors or GGUF)")
-    file = SafetensorsFile(path)  # anything else must be safetensors; this raises a precise error if not
-    return identify({k: file.shape(k) for k in file.keys()})
-
-
-def describe_gguf(path, file=None):
-    """ModelKind of a GGUF file (`file`: the GGUFFile when the caller has it open)."""
-    try:
-        from .gguf import GGUFFile
-    except ImportError:
-        return ModelKind("unknown", "gguf", "a GGUF file (install the `gguf` package to inspect it)")
-    file = file or GGUFFile(path)
-    arch = file.field("general.architecture", "")
-    if isinstance(arch, str) and arch.startswith("qwen3"):
-        width = file.tensors.get("blk.0.attn_norm.weight", (None, (0,)))[1][0]
-        return ModelKind("text_encoder", "qwen3", QWEN3_SIZES.get(width, "Qwen3") + " text encoder (GGUF)", "gguf")
-    kind = identify({name: shape for name, (_, shape, _) in file.tensors.items()})
-    return ModelKind(kind.kind, kind.family, kind.description + " (GGUF)", "gguf")

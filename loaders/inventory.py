@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import Checkpoint
-from .detect import ModelKind, describe_gguf, identify
+from .detect import QWEN3_SIZES, ModelKind, identify
+from .gguf import GGUFFile
 from .lora import TEXT_ENCODER_PREFIXES, split_key
 from .safetensors_io import SafetensorsFile, sniff_format
-from .scaled import layer_formats
+from .scaled import QUANT_FORMATS, layer_formats
 
 FLOAT_NAMES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp64"}
 LORA_BASES = {3072: "FLUX.2 [klein] 4B", 4096: "FLUX.2 [klein] 9B", 6144: "FLUX.2 [dev]"}
@@ -56,11 +57,12 @@ def gguf_format(storage):
 
 
 def safetensors_format(file, storage):
-    """nvfp4 by its markers, fp8 by its dtype, else the float dtype holding the most bytes."""
-    if "U8" in storage and "nvfp4" in layer_formats(Checkpoint([file], file.path)).values():
-        return "nvfp4"
-    if "F8_E4M3" in storage:
-        return "fp8" + (" (scaled)" if "F32" in storage else "")
+    """A quantization format by its marker (nvfp4) or by its dtype (fp8), else the float dtype holding the most
+    bytes."""
+    marked = {f for f in layer_formats(Checkpoint([file], file.path)).values() if f in QUANT_FORMATS}
+    for name, spec in sorted(QUANT_FORMATS.items(), key=lambda item: not item[1].marked_only):  # nvfp4 holds fp8 too
+        if spec.storage in storage and (name in marked or not spec.marked_only):
+            return spec.kind + (" (scaled)" if spec.kind == "fp8" and "F32" in storage else "")
     main = max(storage, key=lambda k: storage[k][1], default="empty")
     return FLOAT_NAMES.get(main, main.lower())
 
@@ -99,15 +101,23 @@ def lora_of(file):
             or "n/a", "targets": targets, "base": base}
 
 
+def describe_gguf(file):
+    """ModelKind of an open GGUFFile, from its metadata and tensor shapes."""
+    arch = file.field("general.architecture", "")
+    if isinstance(arch, str) and arch.startswith("qwen3"):
+        width = file.tensors.get("blk.0.attn_norm.weight", (None, (0,)))[1][0]
+        return ModelKind("text_encoder", "qwen3", QWEN3_SIZES.get(width, "Qwen3") + " text encoder (GGUF)", "gguf")
+    kind = identify({name: shape for name, (_, shape, _) in file.tensors.items()})
+    return ModelKind(kind.kind, kind.family, kind.description + " (GGUF)", "gguf")
+
+
 def inventory(path):
     """The Inventory of one weight file (its header read once)."""
     path = Path(path)
     if sniff_format(path) == "gguf":
-        from .gguf import GGUFFile
-
         file = GGUFFile(path)
         storage = tally((qtype, data.nbytes) for qtype, _, data in file.tensors.values())
-        return Inventory(describe_gguf(path, file), storage, gguf_format(storage))
+        return Inventory(describe_gguf(file), storage, gguf_format(storage))
     file = SafetensorsFile(path)  # anything else must be safetensors; this raises a precise error if not
     storage = tally((dtype, end - begin) for dtype, _, begin, end in file.entries.values())
     lora = lora_of(file)

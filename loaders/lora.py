@@ -1,6 +1,7 @@
 """LoRA files -> adapters on klein's layers, for every published naming: BFL/ComfyUI (`diffusion_model.double_blocks
 .0.img_attn.qkv.lora_A/B`, `lora_down/up`, `alpha`), diffusers/PEFT (`transformer.transformer_blocks.0.attn.to_q
-.lora_A.weight`: split q/k/v land on row ranges of our fused qkv; DiffSynth's `.lora_A.default.weight`), kohya (`lora_unet_double_blocks_0_img_attn_qkv`),
+.lora_A.weight`: split q/k/v land on row ranges of our fused qkv; DiffSynth's `.lora_A.default.weight`),
+kohya (`lora_unet_double_blocks_0_img_attn_qkv`),
 LyCORIS LoKr/LoHa (`lycoris_transformer_blocks_0_attn_to_q.lokr_w1`), DoRA (`lora_magnitude_vector`,
 `dora_scale`), and Qwen3 text-encoder LoRAs
 (`text_encoders.qwen3_4b.transformer.model.layers.0.self_attn.q_proj`, `text_encoder.`, `lora_te_`)."""
@@ -17,6 +18,7 @@ import torch
 
 from ..errors import CheckpointError, KleinError, KleinNote, WrongModelError
 from ..models.adapters import Adapter, with_adapters
+from ..models.text_encoder import KleinTextEncoder
 from ..models.transformer import Flux2
 from .safetensors_io import PICKLE_SUFFIXES, SafetensorsFile, refuse_pickle, sniff_format
 from .transformer import BFL_FINAL_MOD, DIFFUSERS_DOUBLE, DIFFUSERS_FUSED_QKV, DIFFUSERS_GLOBAL, DIFFUSERS_SINGLE
@@ -60,7 +62,8 @@ def transformer_aliases(model):
     for i in range(model.params.depth):
         renames.update({f"transformer_blocks.{i}.{k}": f"double_blocks.{i}.{v}" for k, v in DIFFUSERS_DOUBLE.items()})
     for i in range(model.params.depth_single_blocks):
-        renames.update({f"single_transformer_blocks.{i}.{k}": f"single_blocks.{i}.{v}" for k, v in DIFFUSERS_SINGLE.items()})
+        renames.update({f"single_transformer_blocks.{i}.{k}": f"single_blocks.{i}.{v}"
+                        for k, v in DIFFUSERS_SINGLE.items()})
     aliases = {name: (name, None) for name in linears}
     aliases.update({k[: -len(".weight")]: (v[: -len(".weight")], None) for k, v in renames.items()
                     if v[: -len(".weight")] in linears})
@@ -72,7 +75,8 @@ def transformer_aliases(model):
         aliases[f"transformer_blocks.{i}.attn.to_qkv"] = (f"double_blocks.{i}.img_attn.qkv", None)
         aliases[f"transformer_blocks.{i}.attn.to_added_qkv"] = (f"double_blocks.{i}.txt_attn.qkv", None)
     # diffusers' final modulation stores (scale, shift) where BFL stores (shift, scale)
-    aliases["norm_out.linear"] = (BFL_FINAL_MOD[: -len(".weight")], torch.cat((torch.arange(h, 2 * h), torch.arange(h))))
+    aliases["norm_out.linear"] = (BFL_FINAL_MOD[: -len(".weight")],
+                                  torch.cat((torch.arange(h, 2 * h), torch.arange(h))))
     return aliases
 
 
@@ -230,11 +234,11 @@ def check_shape(model, layer, rows, adapter, path):
     expected = (out_features, module.in_features)
     magnitude = adapter.tensors.get("magnitude")
     if tuple(adapter.shape()) != expected or (magnitude is not None and magnitude.numel() not in expected):
-        raise WrongModelError(f"LoRA layer '{path}' is {tuple(adapter.shape())} but klein's '{layer}' needs {expected}: "
-                              "the LoRA was made for another model (klein 4B and 9B LoRAs do not mix).")
+        raise WrongModelError(f"LoRA layer '{path}' is {tuple(adapter.shape())} but klein's '{layer}' needs "
+                              f"{expected}: the LoRA was made for another model (klein 4B and 9B LoRAs do not mix).")
 
 
-def apply_lora(model, path, strength=1.0):
+def apply_lora(model: Flux2 | KleinTextEncoder, path: str | Path, strength: float = 1.0) -> Flux2 | KleinTextEncoder:
     """A copy of `model` (a klein transformer or text encoder) with the LoRA at `path` added at `strength`.
 
     The input model is left as it was and shares all its weights with the copy; LoRAs stack by calling this again.
@@ -261,7 +265,8 @@ def apply_lora_pair(model, text_encoder, path, strength=1.0, text_encoder_streng
         model, _ = apply_lora_tensors(model, tensors, metadata, strength, label)
     te_strength = strength if text_encoder_strength is None else text_encoder_strength
     if has_te_keys and text_encoder is None:
-        warnings.warn(f"{label}: has text-encoder layers; connect a text encoder to apply them", KleinNote, stacklevel=2)
+        warnings.warn(f"{label}: has text-encoder layers; connect a text encoder to apply them", KleinNote,
+                      stacklevel=2)
     elif has_te_keys and te_strength:
         text_encoder, _ = apply_lora_tensors(text_encoder, tensors, metadata, te_strength, label)
     return model, text_encoder
@@ -298,7 +303,8 @@ def apply_lora_tensors(model, tensors, metadata, strength, label):
     is_transformer = isinstance(model, Flux2)
     target = model if is_transformer else getattr(model, "model", None)
     if target is None or not hasattr(target, "params"):
-        raise WrongModelError(f"{label}: LoRAs apply to a klein transformer or text encoder, not {type(model).__name__}.")
+        raise WrongModelError(f"{label}: LoRAs apply to a klein transformer or text encoder, "
+                              f"not {type(model).__name__}.")
     try:
         layers, report = parse(tensors, metadata, target, "transformer" if is_transformer else "text_encoder")
     except (CheckpointError, WrongModelError) as e:

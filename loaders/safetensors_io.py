@@ -72,10 +72,11 @@ class SafetensorsFile:
         if fmt == "image":
             raise CheckpointError(f"{self.path}: this is an image, not a model file.")
         if fmt != "safetensors" and self.path.lower().endswith(".gguf"):
-            raise CheckpointError(f"{self.path}: named .gguf but it does not start with the GGUF magic: not a GGUF file "
-                                  "(a damaged download, or another file renamed).")
+            raise CheckpointError(f"{self.path}: named .gguf but it does not start with the GGUF magic: "
+                                  "not a GGUF file (a damaged download, or another file renamed).")
         if size < 10:
-            raise CheckpointError(f"{self.path}: not a safetensors file ({size} bytes; the file is empty or truncated).")
+            raise CheckpointError(f"{self.path}: not a safetensors file "
+                                  f"({size} bytes; the file is empty or truncated).")
         with open(self.path, "rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
             if header_len > min(size - 8, MAX_HEADER_BYTES):

@@ -18,7 +18,9 @@ from .text_encoder import load_text_encoder
 MAX_CONFIG_BYTES = 1 << 20
 
 
-def load_prompt_safety(path_or_text_encoder, tokenizer=None, policy=None, dtype=None, device="cpu"):
+def load_prompt_safety(path_or_text_encoder: str | Path | KleinTextEncoder, tokenizer: str | Path | None = None,
+                       policy: dict | None = None, dtype: torch.dtype | None = None,
+                       device: str | torch.device = "cpu") -> PromptSafety:
     """A PromptSafety over the whole Qwen3 chat model in klein's text encoder file (safetensors, fp8, nvfp4 or
     GGUF). Given a loaded text encoder (built to layer 27 for klein), the layers it has are shared and only the
     rest, the final norm and the head are read from the same file."""
@@ -127,7 +129,8 @@ def check_image_safety(path):
     return model, file, id2label, settings
 
 
-def load_image_safety(path, dtype=torch.float32, device="cpu", unsafe_labels=None):
+def load_image_safety(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                      unsafe_labels: list | None = None) -> ImageSafety:
     """An ImageSafety from a Hugging Face ViT image classifier: a folder with config.json and model.safetensors
     (and preprocessor_config.json), or the model.safetensors file inside one."""
     model, file, id2label, settings = check_image_safety(path)

@@ -1,7 +1,9 @@
 """Quantized layers of safetensors checkpoints: fp8 (BFL `weight_scale`, ComfyUI `comfy_quant` /
-`_quantization_metadata`, legacy `scaled_fp8`) and ComfyUI's nvfp4, with the tensors that describe them."""
+`_quantization_metadata`, legacy `scaled_fp8`) and ComfyUI's nvfp4, with the tensors that describe them.
+QUANT_FORMATS is the one table of these formats: how each is stored, marked and described, and its layer."""
 
 import json
+from dataclasses import dataclass
 
 import torch
 
@@ -10,10 +12,44 @@ from ..quant.fp8 import Fp8Linear
 from ..quant.linear import replace_module
 from ..quant.nvfp4 import Nvfp4Linear
 
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
-FORMATS = FP8_FORMATS + ("nvfp4",)
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    kind: str  # in descriptions and `inspect`: fp8 | nvfp4
+    stored: torch.dtype  # the weight's dtype in the file
+    storage: str  # the same, as safetensors headers spell it
+    values_per_element: int  # logical weight values per stored element (nvfp4: two 4-bit values per byte)
+    marked_only: bool  # recognised by its marker alone (a uint8 weight is not quantized by itself)
+    extra_roles: dict  # tensors beside the weight and its scale: {role: required}
+    build: object  # (tensors by role, logical shape, compute dtype) -> the layer
+
+
+def fp8_layer(tensor, shape, compute_dtype):
+    scale = torch.ones(()) if tensor["weight_scale"] is None else tensor["weight_scale"].float()
+    return Fp8Linear(tensor["weight"], scale.to(tensor["weight"].device), tensor["input_scale"], compute_dtype)
+
+
+def nvfp4_layer(tensor, shape, compute_dtype):
+    return Nvfp4Linear(tensor["weight"], tensor["weight_scale"], tensor["weight_scale_2"], shape,
+                       tensor["pre_quant_scale"], compute_dtype)
+
+
+# keyed by the name ComfyUI's markers use (an unmarked fp8 weight is found by its dtype)
+QUANT_FORMATS = {
+    "float8_e4m3fn": QuantFormat("fp8", torch.float8_e4m3fn, "F8_E4M3", 1, False, {}, fp8_layer),
+    "float8_e5m2": QuantFormat("fp8", torch.float8_e5m2, "F8_E5M2", 1, False, {}, fp8_layer),
+    "nvfp4": QuantFormat("nvfp4", torch.uint8, "U8", 2, True, {"weight_scale_2": True, "pre_quant_scale": False},
+                         nvfp4_layer),
+}
+BY_DTYPE = {f.stored: name for name, f in QUANT_FORMATS.items() if not f.marked_only}
 SCALE_NAMES = ("weight_scale", "scale_weight", "weight_scale_2", "input_scale", "scale_input", "pre_quant_scale")
+
+
+def values_per_element(fmt):
+    """Logical weight values per stored element of a layer marked `fmt` (None: unmarked)."""
+    spec = QUANT_FORMATS.get(fmt)
+    return 1 if spec is None else spec.values_per_element
 
 
 def layer_formats(ckpt):
@@ -41,24 +77,27 @@ def layer_formats(ckpt):
 
 
 def find_quantized_layers(ckpt):
-    """({layer: (format, {role: key})}, keys that only describe quantization) for every 2-D fp8 or marked nvfp4
-    `.weight`. Roles: weight, weight_scale (None: unscaled fp8), input_scale, and for nvfp4 weight_scale_2 and
-    pre_quant_scale."""
+    """({layer: (QUANT_FORMATS key, {role: key})}, keys that only describe quantization) for every 2-D fp8 or
+    marked nvfp4 `.weight`. Roles: weight, weight_scale (None: unscaled fp8), input_scale, and the format's
+    extra_roles (nvfp4: weight_scale_2, pre_quant_scale)."""
     formats = ckpt.quant_formats
-    unsupported = {str(f) for f in formats.values() if f not in FORMATS}
+    unsupported = {str(f) for f in formats.values() if f not in QUANT_FORMATS}
     if unsupported:
         raise CheckpointError(f"{ckpt.path}: quantization format(s) {', '.join(sorted(unsupported))} are not "
-                              f"supported (supported in safetensors: {', '.join(FORMATS)}; or use a GGUF file)")
+                              f"supported (supported in safetensors: {', '.join(QUANT_FORMATS)}; or use a GGUF file)")
     keys = set(ckpt.keys())
     scaled = any(k.endswith((".weight_scale", ".scale_weight")) for k in keys)
     layers = {}
     for key in keys:
         layer = key[: -len(".weight")]
-        if not key.endswith(".weight") or (ckpt.dtype(key) not in FP8_DTYPES and formats.get(layer) != "nvfp4"):
+        marked = formats.get(layer)
+        by_marker = marked is not None and QUANT_FORMATS[marked].marked_only
+        if not key.endswith(".weight") or (ckpt.dtype(key) not in BY_DTYPE and not by_marker):
             continue
-        if formats.get(layer) is None and len(ckpt.shape(key)) != 2:
+        if marked is None and len(ckpt.shape(key)) != 2:
             continue  # an unmarked 1-D fp8 tensor (a norm) is plain data
-        fmt = formats.get(layer, "fp8")
+        name = marked if by_marker else BY_DTYPE[ckpt.dtype(key)]
+        spec, fmt = QUANT_FORMATS[name], marked or QUANT_FORMATS[name].kind  # fmt: as messages name it
 
         def find(*names, required=True):
             found = next((f"{layer}.{name}" for name in names if f"{layer}.{name}" in keys), None)
@@ -67,17 +106,21 @@ def find_quantized_layers(ckpt):
             return found
 
         # a file with no scale and no marker at all is how ComfyUI saves a model cast to fp8: scale 1
-        roles = {"weight": key, "weight_scale": find("weight_scale", "scale_weight", required=scaled or layer in formats),
+        roles = {"weight": key,
+                 "weight_scale": find("weight_scale", "scale_weight", required=scaled or layer in formats),
                  "input_scale": find("input_scale", "scale_input", required=False)}
-        if fmt == "nvfp4":
-            if ckpt.dtype(key) != torch.uint8:
-                raise CheckpointError(f"{ckpt.path}: '{key}' is marked nvfp4 but stored as {ckpt.dtype(key)}, not uint8")
-            roles.update(weight_scale_2=find("weight_scale_2"), pre_quant_scale=find("pre_quant_scale", required=False))
-        elif roles["input_scale"] and roles["input_scale"].endswith("scale_input") and is_one(ckpt, roles["input_scale"]):
+        if spec.marked_only:
+            if ckpt.dtype(key) != spec.stored:
+                raise CheckpointError(f"{ckpt.path}: '{key}' is marked {name} but stored as {ckpt.dtype(key)}, "
+                                      f"not {str(spec.stored).removeprefix('torch.')}")
+            roles.update({role: find(role, required=required) for role, required in spec.extra_roles.items()})
+        elif (roles["input_scale"] and roles["input_scale"].endswith("scale_input")
+              and is_one(ckpt, roles["input_scale"])):
             roles["input_scale"] = None  # legacy scaled_fp8 files store 1.0 for "no static input scale"
-        layers[layer] = (fmt, roles)
+        layers[layer] = (name, roles)
     described = {k for k in keys if k.endswith((".comfy_quant", "scaled_fp8"))}
-    described |= {k for layer in layers for k in keys if k.startswith(layer + ".") and k.rsplit(".", 1)[1] in SCALE_NAMES}
+    described |= {k for layer in layers for k in keys
+                  if k.startswith(layer + ".") and k.rsplit(".", 1)[1] in SCALE_NAMES}
     return layers, described
 
 
@@ -91,16 +134,10 @@ def install_quantized_layers(model, layers, ckpt, rename, compute_dtype, device)
     for layer, (fmt, roles) in layers.items():
         name = rename(layer)
         tensor = {role: None if key is None else ckpt.get(key).to(device) for role, key in roles.items()}
-        if fmt == "nvfp4":
-            shape = model.get_submodule(name).weight.shape
-            try:
-                module = Nvfp4Linear(tensor["weight"], tensor["weight_scale"], tensor["weight_scale_2"], shape,
-                                     tensor["pre_quant_scale"], compute_dtype)
-            except ValueError as e:
-                raise CheckpointError(f"{ckpt.path}: {layer}: {e}") from None
-        else:
-            scale = torch.ones(()) if tensor["weight_scale"] is None else tensor["weight_scale"].float()
-            module = Fp8Linear(tensor["weight"], scale.to(device), tensor["input_scale"], compute_dtype)
+        try:
+            module = QUANT_FORMATS[fmt].build(tensor, model.get_submodule(name).weight.shape, compute_dtype)
+        except ValueError as e:
+            raise CheckpointError(f"{ckpt.path}: {layer}: {e}") from None
         replace_module(model, name, module)
 
 
@@ -108,6 +145,6 @@ def describe(layers):
     """' (fp8, 20 layers)' style suffix for a model description."""
     counts = {}
     for fmt, _ in layers.values():
-        kind = "nvfp4" if fmt == "nvfp4" else "fp8"
+        kind = QUANT_FORMATS[fmt].kind
         counts[kind] = counts.get(kind, 0) + 1
     return "".join(f" ({kind}, {n} layers)" for kind, n in sorted(counts.items()))

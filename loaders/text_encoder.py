@@ -10,19 +10,24 @@ from torch import nn
 
 from ..errors import CheckpointError, WrongModelError
 from ..models.text_encoder import KLEIN_LAYERS, KleinTextEncoder, Qwen3, Qwen3Params
+from ..models.transformer import Flux2
+from ..quant.linear import fill_packed
 from .checkpoint import check_state_dict, choose_dtype, is_gguf, open_checkpoint, require
 from .detect import QWEN3_SIZES, identify
+from .gguf import GGUFFile, llama_to_hf
 from .scaled import find_quantized_layers, install_quantized_layers
-from .tokenizer import find_tokenizer, load_tokenizer
+from .tokenizer import find_tokenizer, load_tokenizer, tokenizer_from_gguf
 
-TEXT_ENCODER_PREFIXES = ("model.", "text_encoders.qwen3_4b.transformer.model.", "text_encoders.qwen3_8b.transformer.model.")
+TEXT_ENCODER_PREFIXES = ("model.", "text_encoders.qwen3_4b.transformer.model.",
+                         "text_encoders.qwen3_8b.transformer.model.")
 LAYER_KEY = re.compile(r"^layers\.(\d+)\.")
 DEFAULT_ROPE_THETA = 1_000_000.0
 
 
 def params_from_shapes(shapes, path, num_layers, rope_theta):
-    require(shapes, {"embed_tokens.weight": 2, "layers.0.self_attn.q_proj.weight": 2, "layers.0.self_attn.k_proj.weight": 2,
-                     "layers.0.self_attn.q_norm.weight": 1, "layers.0.mlp.gate_proj.weight": 2}, path, "Qwen3 text encoder")
+    require(shapes, {"embed_tokens.weight": 2, "layers.0.self_attn.q_proj.weight": 2,
+                     "layers.0.self_attn.k_proj.weight": 2, "layers.0.self_attn.q_norm.weight": 1,
+                     "layers.0.mlp.gate_proj.weight": 2}, path, "Qwen3 text encoder")
     vocab, hidden = shapes["embed_tokens.weight"]
     head_dim = shapes["layers.0.self_attn.q_norm.weight"][0]
     return Qwen3Params(
@@ -43,11 +48,14 @@ def rope_theta_from_config(path):
     for config in (path / "config.json", path / "text_encoder" / "config.json"):
         if config.is_file():
             data = json.loads(config.read_text())
-            return float(data.get("rope_theta") or data.get("rope_parameters", {}).get("rope_theta") or DEFAULT_ROPE_THETA)
+            return float(data.get("rope_theta") or data.get("rope_parameters", {}).get("rope_theta")
+                         or DEFAULT_ROPE_THETA)
     return DEFAULT_ROPE_THETA
 
 
-def load_text_encoder(path, tokenizer=None, dtype=None, device="cpu", layers=KLEIN_LAYERS, chat=False):
+def load_text_encoder(path: str | Path, tokenizer: str | Path | None = None, dtype: torch.dtype | None = None,
+                      device: str | torch.device = "cpu", layers: tuple = KLEIN_LAYERS,
+                      chat: bool = False) -> KleinTextEncoder:
     """Load Qwen3 (4B for klein 4B, 8B for klein 9B) with only the decoder layers `layers` needs.
 
     Accepts ComfyUI's `qwen_3_4b.safetensors`, a Hugging Face `text_encoder/` folder (sharded + index) or the
@@ -56,8 +64,6 @@ def load_text_encoder(path, tokenizer=None, dtype=None, device="cpu", layers=KLE
     no lm_head.weight), for the prompt check.
     """
     if is_gguf(path):
-        from .gguf import load_gguf_text_encoder
-
         return load_gguf_text_encoder(path, tokenizer, dtype, device, layers, chat)
     ckpt = open_checkpoint(path, "text_encoder", "model", ())
     kind = identify(ckpt.shapes())
@@ -70,7 +76,8 @@ def load_text_encoder(path, tokenizer=None, dtype=None, device="cpu", layers=KLE
     needed = available if chat else max(layers)
     if needed > available:
         raise CheckpointError(f"{path}: layer {needed} was requested but the file has only {available} decoder layers.")
-    params = params_from_shapes(shapes, path, needed, rope_theta_from_config(path if Path(path).is_dir() else Path(path).parent))
+    params = params_from_shapes(shapes, path, needed,
+                                rope_theta_from_config(path if Path(path).is_dir() else Path(path).parent))
     params = chat_params(params, shapes, path) if chat else params
     with torch.device("meta"):
         model = Qwen3(params)
@@ -85,7 +92,8 @@ def load_text_encoder(path, tokenizer=None, dtype=None, device="cpu", layers=KLE
     plain = [k for k in expected if names[k] not in quantized_weights]
     dtype = choose_dtype(ckpt, [names[k] for k in plain], dtype)
     install_quantized_layers(model, quantized, ckpt, strip, dtype, device)
-    model.load_state_dict({k: ckpt.get(names[k]).to(device=device, dtype=dtype) for k in plain}, strict=False, assign=True)
+    model.load_state_dict({k: ckpt.get(names[k]).to(device=device, dtype=dtype) for k in plain},
+                          strict=False, assign=True)
     model.requires_grad_(False).eval()
     tokenizer_path = find_tokenizer(path, tokenizer)
     encoder = KleinTextEncoder(model, load_tokenizer(tokenizer_path), description=kind.description)
@@ -93,12 +101,45 @@ def load_text_encoder(path, tokenizer=None, dtype=None, device="cpu", layers=KLE
     return encoder
 
 
+def load_gguf_text_encoder(path, tokenizer, dtype, device, layers, chat):
+    file = GGUFFile(path)
+    arch = file.field("general.architecture", "")
+    if not str(arch).startswith("qwen3"):
+        raise WrongModelError(f"{path}: this GGUF holds a '{arch}' model, not a Qwen3 text encoder.")
+    names = {strip(hf): name for name in file.tensors if (hf := llama_to_hf(name))}
+    shapes = {new: file.tensors[old][1] for new, old in names.items()}
+    available = 1 + max((int(m.group(1)) for k in shapes if (m := re.match(r"^layers\.(\d+)\.", k))), default=-1)
+    needed = available if chat else max(layers)
+    if needed > available:
+        raise CheckpointError(f"{path}: layer {needed} was requested but the file has only {available} decoder layers.")
+    theta = file.field(f"{arch}.rope.freq_base", 1_000_000.0)
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < float("inf"):
+        raise CheckpointError(f"{path}: {arch}.rope.freq_base is {theta!r}, not a positive number.")
+    params = params_from_shapes(shapes, path, needed, theta)
+    params = chat_params(params, shapes, path) if chat else params
+    with torch.device("meta"):
+        model = Qwen3(params)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    check_state_dict(path, "a Qwen3 text encoder", expected, {k: shapes[k] for k in expected if k in shapes})
+    compute_dtype = dtype or torch.bfloat16
+    model = fill_packed(model, file.load({k: names[k] for k in expected}, compute_dtype, device), compute_dtype)
+    try:
+        tok = load_tokenizer(find_tokenizer(path, tokenizer))
+    except CheckpointError:
+        if tokenizer is not None:
+            raise
+        tok = tokenizer_from_gguf(file)
+    encoder = KleinTextEncoder(model, tok, description=f"{arch} text encoder (GGUF, {file.summary()})")
+    encoder.source = (path, tokenizer, dtype)
+    return encoder
+
+
 def chat_params(params, shapes, path):
     """Qwen3Params for the whole chat model, once the file is known to hold its final norm (and maybe own head)."""
     if "norm.weight" not in shapes:
-        raise CheckpointError(f"{path}: this Qwen3 file holds no final norm (model.norm.weight), so it is not the whole "
-                              "chat model the prompt check runs; use the full qwen_3_4b file (ComfyUI's and the Hugging "
-                              "Face release both are).")
+        raise CheckpointError(f"{path}: this Qwen3 file holds no final norm (model.norm.weight), so it is not the "
+                              "whole chat model the prompt check runs; use the full qwen_3_4b file (ComfyUI's and the "
+                              "Hugging Face release both are).")
     return dataclasses.replace(params, lm_head="own" if "lm_head.weight" in shapes else "tied")
 
 
@@ -109,7 +150,7 @@ def strip(name):
     return name
 
 
-def ensure_text_encoder_fits(text_encoder, transformer, layers=KLEIN_LAYERS):
+def ensure_text_encoder_fits(text_encoder: KleinTextEncoder, transformer: Flux2, layers: tuple = KLEIN_LAYERS) -> None:
     """Raise when the encoder's features cannot feed the transformer (e.g. Qwen3-8B with klein 4B)."""
     features = text_encoder.hidden_size * len(layers)
     expected = transformer.params.context_in_dim

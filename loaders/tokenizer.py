@@ -9,7 +9,8 @@ from pathlib import Path
 from ..errors import CheckpointError, KleinNote
 
 PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"""
+    r"""\s+(?!\S)|\s+"""
 )
 COMFY_TOKENIZER = Path("comfy") / "text_encoders" / "qwen25_tokenizer"
 QWEN3_FIRST_ADDED = 151643
@@ -29,7 +30,8 @@ QWEN3_ADDED_TOKENS = (
 
 def has_tokenizer_files(folder):
     folder = Path(folder)
-    return (folder / "tokenizer.json").is_file() or ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
+    return ((folder / "tokenizer.json").is_file()
+            or ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()))
 
 
 def tokenizer_candidates(weights_path):
@@ -60,7 +62,8 @@ def find_tokenizer(weights_path, tokenizer=None):
         path = Path(tokenizer)
         if path.is_file() and path.name.endswith(".json") or path.is_dir() and has_tokenizer_files(path):
             return path
-        raise CheckpointError(f"{path}: not a tokenizer (expected tokenizer.json, or a folder with vocab.json + merges.txt).")
+        raise CheckpointError(f"{path}: not a tokenizer "
+                              "(expected tokenizer.json, or a folder with vocab.json + merges.txt).")
     candidates = tokenizer_candidates(weights_path)
     for folder in candidates:
         if has_tokenizer_files(folder):
@@ -102,14 +105,16 @@ def load_tokenizer(path):
         if not wrong_added_tokens({i: tokenizer.id_to_token(i) for i in qwen3_ids()}):
             return tokenizer
         data = json.loads(file.read_text(encoding="utf-8"))  # rebuilt from its vocabulary with Qwen3's tokens
-        vocab, merges = data["model"]["vocab"], [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+        vocab, merges = (data["model"]["vocab"],
+                         [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]])
         added = {str(t["id"]): t for t in data.get("added_tokens", [])}
     else:
         vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
         merges = [line for line in (path / "merges.txt").read_text(encoding="utf-8").splitlines()
                   if line and not line.startswith("#version")]
         config = path / "tokenizer_config.json"
-        added = json.loads(config.read_text(encoding="utf-8")).get("added_tokens_decoder", {}) if config.is_file() else {}
+        added = (json.loads(config.read_text(encoding="utf-8")).get("added_tokens_decoder", {})
+                 if config.is_file() else {})
     return with_added_tokens(qwen_bpe(vocab, merges), added, file if file.is_file() else path)
 
 
@@ -134,7 +139,8 @@ def with_added_tokens(tokenizer, added, source):
                       + ", ".join(f"{theirs} for {found}" for _, found, theirs in wrong)
                       + "), so prompts encode as diffusers and BFL's code encode them", KleinNote, stacklevel=3)
     tokens = {**{int(i): token for i, token in added.items()},
-              **{i: {"content": text, "special": special} for i, (text, special) in zip(qwen3_ids(), QWEN3_ADDED_TOKENS)}}
+              **{i: {"content": text, "special": special}
+                 for i, (text, special) in zip(qwen3_ids(), QWEN3_ADDED_TOKENS)}}
     for token_id, token in sorted(tokens.items()):
         if tokenizer.token_to_id(token["content"]) not in (None, token_id):
             raise CheckpointError(f"{source}: added token {token['content']!r} has id {token_id}, the vocabulary "
@@ -145,4 +151,28 @@ def with_added_tokens(tokenizer, added, source):
         if tokenizer.token_to_id(token["content"]) != token_id:
             raise CheckpointError(f"{source}: added token {token['content']!r} does not get id {token_id}: not "
                                   f"Qwen3's tokenizer ({QWEN3_FIRST_ADDED} tokens and {len(QWEN3_ADDED_TOKENS)} added)")
+    return tokenizer
+
+
+def tokenizer_from_gguf(file):
+    """A byte-level BPE tokenizer from a GGUFFile's metadata (tokens, merges, control tokens)."""
+    from tokenizers import AddedToken
+
+    tokens = file.field("tokenizer.ggml.tokens")
+    merges = file.field("tokenizer.ggml.merges")
+    if not tokens or not merges:
+        raise CheckpointError(f"{file.path}: no tokenizer files were found and the GGUF has no tokenizer metadata; "
+                              "pass tokenizer=<folder with vocab.json + merges.txt>")
+    types = file.field("tokenizer.ggml.token_type") or [1] * len(tokens)
+    malformed = [key for key, values, kind in (("tokens", tokens, str), ("merges", merges, str),
+                                               ("token_type", types, int))
+                 if not isinstance(values, list) or not all(isinstance(v, kind) for v in values)]
+    malformed += ["merges"] * any(len(m.split(" ")) != 2 for m in merges if "merges" not in malformed)
+    if malformed:
+        raise CheckpointError(f"{file.path}: the tokenizer metadata is malformed (tokenizer.ggml.{malformed[0]}); pass "
+                              "tokenizer=<folder with vocab.json + merges.txt>")
+    tokenizer = qwen_bpe({token: i for i, token in enumerate(tokens)}, merges)
+    # control (3) and user-defined (4) tokens such as <|im_start|> and <think> are matched whole, at their own ids
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)
+                                  for token, kind in zip(tokens, types) if kind in (3, 4)])
     return tokenizer

@@ -1,14 +1,17 @@
 """FLUX.2 transformer files -> `Flux2` modules (BFL/ComfyUI single file, diffusers folders)."""
 
 import re
+from pathlib import Path
 
 import torch
 
 from ..errors import CheckpointError, WrongModelError
 from ..models.transformer import Flux2, Flux2Params
+from ..quant.linear import fill_packed
 from .checkpoint import (MODEL_PREFIXES, Checkpoint, TensorSource, check_state_dict, choose_dtype, is_gguf,
-                         open_checkpoint, require)
+                         open_checkpoint, require, strip_prefix)
 from .detect import identify
+from .gguf import TRANSFORMER_ARCHS, GGUFFile
 from .scaled import describe, find_quantized_layers, install_quantized_layers
 
 # diffusers name -> BFL name (klein-spec §2.2); `{}` is the block index.
@@ -118,7 +121,8 @@ def params_from_shapes(shapes, path):
     hidden, in_channels = shapes["img_in.weight"]
     head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
     if hidden % head_dim or head_dim % 8:
-        raise CheckpointError(f"{path}: hidden size {hidden} is not a multiple of the head size {head_dim} (or it is not a multiple of 8).")
+        raise CheckpointError(f"{path}: hidden size {hidden} is not a multiple of the head size {head_dim} "
+                              "(or it is not a multiple of 8).")
     return Flux2Params(
         in_channels=in_channels,
         out_channels=shapes["final_layer.linear.weight"][0],
@@ -140,21 +144,20 @@ def check_dtypes(path, ckpt, sources, quantized_weights=()):
             dtype = ckpt.dtype(name)
             if name in quantized_weights or dtype.is_floating_point:
                 continue
-            raise CheckpointError(f"{path}: '{name}' has dtype {dtype}; transformer weights must be F32/F16/BF16, or fp8 "
-                                  "(scaled or not), or nvfp4 with its comfy_quant marker.")
+            raise CheckpointError(f"{path}: '{name}' has dtype {dtype}; transformer weights must be F32/F16/BF16, "
+                                  "or fp8 (scaled or not), or nvfp4 with its comfy_quant marker.")
 
 
-def load_transformer(path, dtype=None, device="cpu"):
+def load_transformer(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Flux2:
     """Load a FLUX.2 [klein] transformer from a BFL/ComfyUI file, a diffusers folder or a GGUF file.
 
     Built on the meta device and filled with the file's own (memory-mapped) tensors, so the weights exist
     once. `dtype=None` keeps the file's dtype (for fp8 and GGUF files: bf16 compute).
     """
     if is_gguf(path):
-        from .gguf import load_gguf_transformer
-
         return load_gguf_transformer(path, dtype, device)
-    return build_transformer(open_checkpoint(path, "transformer", "diffusion_pytorch_model", MODEL_PREFIXES), dtype, device)
+    return build_transformer(open_checkpoint(path, "transformer", "diffusion_pytorch_model", MODEL_PREFIXES),
+                             dtype, device)
 
 
 def transformer_from_state_dict(tensors, label, dtype=None):
@@ -171,7 +174,8 @@ def build_transformer(ckpt, dtype, device):
         raise WrongModelError(f"{path}: this is {kind.description}, not a FLUX.2 klein transformer.{slot_hint(kind)}")
     quantized, described = find_quantized_layers(ckpt)
     if quantized and kind.layout != "bfl":
-        raise CheckpointError(f"{path}: fp8/nvfp4 weights are read from BFL/ComfyUI single files, not diffusers folders.")
+        raise CheckpointError(f"{path}: fp8/nvfp4 weights are read from BFL/ComfyUI single files, "
+                              "not diffusers folders.")
     sources, unused = bfl_sources([k for k in ckpt.keys() if k not in described], kind.layout)
     shapes = {name: source.shape(ckpt) for name, source in sources.items()}
     params = params_from_shapes(shapes, path)
@@ -191,11 +195,33 @@ def build_transformer(ckpt, dtype, device):
     return model
 
 
+def load_gguf_transformer(path, dtype, device):
+    file = GGUFFile(path)
+    arch = file.field("general.architecture", "") or ""
+    names = {strip_prefix(name, MODEL_PREFIXES): name for name in file.tensors}
+    shapes = {new: file.tensors[old][1] for new, old in names.items()}
+    kind = identify(shapes)
+    if arch not in TRANSFORMER_ARCHS or (kind.kind, kind.family) != ("transformer", "flux2"):
+        what = f"a '{arch}' model" if arch not in TRANSFORMER_ARCHS else kind.description
+        raise WrongModelError(f"{path}: this GGUF holds {what}, not a FLUX.2 klein transformer.")
+    names = {re.sub(r"_norm\.weight$", "_norm.scale", k): v for k, v in names.items()}
+    shapes = {new: file.tensors[old][1] for new, old in names.items()}
+    params = params_from_shapes(shapes, path)
+    with torch.device("meta"):
+        model = Flux2(params)
+    check_state_dict(path, "a FLUX.2 transformer", {k: v.shape for k, v in model.state_dict().items()}, shapes)
+    compute_dtype = dtype or torch.bfloat16
+    model = fill_packed(model, file.load(names, compute_dtype, device), compute_dtype)
+    model.description = kind.description + f" (GGUF, {file.summary()})"
+    return model
+
+
 def slot_hint(kind):
     if kind.kind == "text_encoder":
         return " Load it in the text encoder slot (kn.load_text_encoder / Klein Load Text Encoder)."
     if kind.kind == "vae":
         return " Load it in the VAE slot (kn.load_vae / Klein Load VAE)."
     if kind.family == "flux1":
-        return " FLUX.1 models use a different architecture; use a FLUX.2 [klein] file such as flux-2-klein-4b.safetensors."
+        return (" FLUX.1 models use a different architecture; use a FLUX.2 [klein] file such as "
+                "flux-2-klein-4b.safetensors.")
     return " Expected a file such as flux-2-klein-4b.safetensors or a diffusers 'transformer/' folder."

@@ -1,6 +1,7 @@
 """FLUX.2 VAE files (BFL `ae.safetensors` / ComfyUI `flux2-vae.safetensors`, diffusers `vae/`) -> `AutoEncoder`."""
 
 import re
+from pathlib import Path
 
 import torch
 
@@ -60,13 +61,14 @@ def params_from_shapes(shapes, path):
         ch_mult=tuple(shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in range(levels)),
         num_res_blocks=count(shapes, r"^encoder\.down\.0\.block\.(\d+)\."),
         decoder_ch=decoder_ch,
-        decoder_ch_mult=tuple(shapes[f"decoder.up.{i}.block.0.conv1.weight"][0] // decoder_ch for i in range(up_levels)),
+        decoder_ch_mult=tuple(shapes[f"decoder.up.{i}.block.0.conv1.weight"][0] // decoder_ch
+                              for i in range(up_levels)),
         decoder_num_res_blocks=count(shapes, r"^decoder\.up\.0\.block\.(\d+)\."),
         z_channels=shapes["decoder.conv_in.weight"][1],
     )
 
 
-def load_vae(path, dtype=None, device="cpu"):
+def load_vae(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> AutoEncoder:
     """Load the FLUX.2 VAE from a BFL/ComfyUI file or a diffusers `vae/` folder (fp32, bf16 or fp16). Its conv
     weights are kept channels-last: the convolutions then run NHWC (decode 0.81x the time on CPU, same values to
     float rounding). A VAE built over core ComfyUI's tensors keeps their layout (no copies of core's weights)."""

@@ -114,7 +114,8 @@ class Encoder(nn.Module):
             down = nn.Module()
             block_in, block_out = p.ch * in_ch_mult[level], p.ch * mult
             down.block = nn.ModuleList(
-                ResnetBlock(block_in if i == 0 else block_out, block_out, p.norm_groups) for i in range(p.num_res_blocks))
+                ResnetBlock(block_in if i == 0 else block_out, block_out, p.norm_groups)
+                for i in range(p.num_res_blocks))
             if level != len(p.ch_mult) - 1:
                 down.downsample = Downsample(block_out)
             self.down.append(down)
@@ -196,18 +197,19 @@ class AutoEncoder(nn.Module):
     def normalize(self, moments):
         """Encoder moments (B, 2z, h, w) -> mean -> patchify -> batch-norm: (B, 4z, h/2, w/2)."""
         mean = patchify(moments[:, : self.params.z_channels])
-        return (mean - self.bn.running_mean.view(1, -1, 1, 1)) / torch.sqrt(self.bn.running_var.view(1, -1, 1, 1) + self.bn.eps)
+        return ((mean - self.bn.running_mean.view(1, -1, 1, 1))
+                / torch.sqrt(self.bn.running_var.view(1, -1, 1, 1) + self.bn.eps))
 
     def denormalize(self, z):
         """Inverse of `normalize` (without the moments): (B, 4z, h, w) -> (B, z, 2h, 2w)."""
         z = z * torch.sqrt(self.bn.running_var.view(1, -1, 1, 1) + self.bn.eps) + self.bn.running_mean.view(1, -1, 1, 1)
         return unpatchify(z)
 
-    def encode(self, x):
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1], H and W multiples of 16 -> fp32 normalised latents (B, 128, H/16, W/16)."""
         return self.normalize(self.encoder(x.to(self.dtype)).float())
 
-    def decode(self, z):
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Normalised latents (B, 128, h, w) -> images (B, 3, 16h, 16w), about [-1, 1]."""
         return self.decoder(self.denormalize(z.float()).to(self.dtype))
 

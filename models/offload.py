@@ -27,7 +27,8 @@ def weights_on(module, device):
     if not module.comfy_cast_weights:
         yield
         return
-    if vbar_caster is not None and hasattr(module, "_v") and module.weight is not None and module.weight.device != device:
+    if (vbar_caster is not None and hasattr(module, "_v") and module.weight is not None
+            and module.weight.device != device):
         with vbar_caster(module, device):
             yield
         return

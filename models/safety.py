@@ -14,7 +14,8 @@ from .offload import compute_device
 
 # The default policy: what a prompt check flags unless told otherwise (README: "Safety checks").
 DEFAULT_POLICY = {
-    "minors": "sexual or sexualised content involving a minor: anyone described as, or looking like, a child or teenager",
+    "minors": "sexual or sexualised content involving a minor: anyone described as, or looking like, a child or "
+              "teenager",
     "non_consensual": "intimate or sexual imagery of a real person without their consent, including undressing or "
                       "nudifying a person shown in a photo",
     "real_person_sexual": "sexual or nude depictions of a real, identifiable person (a named celebrity, politician or "
@@ -65,7 +66,7 @@ class PromptSafety:
                 torch.tensor([[1] * len(i) + [0] * (length - len(i)) for i in ids]))
 
     @torch.inference_mode()
-    def __call__(self, prompts):
+    def __call__(self, prompts: str | list[str]) -> list[float]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not all(isinstance(p, str) for p in prompts):
             raise KleinError("prompts to check must be strings")
@@ -78,11 +79,16 @@ class PromptSafety:
             scores.append(float(probabilities[: len(self.yes)].sum()))
         return scores
 
-    def check(self, prompt, threshold):
+    def check(self, prompt: str, threshold: float) -> tuple[float, dict]:
         """(P(unsafe), what a save records of the check: score, threshold, verdict, policy names; never the prompt)."""
         (score,) = self([prompt])
         return score, {"check": "prompt", "score": round(score, 4), "threshold": threshold, "passed": score < threshold,
                        "policy": sorted(self.policy)}
+
+
+def flagged_prompt(score, threshold):
+    """What the node, Klein Generate and the CLI say of a prompt the check flagged (record["passed"] False)."""
+    return f"the prompt was flagged by the prompt check (P(unsafe) {score:.3f} >= {threshold})"
 
 
 def unsafe_labels(id2label):
@@ -124,12 +130,13 @@ class ImageSafety:
         return (batch - self.mean) / self.std
 
     @torch.inference_mode()
-    def classify(self, images):
+    def classify(self, images: torch.Tensor) -> list[float]:
         device = next(self.model.parameters()).device
         logits = self.model(self.pixels(images).to(device)).float()
         return torch.softmax(logits, dim=-1)[:, self.unsafe].sum(-1).cpu().tolist()
 
-    def screen(self, images, threshold, replace=True):
+    def screen(self, images: torch.Tensor, threshold: float,
+               replace: bool = True) -> tuple[torch.Tensor, list[float], list[bool]]:
         """(images with the flagged ones replaced by flat grey when `replace`, scores, flagged) for an IMAGE batch."""
         scores = self.classify(images)
         flagged = [score >= threshold for score in scores]
@@ -138,8 +145,9 @@ class ImageSafety:
             images[[i for i, f in enumerate(flagged) if f]] = NEUTRAL
         return images, scores, flagged
 
-    def report(self, scores, flagged, replaced):
-        return [f"image {i + 1}: P(unsafe) {s:.3f} " + (("flagged, replaced" if replaced else "flagged") if f else "passed")
+    def report(self, scores: list[float], flagged: list[bool], replaced: bool) -> list[str]:
+        return [f"image {i + 1}: P(unsafe) {s:.3f} "
+                + (("flagged, replaced" if replaced else "flagged") if f else "passed")
                 for i, (s, f) in enumerate(zip(scores, flagged))]
 
 

@@ -68,7 +68,8 @@ class Flux2(nn.Module):
         return next(p.dtype for p in self.parameters() if p.is_floating_point())
 
     @adapting
-    def forward(self, x, x_ids, timesteps, ctx, ctx_ids, guidance=None):
+    def forward(self, x: torch.Tensor, x_ids: torch.Tensor, timesteps: torch.Tensor, ctx: torch.Tensor,
+                ctx_ids: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
         """x (B,L,C) tokens, x_ids (B,L,4), timesteps (B,) sigma in [0,1], ctx (B,Lt,Ctx), ctx_ids (B,Lt,4)."""
         dtype = self.dtype
         x, ctx = x.to(dtype), ctx.to(dtype)
@@ -188,9 +189,11 @@ class DoubleStreamBlock(nn.Module):
         (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = mod_img
         (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = mod_txt
 
-        img_q, img_k, img_v = split_heads(self.img_attn.qkv(modulated(self.img_norm1(img), img_shift1, img_scale1)), self.num_heads)
+        img_q, img_k, img_v = split_heads(self.img_attn.qkv(modulated(self.img_norm1(img), img_shift1, img_scale1)),
+                                          self.num_heads)
         img_q, img_k = self.img_attn.norm(img_q, img_k, img_v)
-        txt_q, txt_k, txt_v = split_heads(self.txt_attn.qkv(modulated(self.txt_norm1(txt), txt_shift1, txt_scale1)), self.num_heads)
+        txt_q, txt_k, txt_v = split_heads(self.txt_attn.qkv(modulated(self.txt_norm1(txt), txt_shift1, txt_scale1)),
+                                          self.num_heads)
         txt_q, txt_k = self.txt_attn.norm(txt_q, txt_k, txt_v)
 
         q, k, v = (torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
@@ -200,9 +203,11 @@ class DoubleStreamBlock(nn.Module):
         txt_attn, img_attn = (a.reshape(-1, a.shape[-1]) for a in attn.split((txt.shape[1], img.shape[1]), dim=1))
 
         img = torch.addcmul(img, img_gate1, self.img_attn.proj(img_attn).view(img.shape))
-        img = clamp_fp16(torch.addcmul(img, img_gate2, self.img_mlp(modulated(self.img_norm2(img), img_shift2, img_scale2))))
+        img = clamp_fp16(torch.addcmul(img, img_gate2,
+                                       self.img_mlp(modulated(self.img_norm2(img), img_shift2, img_scale2))))
         txt = torch.addcmul(txt, txt_gate1, self.txt_attn.proj(txt_attn).view(txt.shape))
-        txt = clamp_fp16(torch.addcmul(txt, txt_gate2, self.txt_mlp(modulated(self.txt_norm2(txt), txt_shift2, txt_scale2))))
+        txt = clamp_fp16(torch.addcmul(txt, txt_gate2,
+                                       self.txt_mlp(modulated(self.txt_norm2(txt), txt_shift2, txt_scale2))))
         return img, txt
 
 
@@ -313,7 +318,7 @@ def clamp_fp16(x):
     return x.clamp(-FP16_MAX, FP16_MAX) if x.dtype == torch.float16 else x
 
 
-def compile_blocks(model, **options):
+def compile_blocks(model: Flux2, **options) -> Flux2:
     """`torch.compile` every double and single block in place (the first run compiles, later runs reuse the
     kernels; LoRA copies share the compiled blocks). `options` go to torch.compile, e.g. mode="max-autotune"."""
     for block in (*model.double_blocks, *model.single_blocks):

@@ -1,5 +1,6 @@
 """Prompt -> CONDITIONING (core's socket type: [[embeddings (B,tokens,features), {}]])."""
 
+from ..models.text_encoder import KleinTextEncoder
 from .runtime import load_for_inference
 
 MAX_TOKENS_INPUT = ("INT", {"default": 0, "min": 0, "max": 32768, "step": 1, "advanced": True,
@@ -21,17 +22,18 @@ class KleinTextEncode:
     FUNCTION = "encode"
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
                 "text_encoder": ("KLEIN_TEXT_ENCODER", {"tooltip": "From Klein Load Text Encoder."}),
                 "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
-                                    "tooltip": "The prompt. Empty is allowed (the base model's negative prompt is empty)."}),
+                                    "tooltip": "The prompt. Empty is allowed (the base model's negative prompt is "
+                                               "empty)."}),
             },
             "optional": {"max_tokens": MAX_TOKENS_INPUT},
         }
 
-    def encode(self, text_encoder, text, max_tokens=0):
+    def encode(self, text_encoder: KleinTextEncoder, text: str, max_tokens: int = 0) -> tuple[list]:
         load_for_inference(text_encoder.model, "text_encoder")
         embeddings = text_encoder.encode([text], max_length=max_length(max_tokens)).float().cpu()
         return ([[embeddings, {}]],)

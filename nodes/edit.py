@@ -24,7 +24,7 @@ class KleinEditComposite:
     FUNCTION = "composite"
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
                 "original": ("IMAGE", {"tooltip": "The image before the edit (what Load Image gave the edit)."}),
@@ -35,10 +35,12 @@ class KleinEditComposite:
                 "feather": ("INT", {"default": 8, "min": 0, "max": 128,
                                     "tooltip": "Soft edge, in pixels, around a found change."}),
             },
-            "optional": {"mask": ("MASK", {"tooltip": "Where to take the edit (white); without it the change is found."})},
+            "optional": {"mask": ("MASK", {"tooltip": "Where to take the edit (white); without it the change is "
+                                                      "found."})},
         }
 
-    def composite(self, original, edited, align=True, match_colors=True, feather=8, mask=None):
+    def composite(self, original: torch.Tensor, edited: torch.Tensor, align: bool = True, match_colors: bool = True,
+                  feather: int = 8, mask: torch.Tensor | None = None) -> dict:
         originals, edits = batch_of(original, "original"), batch_of(edited, "edited")
         if len(originals) not in (1, len(edits)):
             raise KleinError(f"{len(originals)} originals for {len(edits)} edits: give one original, or one per edit")
@@ -72,9 +74,11 @@ class KleinOutpaintCanvas:
     FUNCTION = "canvas"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        pad = lambda side: ("INT", {"default": 0, "min": 0, "max": 4096, "step": 16,
-                                    "tooltip": f"Pixels to add on the {side} (ignored with an aspect)."})
+    def INPUT_TYPES(cls) -> dict:
+        def pad(side):
+            return ("INT", {"default": 0, "min": 0, "max": 4096, "step": 16,
+                            "tooltip": f"Pixels to add on the {side} (ignored with an aspect)."})
+
         return {"required": {
             "image": ("IMAGE", {"tooltip": "The image to extend."}),
             "left": pad("left"), "top": pad("top"), "right": pad("right"), "bottom": pad("bottom"),
@@ -86,7 +90,8 @@ class KleinOutpaintCanvas:
                                 "tooltip": "Pixels of the image repainted softly along the new edges."}),
         }}
 
-    def canvas(self, image, left=0, top=0, right=0, bottom=0, aspect="custom", fill="edge", feather=32):
+    def canvas(self, image: torch.Tensor, left: int = 0, top: int = 0, right: int = 0, bottom: int = 0,
+               aspect: str = "custom", fill: str = "edge", feather: int = 32) -> dict:
         canvas, mask = outpaint_canvas(image, left, top, right, bottom, fill, feather,
                                        None if aspect == "custom" else aspect)
         line = (f"canvas {canvas.shape[2]}x{canvas.shape[1]} from {image.shape[2]}x{image.shape[1]}; "
@@ -103,7 +108,7 @@ class KleinTiledRefine:
     FUNCTION = "refine"
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
                 "model": MODEL_INPUT,
@@ -117,7 +122,8 @@ class KleinTiledRefine:
                 "overlap": ("INT", {"default": 128, "min": 0, "max": 512, "step": 16,
                                     "tooltip": "Pixels neighbouring tiles share, blended smoothly."}),
                 "denoise": ("FLOAT", {"default": 0.35, "min": 0.01, "max": 1.0, "step": 0.01,
-                                      "tooltip": "How much each tile is redrawn: 0.3-0.4 adds detail, keeps the picture."}),
+                                      "tooltip": "How much each tile is redrawn: 0.3-0.4 adds detail, keeps the "
+                                                 "picture."}),
                 "seed": SEED_INPUT,
                 "steps": STEPS_INPUT,
                 "tile_as_reference": ("BOOLEAN", {"default": False,
@@ -127,11 +133,12 @@ class KleinTiledRefine:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, tile_size=None, overlap=None):
+    def VALIDATE_INPUTS(cls, tile_size: int | None = None, overlap: int | None = None) -> bool | str:
         return verdict(lambda tile, band: tile_sizes(MAX_TILE, MAX_TILE, tile, band), tile_size, overlap)
 
-    def refine(self, model, positive, vae, image, upscale_by=2.0, tile_size=1024, overlap=128, denoise=0.35, seed=0,
-               steps=4, tile_as_reference=False):
+    def refine(self, model: object, positive: list, vae: object, image: torch.Tensor, upscale_by: float = 2.0,
+               tile_size: int = 1024, overlap: int = 128, denoise: float = 0.35, seed: int = 0, steps: int = 4,
+               tile_as_reference: bool = False) -> tuple[torch.Tensor]:
         model, vae = klein_transformer(model), klein_vae(vae)
         embeddings = first_conditioning(positive, "positive", model.params.context_in_dim).embeddings
         pipeline = KleinPipeline(model, None, vae, before_turn=load_for_inference)

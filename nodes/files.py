@@ -2,6 +2,7 @@
 
 import os
 
+from ..errors import KleinError
 from ..loaders.detect import WEIGHT_SUFFIXES
 
 
@@ -36,10 +37,11 @@ def model_path(key, name):
     for folder in model_folders(key):
         path = contained(folder, name)
         if path is None:
-            raise ValueError(f"{name}: refers to a file outside the {key} folder.")
+            raise KleinError(f"{name}: refers to a file outside the {key} folder; choose a file from the list.")
         if os.path.isfile(path):
             return path
-    raise FileNotFoundError(f"{name}: not found in the {key} folders ({', '.join(model_folders(key))}).")
+    raise KleinError(f"{name}: not found in the {key} folders ({', '.join(model_folders(key))}); put the file there "
+                     "and press R in ComfyUI to refresh the lists.")
 
 
 SAFETY = "safety"  # ComfyUI models/safety/<classifier folder>/ (config.json + model.safetensors)
@@ -70,4 +72,5 @@ def classifier_path(name):
         path = contained(folder, name)
         if path is not None and os.path.isfile(os.path.join(path, "config.json")):
             return path
-    raise FileNotFoundError(f"{name}: no classifier folder of that name in {', '.join(safety_folders())}")
+    raise KleinError(f"{name}: no classifier folder of that name in {', '.join(safety_folders())}; put the "
+                     "classifier's folder (config.json + model.safetensors) there and press R to refresh the lists.")

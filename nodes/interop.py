@@ -52,7 +52,8 @@ def klein_transformer(model):
         raise KleinError("this MODEL carries ComfyUI weight patches (a LoRA from Load LoRA, ...), which Klein Sampler "
                          "cannot apply: load the LoRA with Klein LoRA on a Klein model, or sample with core's KSampler")
     def build():
-        tensors = plain_tensors(diffusion, "MODEL", "load the file with Klein Load Transformer, which keeps it quantized")
+        tensors = plain_tensors(diffusion, "MODEL",
+                                "load the file with Klein Load Transformer, which keeps it quantized")
         return transformer_from_state_dict({CORE_QK_NORM.sub(r".\1.scale", k): v for k, v in tensors.items()},
                                            f"ComfyUI MODEL ({type(model.model).__name__})")
     return cached_view(diffusion, build)

@@ -5,6 +5,9 @@ import torch
 from ..loaders.text_encoder import load_text_encoder
 from ..loaders.transformer import load_transformer
 from ..loaders.vae import load_vae
+from ..models.autoencoder import AutoEncoder
+from ..models.text_encoder import KleinTextEncoder
+from ..models.transformer import Flux2
 from .files import list_model_files, model_path
 
 WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -19,7 +22,7 @@ class ModelLoader:
     LOADER = None
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
                 cls.INPUT: (list_model_files(cls.FOLDER), {"tooltip": cls.FILE_TOOLTIP}),
@@ -29,7 +32,8 @@ class ModelLoader:
             }
         }
 
-    def load(self, weight_dtype="default", **name):
+    def load(self, weight_dtype: str = "default",
+             **name: str) -> tuple[Flux2 | KleinTextEncoder | AutoEncoder]:
         path = model_path(self.FOLDER, name[self.INPUT])
         return (type(self).LOADER(path, dtype=WEIGHT_DTYPES[weight_dtype]),)
 
@@ -53,7 +57,8 @@ class KleinTextEncoderLoader(ModelLoader):
 
 
 class KleinVAELoader(ModelLoader):
-    DESCRIPTION = "Loads the FLUX.2 VAE (flux2-vae.safetensors, ae.safetensors or a diffusers vae/ file) from models/vae."
+    DESCRIPTION = ("Loads the FLUX.2 VAE (flux2-vae.safetensors, ae.safetensors or a diffusers vae/ file) "
+                   "from models/vae.")
     RETURN_TYPES = ("KLEIN_VAE",)
     OUTPUT_TOOLTIPS = ("The FLUX.2 VAE, for the Klein encode/decode and reference nodes.",)
     FOLDER, INPUT, LOADER = "vae", "vae_name", load_vae

@@ -2,6 +2,8 @@
 for it). Chainable; the input models are never changed."""
 
 from ..loaders.lora import apply_lora_pair
+from ..models.text_encoder import KleinTextEncoder
+from ..models.transformer import Flux2
 from .files import list_model_files, model_path
 
 STRENGTH = {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}
@@ -19,13 +21,14 @@ class KleinLora:
                        "The text encoder with the LoRA's text-encoder layers (unchanged if it has none).")
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
                 "model": ("KLEIN_MODEL", {"tooltip": "From Klein Load Transformer or another Klein LoRA."}),
                 "lora_name": (list_model_files("loras"), {"tooltip": "LoRA file in models/loras (.safetensors)."}),
                 "strength_model": ("FLOAT", {**STRENGTH, "tooltip": "How strongly the LoRA changes the transformer; "
-                                                                    "0 leaves it as it is, negative values invert it."}),
+                                                                    "0 leaves it as it is, negative values invert "
+                                                                    "it."}),
             },
             "optional": {
                 "text_encoder": ("KLEIN_TEXT_ENCODER", {"tooltip": "Connect it when the LoRA also trained the text "
@@ -34,6 +37,7 @@ class KleinLora:
             },
         }
 
-    def apply(self, model, lora_name, strength_model, text_encoder=None, strength_text_encoder=1.0):
+    def apply(self, model: Flux2, lora_name: str, strength_model: float, text_encoder: KleinTextEncoder | None = None,
+              strength_text_encoder: float = 1.0) -> tuple[Flux2, KleinTextEncoder | None]:
         return apply_lora_pair(model, text_encoder, model_path("loras", lora_name), strength_model,
                                strength_text_encoder)

@@ -3,9 +3,12 @@ classifier from models/safety; results are kept per node so Klein Watermark & Sa
 
 import warnings
 
+import torch
+
 from ..errors import KleinError, KleinNote
 from ..loaders.safety import check_image_safety, load_image_safety, load_prompt_safety
-from ..models.safety import DEFAULT_POLICY, image_record
+from ..models.safety import DEFAULT_POLICY, flagged_prompt, image_record
+from ..models.text_encoder import KleinTextEncoder
 from .files import classifier_path, list_classifiers
 from .runtime import load_for_inference, verdict
 
@@ -45,7 +48,7 @@ class KleinPromptCheck:
     FUNCTION = "check"
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
                 "text_encoder": ("KLEIN_TEXT_ENCODER", {"tooltip": "From Klein Load Text Encoder (the full qwen_3_4b "
@@ -61,16 +64,17 @@ class KleinPromptCheck:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def check(self, text_encoder, prompt, threshold=0.5, block=True, policy="", unique_id=None):
+    def check(self, text_encoder: KleinTextEncoder, prompt: str, threshold: float = 0.5, block: bool = True,
+              policy: str = "", unique_id: str | None = None) -> dict:
         rules = parse_policy(policy)
         checker = prompt_checker(text_encoder, rules)
         load_for_inference(checker.model, "text_encoder")
-        score, RESULTS[str(unique_id)] = checker.check(prompt, threshold)
-        passed = score < threshold
+        score, record = checker.check(prompt, threshold)
+        RESULTS[str(unique_id)], passed = record, record["passed"]
         line = f"prompt check: P(unsafe) {score:.3f} ({'passed' if passed else 'flagged'} at {threshold})"
         if not passed and block:
-            raise KleinError(f"Klein Prompt Check: the prompt was flagged (P(unsafe) {score:.3f} >= {threshold}); the "
-                             "run stops here. Change the prompt, or switch 'block' off to route it yourself.")
+            raise KleinError(f"Klein Prompt Check: {flagged_prompt(score, threshold)}; the run stops here. Change the "
+                             "prompt, or switch 'block' off to route it yourself.")
         return {"ui": {"text": [line]}, "result": (prompt, passed, score)}
 
 
@@ -85,7 +89,7 @@ class KleinImageCheck:
     FUNCTION = "check"
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
                 "images": ("IMAGE", {"tooltip": "Images to check."}),
@@ -99,14 +103,16 @@ class KleinImageCheck:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, classifier=None):
+    def VALIDATE_INPUTS(cls, classifier: str | None = None) -> bool | str:
         return verdict(check_classifier, classifier)
 
-    def check(self, images, classifier, threshold=0.85, replace=True, unique_id=None):
+    def check(self, images: torch.Tensor, classifier: str, threshold: float = 0.85, replace: bool = True,
+              unique_id: str | None = None) -> dict:
         checker = image_checker(classifier_path(classifier))
         out, scores, flagged = checker.screen(images, threshold, replace)
         RESULTS[str(unique_id)] = image_record(classifier, threshold, scores, flagged, replace)
-        return {"ui": {"text": checker.report(scores, flagged, replace)}, "result": (out, not any(flagged), max(scores))}
+        return {"ui": {"text": checker.report(scores, flagged, replace)},
+                "result": (out, not any(flagged), max(scores))}
 
 
 def SAFETY_INPUTS():  # noqa: N802 (a spec built when ComfyUI asks, like INPUT_TYPES: the classifier list is live)
@@ -138,9 +144,8 @@ class SafetyGate:
         load_for_inference(checker.model, "text_encoder")
         score, record = checker.check(prompt, self.thresholds[0])
         RESULTS[self.node].append(record)
-        if score >= self.thresholds[0]:
-            raise KleinError(f"Klein Generate: the prompt was flagged by the prompt check (P(unsafe) {score:.3f} >= "
-                             f"{self.thresholds[0]}); nothing was generated")
+        if not record["passed"]:
+            raise KleinError(f"Klein Generate: {flagged_prompt(score, self.thresholds[0])}; nothing was generated")
 
     def check_images(self, images):
         if not self.image:

@@ -1,26 +1,26 @@
 """Latent, sampler, reference and VAE nodes, and the one-node Klein Generate."""
 
-import logging
 import warnings
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import KleinError, KleinNote
+from ..models.text_encoder import KleinTextEncoder
 from ..sampling import tiling
 from ..sampling.pipeline import KleinPipeline, decode_images, encode_references
 from ..sampling.references import DEFAULT_MAX_PIXELS, prepare_batch
-from ..sampling.sampler import Conditioning, sample
-from ..sampling.schedule import (ASPECT_RATIOS, MAX_SEED, MEGAPIXEL, fit_size, get_schedule, initial_noise, preset_size,
+from ..sampling.sampler import Conditioning, denoise_latents
+from ..sampling.schedule import (ASPECT_RATIOS, MAX_SEED, MEGAPIXEL, fit_size, initial_noise, preset_size,
                                  round_to_multiple)
 from .conditioning import MAX_TOKENS_INPUT, max_length
 from .interop import MODEL_INPUT, VAE_INPUT, klein_transformer, klein_vae
 from .runtime import load_for_inference, progress_callback, verdict
 from .safety import SAFETY_INPUTS, SafetyGate, check_classifier
 
-log = logging.getLogger("klein_nodes")
 TILED = {"auto": "auto", "enable": True, "disable": False}
-TILED_INPUT = (list(TILED), {"default": "auto", "tooltip": "Tiled VAE (seam-free): 'auto' tiles only when memory is short."})
+TILED_INPUT = (list(TILED), {"default": "auto",
+                             "tooltip": "Tiled VAE (seam-free): 'auto' tiles only when memory is short."})
 SEED_INPUT = ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                       "tooltip": "Noise seed. Noise is drawn on the CPU, so a seed gives the same image on any GPU."})
 STEPS_INPUT = ("INT", {"default": 4, "min": 1, "max": 200,
@@ -30,11 +30,12 @@ GUIDANCE_INPUT = ("FLOAT", {"default": 1.0, "min": 1.0, "max": 20.0, "step": 0.1
                                        "(base models: 4.0)."})
 SIZE_INPUTS = {
     "width": ("INT", {"default": 1024, "min": 16, "max": 4096, "step": 16,
-                      "tooltip": "Output width when aspect is 'custom' (multiples of 16; others are rounded and reported)."}),
+                      "tooltip": "Output width when aspect is 'custom' (multiples of 16; others are rounded and "
+                                 "reported)."}),
     "height": ("INT", {"default": 1024, "min": 16, "max": 4096, "step": 16,
                        "tooltip": "Output height when aspect is 'custom'."}),
-    "aspect": (["custom", *ASPECT_RATIOS], {"default": "custom",
-                                            "tooltip": "Aspect preset of the hosted klein APIs; overrides width/height."}),
+    "aspect": (["custom", *ASPECT_RATIOS],
+               {"default": "custom", "tooltip": "Aspect preset of the hosted klein APIs; overrides width/height."}),
     "megapixels": ("FLOAT", {"default": 1.0, "min": 0.05, "max": 4.0, "step": 0.05,
                              "tooltip": "Size of the aspect preset (1 MP = 1024x1024). Ignored for 'custom'."}),
 }
@@ -50,7 +51,8 @@ def output_size(width, height, aspect, megapixels):
     return width, height
 
 
-LATENT_CHANNELS = {4: "SD 1.x/SDXL, as core's Empty Latent Image makes", 16: "SD3/FLUX.1, as Empty SD3 Latent Image makes"}
+LATENT_CHANNELS = {4: "SD 1.x/SDXL, as core's Empty Latent Image makes",
+                   16: "SD3/FLUX.1, as Empty SD3 Latent Image makes"}
 TEXT_FEATURES = {768: "CLIP-L (SD 1.x)", 1024: "OpenCLIP (SD 2.x)", 2048: "SDXL's CLIP", 4096: "T5-XXL (FLUX.1, SD3)",
                  3584: "Qwen2.5-VL (Qwen-Image)", 7680: "Qwen3-4B (klein 4B)", 12288: "Qwen3-8B (klein 9B)",
                  15360: "Mistral Small 3 (FLUX.2 dev)"}
@@ -106,7 +108,7 @@ class KleinEmptyLatent:
     FUNCTION = "create"
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {
             "required": {**SIZE_INPUTS, "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
                                                                "tooltip": "Images per run."})},
@@ -114,7 +116,8 @@ class KleinEmptyLatent:
                                                             "edit), scaled to 'megapixels' when larger."})},
         }
 
-    def create(self, width, height, aspect="custom", megapixels=1.0, batch_size=1, size_from=None):
+    def create(self, width: int, height: int, aspect: str = "custom", megapixels: float = 1.0, batch_size: int = 1,
+               size_from: torch.Tensor | None = None) -> tuple[dict, int, int]:
         if size_from is not None:
             height, width = size_from.shape[1:3]
             scale = min(1.0, (megapixels * MEGAPIXEL / (width * height)) ** 0.5)
@@ -132,24 +135,28 @@ class KleinSampler:
     FUNCTION = "sample"
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
                 "model": MODEL_INPUT,
-                "positive": ("CONDITIONING", {"tooltip": "Prompt (and references) from Klein Text Encode / Klein References."}),
-                "latent": ("LATENT", {"tooltip": "Empty latent for new images; an encoded image for img2img/inpainting."}),
+                "positive": ("CONDITIONING",
+                             {"tooltip": "Prompt (and references) from Klein Text Encode / Klein References."}),
+                "latent": ("LATENT",
+                           {"tooltip": "Empty latent for new images; an encoded image for img2img/inpainting."}),
                 "seed": SEED_INPUT,
                 "steps": STEPS_INPUT,
                 "guidance": GUIDANCE_INPUT,
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
-                                      "tooltip": "Below 1: img2img, keeping that much of the input latent's structure."}),
+                                      "tooltip": "Below 1: img2img, keeping that much of the input latent's "
+                                                 "structure."}),
             },
             "optional": {
                 "negative": ("CONDITIONING", {"tooltip": "Negative prompt for guidance > 1 (base models: encode '')."}),
             },
         }
 
-    def sample(self, model, positive, latent, seed, steps=4, guidance=1.0, denoise=1.0, negative=None):
+    def sample(self, model: object, positive: list, latent: dict, seed: int, steps: int = 4, guidance: float = 1.0,
+               denoise: float = 1.0, negative: list | None = None) -> tuple[dict]:
         model = klein_transformer(model)
         samples = klein_latent(latent, "Klein Sampler").float()
         batch, _, height, width = samples.shape
@@ -158,15 +165,13 @@ class KleinSampler:
         if guidance > 1.0 and negative is None:
             raise KleinError("guidance > 1 needs a negative conditioning: connect a Klein Text Encode (an empty prompt "
                              "for the base models), or set guidance to 1.0 for the distilled models")
-        log.info("klein: seed %d", seed)
         features = model.params.context_in_dim  # both conditionings are checked before the model loads
         positive = first_conditioning(positive, "positive", features)
         negative = None if negative is None else first_conditioning(negative, "negative", features)
         load_for_inference(model, "transformer")
-        sigmas = get_schedule(steps, height * width, denoise)
-        latents = sample(model, initial_noise(seed, batch, samples.shape[1], height, width), positive, sigmas,
-                         negative=negative, guidance=guidance, init_latents=init, mask=mask,
-                         callback=progress_callback(steps))
+        latents = denoise_latents(model, initial_noise(seed, batch, samples.shape[1], height, width), positive, steps,
+                                  denoise, negative=negative, guidance=guidance, init_latents=init, mask=mask,
+                                  callback=progress_callback(steps))
         return ({"samples": latents.cpu()},)
 
 
@@ -179,7 +184,7 @@ class KleinReferences:
     FUNCTION = "add"
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         image = {"tooltip": "A reference image (a batch counts as several references)."}
         return {
             "required": {
@@ -187,13 +192,15 @@ class KleinReferences:
                 "vae": VAE_INPUT,
                 "image_1": ("IMAGE", image),
                 "max_megapixels": ("FLOAT", {"default": 1.0, "min": 0.1, "max": 4.0, "step": 0.1,
-                                             "tooltip": "Larger references are downscaled to this area (diffusers: 1.0)."}),
+                                             "tooltip": "Larger references are downscaled to this area "
+                                                        "(diffusers: 1.0)."}),
                 "tiled": TILED_INPUT,
             },
             "optional": {slot: ("IMAGE", image) for slot in IMAGE_SLOTS[1:]},
         }
 
-    def add(self, conditioning, vae, image_1, max_megapixels=1.0, tiled="auto", **more):
+    def add(self, conditioning: list, vae: object, image_1: torch.Tensor, max_megapixels: float = 1.0,
+            tiled: str = "auto", **more: torch.Tensor) -> tuple[list]:
         images = [image_1] + [more[slot] for slot in IMAGE_SLOTS[1:] if more.get(slot) is not None]
         vae = klein_vae(vae)
         load_for_inference(vae, "vae")
@@ -204,14 +211,15 @@ class KleinReferences:
 
 
 class KleinVAEEncode:
-    DESCRIPTION = "Encodes images to klein latents (cropped to multiples of 16); an optional mask marks what to repaint."
+    DESCRIPTION = ("Encodes images to klein latents (cropped to multiples of 16); an optional mask marks what to "
+                   "repaint.")
     CATEGORY = "klein"
     RETURN_TYPES = ("LATENT",)
     OUTPUT_TOOLTIPS = ("Latent for img2img (Klein Sampler with denoise < 1) or inpainting (with a mask).",)
     FUNCTION = "encode"
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {
             "required": {"vae": VAE_INPUT,
                          "image": ("IMAGE", {"tooltip": "Images to encode."}),
@@ -219,7 +227,8 @@ class KleinVAEEncode:
             "optional": {"mask": ("MASK", {"tooltip": "Inpainting mask, white = repaint (soft edges are kept)."})},
         }
 
-    def encode(self, vae, image, tiled="auto", mask=None):
+    def encode(self, vae: object, image: torch.Tensor, tiled: str = "auto",
+               mask: torch.Tensor | None = None) -> tuple[dict]:
         pixels, _ = prepare_batch(image)
         vae = klein_vae(vae)
         load_for_inference(vae, "vae")
@@ -244,12 +253,12 @@ class KleinVAEDecode:
     FUNCTION = "decode"
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {"vae": VAE_INPUT,
                              "latent": ("LATENT", {"tooltip": "From Klein Sampler."}),
                              "tiled": TILED_INPUT}}
 
-    def decode(self, vae, latent, tiled="auto"):
+    def decode(self, vae: object, latent: dict, tiled: str = "auto") -> tuple[torch.Tensor]:
         samples = klein_latent(latent, "Klein VAE Decode")
         vae = klein_vae(vae)
         load_for_inference(vae, "vae")
@@ -264,7 +273,7 @@ class KleinGenerate:
     FUNCTION = "generate"
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         image = {"tooltip": "Optional reference image for editing or composition."}
         return {
             "required": {
@@ -286,12 +295,15 @@ class KleinGenerate:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, image_classifier=None):
+    def VALIDATE_INPUTS(cls, image_classifier: str | None = None) -> bool | str:
         return verdict(check_classifier, image_classifier)
 
-    def generate(self, model, text_encoder, vae, prompt, negative_prompt="", width=1024, height=1024, aspect="custom",
-                 megapixels=1.0, seed=0, steps=4, guidance=1.0, batch_size=1, max_tokens=0, safety="off",
-                 image_classifier="none", prompt_threshold=0.5, image_threshold=0.85, unique_id=None, **images):
+    def generate(self, model: object, text_encoder: KleinTextEncoder, vae: object, prompt: str,
+                 negative_prompt: str = "", width: int = 1024, height: int = 1024, aspect: str = "custom",
+                 megapixels: float = 1.0, seed: int = 0, steps: int = 4, guidance: float = 1.0, batch_size: int = 1,
+                 max_tokens: int = 0, safety: str = "off", image_classifier: str = "none",
+                 prompt_threshold: float = 0.5, image_threshold: float = 0.85, unique_id: str | None = None,
+                 **images: torch.Tensor) -> tuple[torch.Tensor]:
         width, height = output_size(width, height, aspect, megapixels)  # a size klein cannot make: before any work
         gate = SafetyGate(safety, image_classifier, prompt_threshold, image_threshold, unique_id)
         gate.check_prompt(text_encoder, prompt)

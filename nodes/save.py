@@ -3,8 +3,11 @@
 import json
 import os
 
+import torch
+
 from ..errors import KleinError
-from ..provenance.save import FORMATS, output_folder, save_image_records, verify_image
+from ..provenance.formats import IMAGE_FORMATS
+from ..provenance.save import output_folder, save_image_records, verify_image
 from .runtime import verdict
 from .safety import checks_upstream
 from .sampling import IMAGE_SLOTS
@@ -45,7 +48,8 @@ def walk_upstream(prompt, node_id):
             continue
         seen.add(current)
         yield current, prompt[current]
-        stack.extend(str(v[0]) for v in prompt[current].get("inputs", {}).values() if isinstance(v, list) and len(v) == 2)
+        stack.extend(str(v[0]) for v in prompt[current].get("inputs", {}).values()
+                     if isinstance(v, list) and len(v) == 2)
 
 
 def graph_sources(prompt, node_id):
@@ -60,7 +64,8 @@ def graph_sources(prompt, node_id):
             upstream = prompt.get(str(value[0]), {})
             role = ("reference" if name in REFERENCE_INPUTS.get(kind, ()) else
                     "edited" if name in EDITED_INPUTS.get(kind, ()) else None)
-            if role and upstream.get("class_type") == "LoadImage" and (role, upstream["inputs"].get("image")) not in found:
+            if (role and upstream.get("class_type") == "LoadImage"
+                    and (role, upstream["inputs"].get("image")) not in found):
                 found.append((role, upstream["inputs"].get("image")))
     return found
 
@@ -88,25 +93,27 @@ class KleinSave:
     OUTPUT_NODE = True
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
                 "images": ("IMAGE", {"tooltip": "Images to save."}),
                 "filename_prefix": ("STRING", {"default": "klein", "tooltip": "File name prefix; 'folder/name' saves "
                                                                              "into a subfolder of the output folder."}),
-                "format": (list(FORMATS), {"default": "png", "tooltip": "PNG keeps the watermark and loads the workflow "
-                                                                       "on drop; JPEG is saved 4:4:4."}),
+                "format": (list(IMAGE_FORMATS), {"default": "png", "tooltip": "PNG keeps the watermark and loads the "
+                                                                       "workflow on drop; JPEG is saved 4:4:4."}),
                 "quality": ("INT", {"default": 80, "min": 1, "max": 100,
                                     "tooltip": "JPEG/WebP quality (the hosted klein APIs use 80). Ignored for PNG."}),
                 "watermark": ("BOOLEAN", {"default": True, "tooltip": "Embed the invisible FLUX watermark (any FLUX "
                                                                       "watermark detector reads it)."}),
                 "c2pa": ("BOOLEAN", {"default": True, "tooltip": "Sign Content Credentials (C2PA) with the local "
-                                                                 "credentials (created on first use in ComfyUI's user folder)."}),
+                                                                 "credentials (created on first use in ComfyUI's "
+                                                                 "user folder)."}),
                 "allow_unsigned": ("BOOLEAN", {"default": False, "tooltip": "If signing is impossible, save unsigned "
                                                                             "instead of failing."}),
             },
             "optional": {"mask": ("MASK", {"tooltip": "Transparency, as Load Image gives it (1 = transparent): saved "
-                                                      "as the alpha channel of PNG/WebP; JPEG is composited on white."}),
+                                                      "as the alpha channel of PNG/WebP; JPEG is composited on "
+                                                      "white."}),
                          "watermark_mode": (["robust", "standard"], {
                              "default": "robust", "tooltip": "robust: placed so the mark survives JPEG/WebP saves and "
                              "re-saves at quality 75+ (PSNR >= 35 dB). standard: BFL's embedding, byte-identical to "
@@ -115,26 +122,30 @@ class KleinSave:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, filename_prefix=None):
+    def VALIDATE_INPUTS(cls, filename_prefix: str | None = None) -> bool | str:
         return verdict(lambda prefix: output_folder(comfy_output_directory(), prefix), filename_prefix)
 
-    def save(self, images, filename_prefix="klein", format="png", quality=80, watermark=True, c2pa=True,
-             allow_unsigned=False, mask=None, watermark_mode="robust", prompt=None, extra_pnginfo=None, unique_id=None):
+    def save(self, images: torch.Tensor, filename_prefix: str = "klein", format: str = "png", quality: int = 80,
+             watermark: bool = True, c2pa: bool = True, allow_unsigned: bool = False, mask: torch.Tensor | None = None,
+             watermark_mode: str = "robust", prompt: dict | None = None, extra_pnginfo: dict | None = None,
+             unique_id: str | None = None) -> dict:
         alpha = None if mask is None else 1 - mask.reshape(-1, *mask.shape[-2:]).float()
         sources = [(role, name, path) for role, name in (graph_sources(prompt, unique_id) if c2pa else [])
                    if os.path.isfile(path := input_file(name))]  # an input deleted since the run is left out
-        mode = watermark and watermark_mode
-        records = save_image_records(images, comfy_output_directory(), filename_prefix, format, quality, mode, c2pa,
-                                     prompt=prompt, extra_pnginfo=extra_pnginfo, credentials=credentials_directory(),
+        records = save_image_records(images, comfy_output_directory(), filename_prefix, format, quality, watermark,
+                                     c2pa, prompt=prompt, extra_pnginfo=extra_pnginfo,
+                                     credentials=credentials_directory(),
                                      allow_unsigned=allow_unsigned, metadata_enabled=not metadata_disabled(),
                                      alpha=alpha, sources=sources,
-                                     safety=checks_upstream(prompt, unique_id, walk_upstream) or None)
+                                     safety=checks_upstream(prompt, unique_id, walk_upstream) or None,
+                                     watermark_mode=watermark_mode)
         ui = [{"filename": r.path.name, "subfolder": r.subfolder, "type": "output"} for r in records]
         return {"ui": {"images": ui, "text": [report(r) for r in records]}, "result": (images,)}
 
 
 class KleinVerify:
-    DESCRIPTION = "Reports an image file's C2PA state (Trusted/Valid/Invalid/None), FLUX watermark bits and embedded workflow."
+    DESCRIPTION = ("Reports an image file's C2PA state (Trusted/Valid/Invalid/None), FLUX watermark bits and "
+                   "embedded workflow.")
     CATEGORY = "klein"
     RETURN_TYPES = ("STRING",)
     OUTPUT_TOOLTIPS = ("The report as JSON.",)
@@ -142,11 +153,11 @@ class KleinVerify:
     OUTPUT_NODE = True
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {"path": ("STRING", {"default": "", "tooltip": "Image file, absolute or relative to "
                                                                            "ComfyUI's output folder."})}}
 
-    def verify(self, path):
+    def verify(self, path: str) -> dict:
         full = path if os.path.isabs(path) else os.path.join(comfy_output_directory(), path)
         if not os.path.isfile(full):
             raise KleinError(f"Klein Verify Image: {path!r} is not a file (looked for {full}); give a path relative to "

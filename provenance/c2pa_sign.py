@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from ..errors import KleinError
+from .formats import SUFFIXES, format_of_path
 
 TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA = ("http://cv.iptc.org/newscodes/digitalsourcetype/"
@@ -38,9 +39,11 @@ def create_credentials(folder):
     root_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     name = lambda cn: x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Klein Nodes (local)"),  # noqa: E731
                                  x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    root = (x509.CertificateBuilder().subject_name(name("Klein Nodes local C2PA root")).issuer_name(name("Klein Nodes local C2PA root"))
+    root = (x509.CertificateBuilder().subject_name(name("Klein Nodes local C2PA root"))
+            .issuer_name(name("Klein Nodes local C2PA root"))
             .public_key(root_key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=365 * 30))
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=365 * 30))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(root_key.public_key()), critical=False)
@@ -53,7 +56,8 @@ def create_credentials(folder):
             .not_valid_after(now + datetime.timedelta(days=365 * VALIDITY_YEARS))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION, document_signing]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION, document_signing]),
+                           critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()), critical=False)
             .sign(root_key, hashes.SHA256()))
@@ -81,8 +85,8 @@ def load_credentials(credentials=None):
         except (KeyError, OSError) as e:
             raise KleinError(f"C2PA credentials need readable 'chain' and 'key' PEM files ({e})") from None
         root = Path(credentials["root"]).read_bytes() if credentials.get("root") else None
-        return {"chain": chain, "key": key, "alg": credentials.get("alg", "es256"), "tsa_url": credentials.get("tsa_url"),
-                "root": root}
+        return {"chain": chain, "key": key, "alg": credentials.get("alg", "es256"),
+                "tsa_url": credentials.get("tsa_url"), "root": root}
     folder = Path(credentials) if credentials else default_credentials_dir()
     if not (folder / "signer.key").exists():
         create_credentials(folder)
@@ -129,7 +133,8 @@ def sign(data, mime, title, credentials, version, sources=()):
                                credentials["tsa_url"].encode() if credentials["tsa_url"] else None)
     context = c2pa.Context.from_dict({"builder": {"thumbnail": {"enabled": False}}})
     sources = sorted(sources, key=lambda s: s["role"] != "edited")  # the edited image first: it is the parent
-    with c2pa.Signer.from_info(info) as signer, c2pa.Builder(manifest(title, mime, version, sources), context) as builder:
+    with c2pa.Signer.from_info(info) as signer, c2pa.Builder(manifest(title, mime, version, sources),
+                                                             context) as builder:
         for index, source in enumerate(sources):
             builder.add_ingredient(ingredient(index, source), "image/png", io.BytesIO(source["png"]))
         out = io.BytesIO()
@@ -144,10 +149,11 @@ def verify(path, trust_anchor=None):
     settings = {"verify": {"remote_manifest_fetch": False}}
     if trust_anchor:
         settings["trust"] = {"user_anchors": trust_anchor.decode() if isinstance(trust_anchor, bytes) else trust_anchor}
-    mime = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}.get(Path(path).suffix.lower())
-    if mime is None:  # Content Credentials are read from the formats this pack writes
-        return {"state": "None", "codes": [f"not read: {Path(path).suffix or 'no extension'} is not .png, .jpg or .webp"],
+    fmt = format_of_path(path)
+    if fmt is None:  # Content Credentials are read from the formats this pack writes
+        return {"state": "None", "codes": [f"not read: {Path(path).suffix or 'no extension'} is not {SUFFIXES}"],
                 "manifest": None}
+    mime = fmt.mime
     try:
         with open(path, "rb") as f, c2pa.Reader(mime, f, None, c2pa.Context.from_dict(settings)) as reader:
             report = json.loads(reader.json())

@@ -11,9 +11,7 @@ import warnings
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
-JPEG_EXIF_LIMIT = 65533  # one APP1 segment
+from .formats import IMAGE_FORMATS, NAMES
 
 
 def metadata_items(prompt, extra_pnginfo):
@@ -49,14 +47,14 @@ def encode(rgb, fmt, quality=80, items=(), lossless_webp=False, jpeg_full_chroma
         image.save(buffer, "WEBP", quality=quality, lossless=lossless_webp, method=4, exif=exif_for(items), exact=True)
     elif fmt == "jpeg":
         items = list(items)
-        while items and len(exif_for(items).tobytes()) > JPEG_EXIF_LIMIT:
+        while items and len(exif_for(items).tobytes()) > IMAGE_FORMATS["jpeg"].metadata_limit:
             dropped = max(items, key=lambda item: len(item[1]))  # the largest first: usually the UI workflow, so the
             items.remove(dropped)                                 # smaller prompt (which ComfyUI also loads) stays
             warnings.warn(f"JPEG EXIF is limited to 64 KB: the {dropped[0]} ({len(dropped[1]) // 1024} KB) was not "
                           "embedded (save PNG or WebP to keep it)", stacklevel=3)
         image.save(buffer, "JPEG", quality=quality, subsampling=0 if jpeg_full_chroma else 2, exif=exif_for(items))
     else:
-        raise ValueError(f"unknown format {fmt!r}; choose png, jpeg or webp")
+        raise ValueError(f"unknown format {fmt!r}; choose {NAMES}")
     return buffer.getvalue()
 
 

@@ -3,6 +3,8 @@
 Nothing touches a file after it is signed (any later byte change invalidates the manifest).
 """
 
+from __future__ import annotations
+
 import io
 import json
 import itertools
@@ -13,6 +15,7 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -20,11 +23,13 @@ from PIL import Image
 from ..errors import KleinError
 from ..version import __version__
 from . import c2pa_sign, metadata, watermark
+from .formats import IMAGE_FORMATS, NAMES, SUFFIXES, format_of_path, image_format
+
+if TYPE_CHECKING:  # annotations only: saving takes tensors or arrays and never imports torch
+    import torch
 
 log = logging.getLogger("klein_nodes")
-FORMATS = ("png", "jpeg", "webp")
-WATERMARK_MODES = (True, False, "robust", "standard")
-MAX_SIDE = {"png": 2**31 - 1, "jpeg": 65500, "webp": 16383}  # the formats' own limits
+WATERMARK_MODES = ("robust", "standard")
 MAX_NAME_BYTES = 200  # a file name with the counter and extension stays under the usual 255-byte limit
 VERIFY_MAX_PIXELS = 64 * 2**20
 BYTES_PER_PIXEL = 80  # peak memory of a save above its input: 77 bytes a pixel measured at 2048², watermarked
@@ -81,9 +86,9 @@ def check_images(images, fmt):
         if len(shape) not in (2, 3) or 0 in shape[:2] or (len(shape) == 3 and not 1 <= shape[2] <= 4):
             raise KleinError(f"cannot save an image of shape {shape}: it needs a height, a width and 1-4 channels")
         height, width = shape[:2]
-        if max(height, width) > MAX_SIDE[fmt]:
-            raise KleinError(f"a {width}x{height} image cannot be saved as {fmt} (at most {MAX_SIDE[fmt]} pixels a "
-                             "side); choose png")
+        if max(height, width) > IMAGE_FORMATS[fmt].max_side:
+            raise KleinError(f"a {width}x{height} image cannot be saved as {fmt} (at most "
+                             f"{IMAGE_FORMATS[fmt].max_side} pixels a side); choose png")
         needed, available = height * width * BYTES_PER_PIXEL, psutil.virtual_memory().available
         if needed > available:
             raise KleinError(f"saving a {width}x{height} image needs about {needed / 2**30:.1f} GB of memory and "
@@ -98,13 +103,15 @@ def check_quality(quality):
 def next_counter(folder, name):
     """One past the largest counter of `<name>_<digits>_...` files in `folder`, whatever their extension."""
     pattern = re.compile(rf"^{re.escape(name)}_(\d+)_")
-    counters = [int(m.group(1)) for f in (os.listdir(folder) if os.path.isdir(folder) else []) if (m := pattern.match(f))]
+    counters = [int(m.group(1)) for f in (os.listdir(folder) if os.path.isdir(folder) else [])
+                if (m := pattern.match(f))]
     return max(counters, default=0) + 1
 
 
 def write_exclusive(folder, data, candidates):
     """Write `data` to the first free path of `candidates` ((key, path) pairs) without ever replacing a file: a
-    temporary file, then a hard link (atomic, fails if the name exists). Returns (key, path), or None if none is free."""
+    temporary file, then a hard link (atomic, fails if the name exists). Returns (key, path), or None if none is
+    free."""
     try:
         os.makedirs(folder, exist_ok=True)
         temp = Path(folder) / f".klein-{uuid.uuid4().hex}.tmp"  # unique; created with the usual (umask) permissions
@@ -150,23 +157,26 @@ def decoded(data):
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-def check_watermark_mode(mode):
+def watermark_to_embed(watermark, mode):
+    """The mode of the watermark to embed ("robust" or "standard"), or None for none; bad arguments refused."""
+    if not isinstance(watermark, (bool, np.bool_)):
+        raise KleinError(f"watermark={watermark!r}: use True or False (the kind goes in watermark_mode)")
     if mode not in WATERMARK_MODES:
-        raise KleinError(f"watermark={mode!r}: use True or 'robust' (survives JPEG/WebP), 'standard' (BFL's "
-                         "embedding, byte-identical to imwatermark) or False")
-    return {True: "robust"}.get(mode, mode)
+        raise KleinError(f"watermark_mode={mode!r}: use 'robust' (survives JPEG/WebP) or 'standard' (BFL's "
+                         "embedding, byte-identical to imwatermark)")
+    return mode if watermark else None
 
 
-def prepare(image, fmt, quality, do_watermark, items, opacity=None):
+def prepare(image, fmt, quality, mark_mode, items, opacity=None):
     """Watermarked (when asked and large enough) and encoded bytes, the matched bits read back, and notes. The
     watermark goes into the colour; an opacity plane is added to it afterwards."""
     notes = []
     alpha, rgb = to_alpha(opacity, fmt, to_uint8(image, notes), notes)
     marked = False
-    if do_watermark:
+    if mark_mode:
         if rgb.shape[0] * rgb.shape[1] < watermark.MIN_PIXELS:
             notes.append(f"watermark skipped: {rgb.shape[1]}x{rgb.shape[0]} is below the 256x256 minimum")
-        elif do_watermark == "standard":
+        elif mark_mode == "standard":
             rgb, marked = watermark.embed(rgb), True
         else:  # robust, compensated also for this very save when it is lossy
             this_save = [] if fmt == "png" else [lambda x: decoded(metadata.encode(x, fmt, quality, alpha=alpha))]
@@ -184,30 +194,36 @@ def prepare(image, fmt, quality, do_watermark, items, opacity=None):
     return data, bits, notes
 
 
-def save_images(images, directory, prefix="klein", format="png", quality=80, watermark=True, c2pa=True, prompt=None,
-                workflow=None, credentials=None, allow_unsigned=False, metadata_enabled=True, extra_pnginfo=None,
-                alpha=None, sources=None, safety=None):
+def save_images(images: torch.Tensor, directory: str | Path, prefix: str = "klein", format: str = "png",
+                quality: int = 80, watermark: bool = True, c2pa: bool = True, prompt: dict | None = None,
+                workflow: dict | None = None, credentials: str | Path | None = None, allow_unsigned: bool = False,
+                metadata_enabled: bool = True, extra_pnginfo: dict | None = None, alpha: torch.Tensor | None = None,
+                sources: list | None = None, safety: list | None = None,
+                watermark_mode: str = "robust") -> list[Path]:
     """Save (B, H, W, 3) images in [0, 1]; returns the written paths. See `save_image_records` for details."""
     return [record.path for record in save_image_records(
         images, directory, prefix, format, quality, watermark, c2pa, prompt, workflow, credentials, allow_unsigned,
-        metadata_enabled, extra_pnginfo, alpha, sources, safety)]
+        metadata_enabled, extra_pnginfo, alpha, sources, safety, watermark_mode)]
 
 
-def save_image_records(images, directory, prefix="klein", format="png", quality=80, watermark=True, c2pa=True,
-                       prompt=None, workflow=None, credentials=None, allow_unsigned=False, metadata_enabled=True,
-                       extra_pnginfo=None, alpha=None, sources=None, safety=None):
-    """Save images as `<prefix>_<counter:05>_.<ext>`: optional FLUX watermark (self-checked; `watermark` True or
+def save_image_records(images: torch.Tensor, directory: str | Path, prefix: str = "klein", format: str = "png",
+                       quality: int = 80, watermark: bool = True, c2pa: bool = True, prompt: dict | None = None,
+                       workflow: dict | None = None, credentials: str | Path | None = None,
+                       allow_unsigned: bool = False, metadata_enabled: bool = True, extra_pnginfo: dict | None = None,
+                       alpha: torch.Tensor | None = None, sources: list | None = None, safety: list | None = None,
+                       watermark_mode: str = "robust") -> list[Saved]:
+    """Save images as `<prefix>_<counter:05>_.<ext>`: optional FLUX watermark (self-checked; `watermark_mode`
     "robust": survives JPEG/WebP saves, "standard": BFL's embedding, byte-identical to imwatermark), ComfyUI metadata
     (prompt/workflow; none when `metadata_enabled` is False, as with --disable-metadata), a signed C2PA manifest.
     `alpha`: opacity (B or 1, H, W) in [0, 1] for RGBA PNG/WebP (JPEG: composited on white, noted).
     `sources`: the images that shaped the result, recorded in the manifest as ingredients (see `source_records`).
     `safety`: the safety checks that ran ([{...}], scores and thresholds, never the prompt), as `klein_safety`.
     If signing is impossible and `allow_unsigned` is False, nothing is written and KleinError is raised."""
-    fmt = {"jpg": "jpeg"}.get(str(format).lower(), str(format).lower())
-    if fmt not in FORMATS:
-        raise KleinError(f"format {format!r} is not supported; choose png, jpeg or webp")
+    if image_format(format) is None:
+        raise KleinError(f"format {format!r} is not supported; choose {NAMES}")
+    fmt = image_format(format).name
     check_quality(quality)
-    watermark = check_watermark_mode(watermark)
+    mark_mode = watermark_to_embed(watermark, watermark_mode)
     check_images(images, fmt)
     extra = dict(extra_pnginfo or {})
     if workflow is not None:
@@ -220,13 +236,13 @@ def save_image_records(images, directory, prefix="klein", format="png", quality=
     ingredients = source_records(sources) if signer is not None else []
     if alpha is not None and len(alpha) not in (1, len(images)):
         raise KleinError(f"{len(alpha)} opacity masks for {len(images)} images: give one, or one per image")
-    prepared = [prepare(image, fmt, quality, watermark, items, None if alpha is None else alpha[min(i, len(alpha) - 1)])
+    prepared = [prepare(image, fmt, quality, mark_mode, items, None if alpha is None else alpha[min(i, len(alpha) - 1)])
                 for i, image in enumerate(images)]
     records, counter = [], next_counter(folder, name)
     for data, bits, notes in prepared:
-        data, signed = sign_or_note(data, fmt, f"{name}_{counter:05}_.{metadata.EXTENSIONS[fmt]}", signer, allow_unsigned,
-                                    notes, ingredients)
-        path, counter = write_new(folder, name, counter, metadata.EXTENSIONS[fmt], data)
+        data, signed = sign_or_note(data, fmt, f"{name}_{counter:05}_.{IMAGE_FORMATS[fmt].extension}", signer,
+                                    allow_unsigned, notes, ingredients)
+        path, counter = write_new(folder, name, counter, IMAGE_FORMATS[fmt].extension, data)
         counter += 1
         for note in notes:
             log.warning("klein save: %s: %s", path.name, note)
@@ -262,7 +278,7 @@ def sign_or_note(data, fmt, title, signer, allow_unsigned, notes, sources=()):
     if signer is None:
         return data, False
     try:
-        return c2pa_sign.sign(data, metadata.MIME[fmt], title, signer, __version__, sources), True
+        return c2pa_sign.sign(data, IMAGE_FORMATS[fmt].mime, title, signer, __version__, sources), True
     except Exception as e:  # c2pa raises its own error types; the message is what the user needs
         if not allow_unsigned:
             raise KleinError(f"C2PA signing failed ({e}); nothing was written for this image. Allow unsigned "
@@ -271,19 +287,20 @@ def sign_or_note(data, fmt, title, signer, allow_unsigned, notes, sources=()):
         return data, False
 
 
-def save_file(image, path, quality=90, watermark=True, c2pa=True, prompt=None, credentials=None, allow_unsigned=False,
-              safety=None, sources=None):
+def save_file(image: torch.Tensor, path: str | Path, quality: int = 90, watermark: bool = True, c2pa: bool = True,
+              prompt: dict | None = None, credentials: str | Path | None = None, allow_unsigned: bool = False,
+              safety: list | None = None, sources: list | None = None, watermark_mode: str = "robust") -> Saved:
     """One image to exactly `path` (format from the extension), same steps as `save_image_records` (`sources`: the
     C2PA ingredients); an existing file is never replaced. Returns the Saved record."""
     path = Path(path)
-    fmt = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(path.suffix.lower())
-    if fmt is None:
-        raise KleinError(f"{path}: the output must end in .png, .jpg or .webp")
+    if format_of_path(path) is None:
+        raise KleinError(f"{path}: the output must end in {SUFFIXES}")
+    fmt = format_of_path(path).name
     check_quality(quality)
-    watermark = check_watermark_mode(watermark)
+    mark_mode = watermark_to_embed(watermark, watermark_mode)
     check_images([image], fmt)
     signer = signing_credentials(c2pa, credentials, allow_unsigned)
-    data, bits, notes = prepare(image, fmt, quality, watermark,
+    data, bits, notes = prepare(image, fmt, quality, mark_mode,
                                 metadata.metadata_items(prompt, {"klein_safety": safety} if safety else {}))
     data, signed = sign_or_note(data, fmt, path.name, signer, allow_unsigned, notes,
                                 source_records(sources) if signer is not None else [])
@@ -306,7 +323,7 @@ def signing_credentials(enabled, credentials, allow_unsigned):
                          "unsigned saving.") from None
 
 
-def verify_image(path, trust_anchor=None):
+def verify_image(path: str | Path, trust_anchor: str | bytes | None = None) -> dict:
     """{"c2pa": Trusted/Valid/Invalid/None, "c2pa_codes": [...], "watermark_bits": n of 46 (or None when too small),
     "watermark_detected": bool, "workflow": bool, "prompt": bool, "safety": the recorded checks or None}. The pack's
     local root is the default trust anchor."""
@@ -342,7 +359,8 @@ def verify_image(path, trust_anchor=None):
                    for i in manifest.get("ingredients", [])]
     return {"c2pa": report["state"], "c2pa_codes": report["codes"], "c2pa_actions": actions,
             "c2pa_ingredients": ingredients, "watermark_bits": bits,
-            "watermark_total": len(watermark.FLUX_BITS), "watermark_detected": bits is not None and bits >= watermark.DETECTED_AT,
+            "watermark_total": len(watermark.FLUX_BITS),
+            "watermark_detected": bits is not None and bits >= watermark.DETECTED_AT,
             "workflow": "workflow" in items, "prompt": "prompt" in items, "safety": safety_record(items)}
 
 

@@ -11,6 +11,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from .formats import IMAGE_FORMATS
+
 # BFL's constant (FLUX.1 and FLUX.2); bin() drops its two leading zeros, so 46 bits are embedded.
 FLUX_MESSAGE = 0b001010101111111010000111100111001111010100101110
 FLUX_BITS = tuple(int(bit) for bit in bin(FLUX_MESSAGE)[2:])
@@ -138,7 +140,6 @@ MIN_PSNR_DB = 35.0  # never below this
 PIXEL = 8  # a 4x4 block of the half-size low band
 KEEP_Y = np.array([0.0, -0.395, 2.032])  # RGB change that moves U by 1 with Y and V unchanged
 U_GRADIENT = np.array([-0.299, -0.587, 0.886]) * 0.492  # dU/d(R, G, B)
-MAX_SIDE = {"jpeg": 65500, "webp": 16383}
 SHARING_CODECS = (("jpeg", 75, 2), ("jpeg", 75, 0), ("webp", 75, None), ("jpeg", 90, 2), ("webp", 90, None))
 
 
@@ -204,7 +205,7 @@ def embed_robust(rgb, bits=FLUX_BITS, codecs=(), iterations=2):
     check_size(rgb)
     rows, cols = rgb.shape[0] // 4 * 2 // BLOCK, rgb.shape[1] // 4 * 2 // BLOCK  # low-band blocks
     wanted = np.asarray(bits, dtype=np.float64)[np.arange(rows * cols) % len(bits)]
-    fits = [c for c in SHARING_CODECS if max(rgb.shape[:2]) <= MAX_SIDE[c[0]]]
+    fits = [c for c in SHARING_CODECS if max(rgb.shape[:2]) <= IMAGE_FORMATS[c[0]].max_side]
     simulated = [lambda x, c=c: roundtrip(x, *c) for c in fits] + list(codecs)
     delta = into_zone(bin_errors(rgb, wanted))
     for _ in range(iterations):  # pre-compensate each block for the mean shift the codecs give it

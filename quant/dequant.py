@@ -12,13 +12,13 @@ import math
 import operator
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import KleinError
 
 log = logging.getLogger("klein_nodes")
-TRITON_TYPES = ("Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
 # On the CPU, large tensors are dequantized in pieces of this many values (4 MB of float32): each piece's
 # intermediate results stay in cache instead of every step streaming the whole tensor through memory (2-3x faster),
 # and pieces are large enough that the ~40 small ops per piece cost little (a quarter of this size: 1.3-2x slower).
@@ -26,13 +26,6 @@ CPU_CHUNK = 1 << 20
 _triton_verdict = {}  # (type, device, dtype) -> the Triton kernel matched the torch code on its first data
 
 QK_K = 256
-# type name -> (elements per block, bytes per block)
-BLOCK_SIZES = {
-    "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
-    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
-    "Q2_K": (QK_K, 84), "Q3_K": (QK_K, 110), "Q4_K": (QK_K, 144), "Q5_K": (QK_K, 176), "Q6_K": (QK_K, 210),
-    "IQ4_NL": (32, 18), "IQ4_XS": (QK_K, 136), "MXFP4": (32, 17), "NVFP4": (64, 36),
-}
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 E2M1_DOUBLED = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # GGML's fp4 codes, paired with half scales
 
@@ -227,12 +220,36 @@ def floats(dtype):
     return read
 
 
-DEQUANTIZERS = {
-    "F32": floats(torch.float32), "F16": floats(torch.float16), "BF16": floats(torch.bfloat16),
-    "Q4_0": dequant_q4_0, "Q4_1": dequant_q4_1, "Q5_0": dequant_q5_0, "Q5_1": dequant_q5_1, "Q8_0": dequant_q8_0,
-    "Q2_K": dequant_q2_k, "Q3_K": dequant_q3_k, "Q4_K": dequant_q4_k, "Q5_K": dequant_q5_k, "Q6_K": dequant_q6_k,
-    "IQ4_NL": dequant_iq4_nl, "IQ4_XS": dequant_iq4_xs, "MXFP4": dequant_mxfp4, "NVFP4": dequant_nvfp4,
+@dataclass(frozen=True)
+class GGMLType:
+    block_size: int  # elements per block
+    type_size: int  # bytes per block
+    dequantize: object  # (blocks, out=None) -> (n_blocks, block_size) float32
+    triton: bool = False  # a Triton kernel runs it on CUDA (quant/triton_dequant.py)
+    float_dtype: torch.dtype | None = None  # float types: the elements are this dtype, read in place
+
+
+def float_type(dtype):
+    return GGMLType(1, dtype.itemsize, floats(dtype), float_dtype=dtype)
+
+
+# The one table of GGML types: block layout, kernel. Names as gguf-py's GGMLQuantizationType spells them.
+GGML_TYPES = {
+    "F32": float_type(torch.float32), "F16": float_type(torch.float16), "BF16": float_type(torch.bfloat16),
+    "Q4_0": GGMLType(32, 18, dequant_q4_0, triton=True), "Q4_1": GGMLType(32, 20, dequant_q4_1),
+    "Q5_0": GGMLType(32, 22, dequant_q5_0), "Q5_1": GGMLType(32, 24, dequant_q5_1),
+    "Q8_0": GGMLType(32, 34, dequant_q8_0, triton=True),
+    "Q2_K": GGMLType(QK_K, 84, dequant_q2_k), "Q3_K": GGMLType(QK_K, 110, dequant_q3_k),
+    "Q4_K": GGMLType(QK_K, 144, dequant_q4_k, triton=True), "Q5_K": GGMLType(QK_K, 176, dequant_q5_k, triton=True),
+    "Q6_K": GGMLType(QK_K, 210, dequant_q6_k, triton=True),
+    "IQ4_NL": GGMLType(32, 18, dequant_iq4_nl), "IQ4_XS": GGMLType(QK_K, 136, dequant_iq4_xs),
+    "MXFP4": GGMLType(32, 17, dequant_mxfp4), "NVFP4": GGMLType(64, 36, dequant_nvfp4),
 }
+# views of the table
+BLOCK_SIZES = {name: (t.block_size, t.type_size) for name, t in GGML_TYPES.items()}  # (elements, bytes) per block
+DEQUANTIZERS = {name: t.dequantize for name, t in GGML_TYPES.items()}
+TRITON_TYPES = tuple(name for name, t in GGML_TYPES.items() if t.triton)
+FLOAT_TYPES = {name: t.float_dtype for name, t in GGML_TYPES.items() if t.float_dtype is not None}
 
 
 def type_name(qtype):
@@ -245,13 +262,14 @@ def type_name(qtype):
             name = gguf.GGMLQuantizationType(name).name
         except ValueError:
             raise KleinError(f"{name} is not a GGML type number") from None
-    if not isinstance(name, str) or name not in DEQUANTIZERS:
-        raise KleinError(f"GGML type {name} is not supported (supported: {', '.join(DEQUANTIZERS)}); "
+    if not isinstance(name, str) or name not in GGML_TYPES:
+        raise KleinError(f"GGML type {name} is not supported (supported: {', '.join(GGML_TYPES)}); "
                          "re-quantize the file to one of these (Q8_0, Q6_K, Q5_K, Q4_K are the usual choices)")
     return name
 
 
-def dequantize(data, qtype, shape, dtype=torch.float32, out=None):
+def dequantize(data: torch.Tensor, qtype: object, shape: tuple, dtype: torch.dtype = torch.float32,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """Raw GGML blocks (uint8) -> a tensor of `shape` (torch order, last dim = the row) in `dtype`, written into
     `out` when given. On CUDA the hot types run as Triton kernels (see `use_triton`)."""
     name = type_name(qtype)
@@ -315,7 +333,8 @@ def in_parallel(work, pieces):
         return
     if _pool[1] != threads:
         # each worker's own OpenMP setting: one thread per op, for good
-        _pool = (ThreadPoolExecutor(threads, "klein-dequant", initializer=torch.set_num_threads, initargs=(1,)), threads)
+        _pool = (ThreadPoolExecutor(threads, "klein-dequant", initializer=torch.set_num_threads, initargs=(1,)),
+                 threads)
     inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()  # thread-local: carried over
 
     def run(piece):
@@ -355,7 +374,8 @@ def use_triton(name, blocks, dtype):
 
             got = launch(name, sample, torch.empty_like(expected))
         except Exception as e:  # a Triton/driver combination that cannot build the kernel: torch does the work
-            log.warning("Triton %s dequantization kernel failed on %s (%s); using torch instead", name, blocks.device, e)
+            log.warning("Triton %s dequantization kernel failed on %s (%s); using torch instead",
+                        name, blocks.device, e)
             _triton_verdict[key] = False
             return False
         _triton_verdict[key] = torch.equal(got, expected) and torch.equal(got.isnan(), expected.isnan())

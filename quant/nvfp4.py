@@ -37,7 +37,8 @@ class Nvfp4Linear(DequantizingLinear):
         super().__init__(*reversed(shape), compute_dtype)
         rows, cols = weight.shape[0], weight.shape[1] * 2
         if weight.dtype != torch.uint8 or rows < shape[0] or cols < shape[1] or rows % GROUP or cols % GROUP:
-            raise ValueError(f"nvfp4 weight of {weight.dtype} {tuple(weight.shape)} cannot hold a {tuple(shape)} matrix")
+            raise ValueError(f"nvfp4 weight of {weight.dtype} {tuple(weight.shape)} "
+                             f"cannot hold a {tuple(shape)} matrix")
         unswizzle(block_scale, rows, cols // GROUP)
         self.register_buffer("weight", weight)
         self.register_buffer("weight_scale", block_scale)

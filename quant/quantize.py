@@ -33,7 +33,8 @@ def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep):
     for step in range(nstep + 1):
         # each candidate spans from the best minimum found so far, as the reference loop does
         span = np.where(flat, 1, high - minimum).astype(np.float32)
-        iscale = ((np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax)) / span).astype(np.float32)
+        iscale = ((np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax))
+                  / span).astype(np.float32)
         trial = np.clip(nearest_int(iscale[:, None] * (x - minimum[:, None])), 0, nmax).astype(np.float32)
         sum_l, sum_l2, sum_xl = (weights * trial).sum(1), (weights * trial * trial).sum(1), (weights * trial * x).sum(1)
         det = sum_w * sum_l2 - sum_l * sum_l
@@ -47,7 +48,8 @@ def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep):
         mad = error(trial, this_scale, this_min)
         better = ok & (mad < best)
         levels = np.where(better[:, None], trial, levels)
-        best, scale, minimum = np.where(better, mad, best), np.where(better, this_scale, scale), np.where(better, this_min, minimum)
+        best, scale, minimum = (np.where(better, mad, best), np.where(better, this_scale, scale),
+                                np.where(better, this_min, minimum))
     levels = np.where(flat[:, None], 0, levels)
     scale = np.where(flat, 0, scale)
     return levels.astype(np.int32), scale.astype(np.float32), (-minimum).astype(np.float32)
@@ -144,7 +146,8 @@ def quantize_q6_k(x):
     levels = np.where(dl[..., None] == 0, 32, levels)
     levels = np.where(empty[:, None, None], 0, levels).reshape(n, 2, 4, 32).astype(np.uint8)  # per 128: 4 runs of 32
     low, high = levels & 0x0F, levels >> 4
-    ql = np.concatenate([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], axis=2).reshape(n, 128)
+    ql = np.concatenate([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)],
+                        axis=2).reshape(n, 128)
     qh = (high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)).reshape(n, 64)
     return np.concatenate([ql, qh, sc.view(np.uint8), d[:, None].view(np.uint8)], axis=1)
 

@@ -29,8 +29,8 @@ POINTS = 256 * 256  # sample points per Gauss-Newton step (a regular grid)
 MARGIN = 1  # px grown around the found change: residual misalignment, interpolation
 FLOOR, CEILING = 0.04, 0.15  # colour differences always / never below the threshold of a change, whatever the noise
 NOISE_SIGMAS = 6  # threshold above the median difference, in robust sigmas of the unchanged area's noise
-MIN_AREA = 0.001
-MIN_TRUSTED = 0.05  # a given mask must leave this fraction of the image to align and colour-match on  # found changes smaller than this fraction of the image are noise
+MIN_AREA = 0.001  # found changes smaller than this fraction of the image are noise
+MIN_TRUSTED = 0.05  # a given mask must leave this fraction of the image to align and colour-match on
 TILE = 128  # px of the tiles that phase correlation compares (at the downscale)
 GRID = 128  # cells on the long side of the grid on which specks and holes are judged
 TOLERANCE = 0.02  # residuals up to this always count as unchanged when fitting shift and colour
@@ -90,7 +90,8 @@ def sample(image, xs, ys):
     """Bicubic samples of (C, H, W) at pixel coordinates -> (C, N); outside repeats the border."""
     height, width = image.shape[-2:]
     grid = torch.stack([xs * (2 / max(width - 1, 1)) - 1, ys * (2 / max(height - 1, 1)) - 1], -1)
-    return F.grid_sample(image[None], grid[None, None], mode="bicubic", padding_mode="border", align_corners=True)[0, :, 0]
+    return F.grid_sample(image[None], grid[None, None], mode="bicubic", padding_mode="border",
+                         align_corners=True)[0, :, 0]
 
 
 def taper(n, device):

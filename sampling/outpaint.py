@@ -24,11 +24,12 @@ MAX_PAD = 8192
 def outpaint_canvas(image: torch.Tensor, left: int = 0, top: int = 0, right: int = 0, bottom: int = 0,
                     fill: str = "edge", feather: int = 32, aspect: str | None = None,
                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(canvas, mask): `image` ((H, W, 3) or (B, H, W, 3) in [0, 1], or a PIL image) placed on a canvas grown by the given pixels
-    on each side (or, with `aspect` such as "16:9", grown evenly to that aspect), both sides kept multiples of 16
-    (extra pixels go to the grown sides, noted). The canvas keeps the image's layout; its new area is filled with
-    `fill`. `mask` (H', W') is 1 on the new area and ramps from 1 to 0 over `feather` pixels into the image, so the
-    repaint blends in; beyond that band it is exactly 0 and the image's pixels are the input's, bit for bit."""
+    """(canvas, mask): `image` ((H, W, 3) or (B, H, W, 3) in [0, 1], or a PIL image) placed on a canvas grown by the
+    given pixels on each side (or, with `aspect` such as "16:9", grown evenly to that aspect), both sides kept
+    multiples of 16 (extra pixels go to the grown sides, noted). The canvas keeps the image's layout; its new area is
+    filled with `fill`. `mask` (H', W') is 1 on the new area and ramps from 1 to 0 over `feather` pixels into the
+    image, so the repaint blends in; beyond that band it is exactly 0 and the image's pixels are the input's, bit for
+    bit."""
     frames = image_frames(image)
     if fill not in FILLS:
         raise KleinError(f"fill {fill!r} is not known: choose one of {', '.join(FILLS)}")
@@ -40,8 +41,8 @@ def outpaint_canvas(image: torch.Tensor, left: int = 0, top: int = 0, right: int
     canvas_w, canvas_h = width + left + right, height + top + bottom
     if canvas_w * canvas_h > MAX_PIXELS:
         raise KleinError(f"the canvas would be {canvas_w}x{canvas_h} ({canvas_w * canvas_h / MEGAPIXEL:.1f} MP); klein "
-                         f"samples up to {MAX_PIXELS // MEGAPIXEL} MP: outpaint a smaller image, then enlarge the result "
-                         "with Klein Tiled Refine")
+                         f"samples up to {MAX_PIXELS // MEGAPIXEL} MP: outpaint a smaller image, then enlarge the "
+                         "result with Klein Tiled Refine")
     chw = frames.permute(0, 3, 1, 2)
     filled = {"edge": edge_fill, "mean": mean_fill, "noise": noise_fill}[fill](chw, (left, right, top, bottom), seed)
     filled[..., top: top + height, left: left + width] = chw  # the image itself, exactly as given
@@ -156,7 +157,9 @@ def outpaint_mask(height, width, pads, feather):
     ys, xs = torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32)
     inf = torch.tensor(float("inf"))
     near = [torch.where(torch.tensor(bool(pad)), d, inf) for pad, d in (
-        (top, (ys - top + 1)[:, None].expand(height, width)), (bottom, (height - bottom - ys)[:, None].expand(height, width)),
-        (left, (xs - left + 1)[None, :].expand(height, width)), (right, (width - right - xs)[None, :].expand(height, width)))]
+        (top, (ys - top + 1)[:, None].expand(height, width)),
+        (bottom, (height - bottom - ys)[:, None].expand(height, width)),
+        (left, (xs - left + 1)[None, :].expand(height, width)),
+        (right, (width - right - xs)[None, :].expand(height, width)))]
     distance = torch.stack(near).amin(0)  # pixels into the image from the nearest grown side (<= 0: new area)
     return (1 - distance / (feather + 1)).clamp(0, 1)

@@ -2,15 +2,18 @@
 
 import contextlib
 import logging
+from collections.abc import Callable
 
 import torch
 
 from ..errors import KleinError, WrongModelError
-from ..models.text_encoder import KLEIN_LAYERS
+from ..models.autoencoder import AutoEncoder
+from ..models.text_encoder import KLEIN_LAYERS, KleinTextEncoder
+from ..models.transformer import Flux2
 from . import memory, tiling
 from .references import DEFAULT_MAX_PIXELS, image_size, prepare_image, prepare_references, to_mask
-from .sampler import Conditioning, sample
-from .schedule import fit_size, get_schedule, initial_noise, resolve_seed
+from .sampler import Conditioning, Step, denoise_latents
+from .schedule import fit_size, initial_noise, resolve_seed
 
 log = logging.getLogger("klein_nodes")
 
@@ -23,8 +26,9 @@ class KleinPipeline:
     change that was made.
     """
 
-    def __init__(self, transformer, text_encoder=None, vae=None, text_layers=KLEIN_LAYERS, device=None, memory="auto",
-                 resident_blocks=None, before_turn=None):
+    def __init__(self, transformer: Flux2, text_encoder: KleinTextEncoder | None = None, vae: AutoEncoder | None = None,
+                 text_layers: tuple = KLEIN_LAYERS, device: str | torch.device | None = None, memory: str = "auto",
+                 resident_blocks: int | None = None, before_turn: Callable[[object, str], None] | None = None):
         """device: where to compute (components move there for their turn, as the memory plan says); None keeps
         every component where it is. memory: "auto" plans from free memory, or force "resident", "offload" or
         "stream" (with `resident_blocks` transformer blocks kept on the device). before_turn(module, name): called
@@ -42,8 +46,8 @@ class KleinPipeline:
 
             ensure_text_encoder_fits(text_encoder, transformer, self.text_layers)
         if vae is not None and 4 * vae.params.z_channels != transformer.params.in_channels:
-            raise WrongModelError(f"the VAE makes {4 * vae.params.z_channels}-channel latents but the transformer takes "
-                                  f"{transformer.params.in_channels}: use the FLUX.2 VAE")
+            raise WrongModelError(f"the VAE makes {4 * vae.params.z_channels}-channel latents but the transformer "
+                                  f"takes {transformer.params.in_channels}: use the FLUX.2 VAE")
         self.last_seed = None
         self.notes = []
 
@@ -52,23 +56,28 @@ class KleinPipeline:
         """Image pixels per latent pixel: VAE downsampling x 2 (patchify); 16 for the real VAE."""
         return 2 * tiling.vae_factor(self.vae) if self.vae is not None else 16
 
-    def encode_prompt(self, prompts, max_length=512):
+    def encode_prompt(self, prompts: list[str], max_length: int | None = 512) -> torch.Tensor:
         if self.text_encoder is None:
             raise KleinError("no text encoder: pass prompt_embeds, or build the pipeline with text_encoder=")
         with self._turn("text_encoder"):
             return self.text_encoder.encode(prompts, max_length=max_length, layers=self.text_layers)
 
-    def encode_images(self, images, max_pixels=DEFAULT_MAX_PIXELS, tiled="auto"):
+    def encode_images(self, images: list, max_pixels: int = DEFAULT_MAX_PIXELS,
+                      tiled: str | bool = "auto") -> tuple[list[torch.Tensor], list[str]]:
         """Reference images -> ([(1, 128, h, w) latents], notes)."""
         if self.vae is None:
             raise KleinError("references need a VAE: build the pipeline with vae=")
         with self._turn("vae"):
             return encode_references(self.vae, images, max_pixels, tiled)
 
-    def __call__(self, prompt=None, width=None, height=None, steps=4, guidance=1.0, seed=-1, negative_prompt="",
-                 references=None, noise=None, prompt_embeds=None, negative_prompt_embeds=None, batch_size=1,
-                 image=None, mask=None, denoise=1.0, max_reference_pixels=DEFAULT_MAX_PIXELS, callback=None,
-                 tiled="auto", output_type="image", max_sequence_length=512):
+    def __call__(self, prompt: str | list[str] | None = None, width: int | None = None, height: int | None = None,
+                 steps: int = 4, guidance: float = 1.0, seed: int = -1, negative_prompt: str = "",
+                 references: list | None = None, noise: torch.Tensor | None = None,
+                 prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                 batch_size: int = 1, image: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                 denoise: float = 1.0, max_reference_pixels: int = DEFAULT_MAX_PIXELS,
+                 callback: Callable[[Step], None] | None = None, tiled: str | bool = "auto", output_type: str = "image",
+                 max_sequence_length: int | None = 512) -> torch.Tensor:
         """Generate (B, H, W, 3) float images in [0, 1] (or fp32 latents with output_type="latent").
 
         noise: initial latents (B, 128, H/16, W/16), as diffusers' `latents=`; otherwise drawn on the CPU from
@@ -94,22 +103,24 @@ class KleinPipeline:
         batch = positive.shape[0] * batch_size if noise is None else noise.shape[0]
         if noise is None:
             self.last_seed = resolve_seed(seed)
-            log.info("klein: seed %d", self.last_seed)
-            noise = initial_noise(self.last_seed, batch, self.transformer.params.in_channels, height // scale, width // scale)
+            noise = initial_noise(self.last_seed, batch, self.transformer.params.in_channels, height // scale,
+                                  width // scale)
         init_latents = None if image is None else self._init(image, width, height, tiled)
         latent_mask = None if image is None else to_mask(mask)
-        sigmas = get_schedule(steps, noise.shape[-2] * noise.shape[-1], denoise)
         references = tuple(reference_latents)
-        per_prompt = lambda embeds: Conditioning(embeds.repeat_interleave(batch // embeds.shape[0], 0), references)  # noqa: E731
+
+        def per_prompt(embeds):
+            return Conditioning(embeds.repeat_interleave(batch // embeds.shape[0], 0), references)
+
         with self._turn("transformer"):
-            latents = sample(self.transformer, noise, per_prompt(positive), sigmas,
-                             negative=None if negative is None else per_prompt(negative), guidance=guidance,
-                             init_latents=init_latents, mask=latent_mask, callback=callback)
+            latents = denoise_latents(self.transformer, noise, per_prompt(positive), steps, denoise,
+                                      negative=None if negative is None else per_prompt(negative), guidance=guidance,
+                                      init_latents=init_latents, mask=latent_mask, callback=callback)
         if output_type == "latent":
             return latents
         return self.decode(latents, tiled)
 
-    def decode(self, latents, tiled="auto"):
+    def decode(self, latents: torch.Tensor, tiled: str | bool = "auto") -> torch.Tensor:
         """fp32 latents -> (B, H, W, 3) images in [0, 1]."""
         if self.vae is None:
             raise KleinError("decoding needs a VAE: build the pipeline with vae=")
@@ -123,7 +134,8 @@ class KleinPipeline:
         if self.device is None:
             return None
         scale = self.pixels_per_latent
-        latent_h, latent_w = noise.shape[-2:] if noise is not None else ((height or 1024) // scale, (width or 1024) // scale)
+        latent_h, latent_w = (noise.shape[-2:] if noise is not None
+                              else ((height or 1024) // scale, (width or 1024) // scale))
         blocks = list(self.transformer.double_blocks) + list(self.transformer.single_blocks)
         text_encoder_bytes = memory.module_bytes(self.text_encoder.model) if self.text_encoder else 0
         transformer_bytes = memory.module_bytes(self.transformer)
@@ -131,17 +143,21 @@ class KleinPipeline:
         if self.memory != "auto":
             offload = "resident" if self.memory == "resident" else "offload"
             decision = memory.Plan(offload, self.memory, offload, False,
-                                   resident_blocks=self.resident_blocks if self.resident_blocks is not None else len(blocks) // 2)
+                                   resident_blocks=(self.resident_blocks if self.resident_blocks is not None
+                                                    else len(blocks) // 2))
         else:
             free = tiling.free_bytes(self.device)
             if self.device.type == "cuda" and self._on_device():  # our own weights already hold part of the device
                 free += text_encoder_bytes + transformer_bytes + vae_bytes
             tokens = latent_h * latent_w
-            activations = memory.transformer_activation_bytes(self.transformer.params, tokens, len(references or ()) * tokens,
-                                                              batch=batch_size, cfg=cfg, dtype_bytes=self.transformer.dtype.itemsize)
-            decode = tiling.decode_bytes(self.vae, torch.empty(batch_size, 128, latent_h, latent_w, device="meta")) if self.vae else 0
-            decision = memory.plan(free, text_encoder_bytes, transformer_bytes, [memory.module_bytes(b) for b in blocks],
-                                   vae_bytes, activations, decode, self.device.type)
+            activations = memory.transformer_activation_bytes(self.transformer.params, tokens,
+                                                              len(references or ()) * tokens, batch=batch_size,
+                                                              cfg=cfg, dtype_bytes=self.transformer.dtype.itemsize)
+            decode = (tiling.decode_bytes(self.vae, torch.empty(batch_size, 128, latent_h, latent_w, device="meta"))
+                      if self.vae else 0)
+            decision = memory.plan(free, text_encoder_bytes, transformer_bytes,
+                                   [memory.module_bytes(b) for b in blocks], vae_bytes, activations, decode,
+                                   self.device.type)
         log.info("klein memory plan: %s", decision.describe())
         return decision
 

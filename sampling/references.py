@@ -66,7 +66,8 @@ def to_hwc(image):
         return [(image.permute(1, 2, 0) if channels_first else image).float()]
     if image.ndim == 4:
         return [frame.float() for frame in image]
-    raise KleinError(f"a reference image tensor must have 2-4 dimensions (H,W / H,W,C / B,H,W,C), got shape {tuple(image.shape)}")
+    raise KleinError("a reference image tensor must have 2-4 dimensions (H,W / H,W,C / B,H,W,C), "
+                     f"got shape {tuple(image.shape)}")
 
 
 def to_rgb(hwc):
@@ -127,7 +128,8 @@ def prepare_references(images, max_pixels=DEFAULT_MAX_PIXELS):
     images = images if isinstance(images, (list, tuple)) else [images]
     frames = [frame for image in images for frame in to_hwc(image)]
     notes = []
-    prepared = [fit(to_rgb(frame), max_pixels, notes, f"reference {k + 1}")[None] * 2 - 1 for k, frame in enumerate(frames)]
+    prepared = [fit(to_rgb(frame), max_pixels, notes, f"reference {k + 1}")[None] * 2 - 1
+                for k, frame in enumerate(frames)]
     if len(prepared) > RECOMMENDED_REFERENCES:
         pixels = sum(p.shape[-1] * p.shape[-2] for p in prepared)
         notes.append(f"{len(prepared)} references ({pixels / 1e6:.1f} MP, {pixels // 256} tokens): more than "

@@ -11,6 +11,7 @@ plus one tile's run, whatever the output size.
 import math
 import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,18 +21,21 @@ from ..errors import KleinError, KleinNote
 from .outpaint import image_frames
 from .schedule import MEGAPIXEL, MULTIPLE
 
+if TYPE_CHECKING:
+    from .pipeline import KleinPipeline
+
 MAX_OUTPUT_PIXELS = 64 * MEGAPIXEL
 MIN_TILE, MAX_TILE = 256, 2048
 
 
-def tiled_refine(pipe, image: torch.Tensor, prompt: str | None = None, scale: float = 2, tile: int = 1024,
-                 overlap: int = 128, denoise: float = 0.35, seed: int = 0, steps: int = 4, reference: bool = False,
-                 prompt_embeds: torch.Tensor | None = None,
+def tiled_refine(pipe: "KleinPipeline", image: torch.Tensor, prompt: str | None = None, scale: float = 2,
+                 tile: int = 1024, overlap: int = 128, denoise: float = 0.35, seed: int = 0, steps: int = 4,
+                 reference: bool = False, prompt_embeds: torch.Tensor | None = None,
                  progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """`image` ((H, W, 3) or (1, H, W, 3) in [0, 1], or a PIL image) enlarged `scale` times with Lanczos and refined by `pipe` (a
-    KleinPipeline) tile by tile at `denoise` with `prompt` (or `prompt_embeds`), each tile seeded `seed + index`
-    and, with `reference`, given itself as reference image. Returns (1, H*scale, W*scale, 3). `progress(done,
-    total)` is called after each tile; raising from it stops between tiles."""
+    """`image` ((H, W, 3) or (1, H, W, 3) in [0, 1], or a PIL image) enlarged `scale` times with Lanczos and refined
+    by `pipe` (a KleinPipeline) tile by tile at `denoise` with `prompt` (or `prompt_embeds`), each tile seeded
+    `seed + index` and, with `reference`, given itself as reference image. Returns (1, H*scale, W*scale, 3).
+    `progress(done, total)` is called after each tile; raising from it stops between tiles."""
     frames = image_frames(image)
     if frames.shape[0] != 1:
         raise KleinError(f"give one image to refine, got a batch of {frames.shape[0]}")
@@ -45,7 +49,8 @@ def tiled_refine(pipe, image: torch.Tensor, prompt: str | None = None, scale: fl
     out_h, out_w = round(height * scale), round(width * scale)
     if out_w * out_h > MAX_OUTPUT_PIXELS:
         raise KleinError(f"the result would be {out_w}x{out_h} ({out_w * out_h / MEGAPIXEL:.0f} MP); tiled refine "
-                         f"makes up to {MAX_OUTPUT_PIXELS // MEGAPIXEL} MP: lower the scale or start from a smaller image")
+                         f"makes up to {MAX_OUTPUT_PIXELS // MEGAPIXEL} MP: lower the scale or start from a smaller "
+                         "image")
     tile_w, tile_h = tile_sizes(out_w, out_h, tile, overlap)
     if prompt_embeds is None:
         if prompt is None:
@@ -94,7 +99,9 @@ def blend_weight(height, width, y, x, earlier):
     """(h, w, 1) weight of a new tile at (y, x): a linear ramp across each band an earlier tile already covers."""
     above = max((ey + height - y for ey, ex in earlier if ey < y and ex < x + width and ex + width > x), default=0)
     before = max((ex + width - x for ey, ex in earlier if ey == y and ex < x), default=0)
-    ramp = lambda n, band: ((torch.arange(n) + 1) / (band + 1)).clamp(max=1) if band else torch.ones(n)
+    def ramp(n, band):
+        return ((torch.arange(n) + 1) / (band + 1)).clamp(max=1) if band else torch.ones(n)
+
     return (ramp(height, above)[:, None] * ramp(width, before)[None, :])[..., None]
 
 

@@ -10,6 +10,7 @@ from ..errors import KleinError
 from ..models.adapters import release_adapters
 from ..models.offload import compute_device
 from .packing import image_ids, pack, pack_references, text_ids, unpack
+from .schedule import get_schedule
 
 
 class Cancelled(KleinError):
@@ -37,6 +38,14 @@ class Conditioning:
 
     embeddings: torch.Tensor
     references: tuple = ()
+
+
+def denoise_latents(transformer, noise, positive, steps, denoise=1.0, negative=None, guidance=1.0, init_latents=None,
+                    mask=None, callback=None):
+    """The sampling step Klein Sampler and KleinPipeline share: klein's schedule for `noise`'s latent grid (shifted
+    by its size, cut short by `denoise` < 1), then `sample` along it."""
+    sigmas = get_schedule(steps, noise.shape[-2] * noise.shape[-1], denoise)
+    return sample(transformer, noise, positive, sigmas, negative, guidance, init_latents, mask, callback)
 
 
 @torch.inference_mode()

@@ -1,5 +1,6 @@
 """klein's sigma schedule, image sizes and aspect presets, seeds and noise."""
 
+import logging
 import math
 import secrets
 import warnings
@@ -8,6 +9,8 @@ import numpy as np
 import torch
 
 from ..errors import KleinError, KleinNote
+
+log = logging.getLogger("klein_nodes")
 
 MULTIPLE = 16
 MAX_PIXELS = 4 * 1024 * 1024
@@ -63,8 +66,8 @@ def fit_size(width, height):
         notes.append(f"size {width}x{height} rounded to {fitted[0]}x{fitted[1]} (multiples of {MULTIPLE})")
         warnings.warn(notes[-1], KleinNote, stacklevel=3)
     if fitted[0] * fitted[1] > MAX_PIXELS:
-        raise KleinError(f"size {fitted[0]}x{fitted[1]} is {fitted[0] * fitted[1] / MEGAPIXEL:.2f} MP; klein supports up "
-                         f"to {MAX_PIXELS // MEGAPIXEL} MP (e.g. 2048x2048)")
+        raise KleinError(f"size {fitted[0]}x{fitted[1]} is {fitted[0] * fitted[1] / MEGAPIXEL:.2f} MP; klein "
+                         f"supports up to {MAX_PIXELS // MEGAPIXEL} MP (e.g. 2048x2048)")
     return fitted[0], fitted[1], notes
 
 
@@ -94,5 +97,6 @@ def resolve_seed(seed):
 
 def initial_noise(seed, batch, channels, height, width):
     """fp32 N(0, 1) latents drawn on the CPU, so a seed gives the same image on every device."""
+    log.info("klein: seed %d", seed)
     generator = torch.Generator("cpu").manual_seed(seed)
     return torch.randn(batch, channels, height, width, generator=generator, dtype=torch.float32)

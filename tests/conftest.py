@@ -11,8 +11,8 @@ def comfyui(monkeypatch, tmp_path):
     """A stand-in ComfyUI: `comfy.utils` importable and `folder_paths` pointing at a models/ tree."""
     models = tmp_path / "ComfyUI" / "models"
     folders = {"diffusion_models": [models / "diffusion_models", models / "unet"],
-               "text_encoders": [models / "text_encoders"], "vae": [models / "vae"], "checkpoints": [models / "checkpoints"],
-               "loras": [models / "loras"], "safety": [models / "safety"]}
+               "text_encoders": [models / "text_encoders"], "vae": [models / "vae"],
+               "checkpoints": [models / "checkpoints"], "loras": [models / "loras"], "safety": [models / "safety"]}
     for paths in folders.values():
         for path in paths:
             path.mkdir(parents=True)

@@ -18,8 +18,9 @@ def test_generate_tiny_random_in_a_fresh_process(tmp_path):
     out = tmp_path / "fox.png"
     (tmp_path / "tmp").mkdir()
     env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config"), "TMPDIR": str(tmp_path / "tmp")}
-    proc = subprocess.run([sys.executable, "-m", "klein_nodes", "generate", "a red fox", "-o", str(out), "--tiny-random",
-                           "--aspect", "4:3", "--megapixels", "0.1", "--seed", "5"], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "klein_nodes", "generate", "a red fox", "-o", str(out),
+                           "--tiny-random", "--aspect", "4:3", "--megapixels", "0.1", "--seed", "5"],
+                          capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "seed 5" in proc.stderr and "\nstep 4/4 (" in proc.stderr and "\r" not in proc.stderr  # log-friendly lines
     assert list((tmp_path / "tmp").glob("klein-*")) == []  # the tiny random models are removed after the run
@@ -135,7 +136,7 @@ def test_unexpected_errors_are_one_line_unless_debugging(monkeypatch, capsys):
 
 
 def test_comfyui_search_takes_every_format_and_picks_what_fits(tmp_path, capsys, monkeypatch):
-    from klein_nodes.quant.convert import quantize_file
+    from klein_nodes.loaders.convert import quantize_file
 
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     transformer, _, _ = write_tiny_model_set(tmp_path / "ComfyUI")
@@ -183,7 +184,7 @@ def test_tokenizer_option_and_a_missing_tokenizer_before_loading(tmp_path, capsy
 
 
 def test_inspect_files_and_folders(tmp_path, capsys):
-    from klein_nodes.quant.convert import quantize_file
+    from klein_nodes.loaders.convert import quantize_file
     from klein_nodes.testing import write_workflow_loras
 
     transformer, encoder, _ = write_tiny_model_set(tmp_path / "models")
@@ -192,7 +193,8 @@ def test_inspect_files_and_folders(tmp_path, capsys):
     write_workflow_loras(tmp_path / "loras")
     assert main(["inspect", str(tmp_path / "models"), str(tmp_path / "loras")]) == 0
     out = capsys.readouterr().out
-    assert "klein-fp8.safetensors: FLUX.2-family (text width 96) transformer [bfl layout]; stored as fp8 (scaled)" in out
+    assert ("klein-fp8.safetensors: FLUX.2-family (text width 96) transformer [bfl layout]; stored as fp8 (scaled)"
+            in out)
     assert "qwen-Q4_K.gguf: Qwen3 text encoder (GGUF) [gguf layout]; stored as GGUF Q8_0" in out  # tiny rows: Q8_0
     assert " F8_E4M3 " in out and " Q8_0 " in out and " tensors " in out and " MiB" in out
     assert ("klein_style_lora.safetensors: LoRA (BFL/ComfyUI names) for an unknown model, rank 4, targets: 1 "
@@ -209,7 +211,7 @@ def tiny_comfyui(tmp_path_factory):
 
 
 def photo_file(path, size=(96, 64), seed=0):
-    from klein_nodes.testing import natural_photo
+    from helpers import natural_photo
 
     pixels = natural_photo(("chelsea", "coffee", "rocket")[seed], max(size))[: size[1], : size[0]]
     Image.fromarray(np.ascontiguousarray(pixels)).save(path)
@@ -241,7 +243,8 @@ def test_generate_edits_images_and_records_them_as_ingredients(tiny_comfyui, tmp
     assert np.array_equal(inpainted[mask == 0], original[mask == 0])  # outside the mask: the photo's own pixels
     assert not np.array_equal(inpainted[mask == 255], original[mask == 255])
     assert ingredients(tmp_path / "inpaint.png") == ["photo.png", "hat.png"]
-    assert main([*base, "-o", str(tmp_path / "edit.png"), "--ref", str(reference), "--width", "64", "--height", "64"]) == 0
+    assert main([*base, "-o", str(tmp_path / "edit.png"), "--ref", str(reference),
+                 "--width", "64", "--height", "64"]) == 0
     assert ingredients(tmp_path / "edit.png") == ["hat.png"]
 
 
@@ -254,7 +257,8 @@ def test_generate_outpaints_and_upscales(tiny_comfyui, tmp_path, capsys, monkeyp
     wide = np.asarray(Image.open(tmp_path / "wide.png"))
     assert wide.shape == (80, 160, 3)
     assert np.array_equal(wide[:32, 32 + 32: 128 - 32], np.asarray(Image.open(source))[:32, 32:64])  # beyond the band
-    assert main([*base, "-o", str(tmp_path / "big.png"), "--image", str(source), "--upscale", "4", "--tile", "256"]) == 0
+    assert main([*base, "-o", str(tmp_path / "big.png"), "--image", str(source),
+                 "--upscale", "4", "--tile", "256"]) == 0
     assert Image.open(tmp_path / "big.png").size == (384, 256)
     err = capsys.readouterr().err
     assert "refine: tile 2/2" in err and "seed 3" in err

@@ -15,15 +15,7 @@ import pytest
 import torch
 from klein_nodes import KleinError, KleinNote
 from klein_nodes.sampling.composite import composite_edit
-from klein_nodes.testing import (
-    EDIT_COLOURS,
-    EDIT_SHIFTS,
-    PHOTOS,
-    edit_case,
-    edit_colours,
-    edit_scores,
-    natural_photo,
-)
+from helpers import EDIT_COLOURS, EDIT_SHIFTS, PHOTOS, edit_case, edit_colours, edit_scores, natural_photo
 
 ndimage = pytest.importorskip("scipy.ndimage")
 

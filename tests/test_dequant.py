@@ -23,7 +23,8 @@ def random_blocks(name, rows, row_blocks, seed=0):
         return (raw if raw is not None else gguf.quants.quantize(values, gguf.GGMLQuantizationType.BF16)).view(np.uint8)
     data = rng.integers(0, 256, (rows, row_blocks, type_size), dtype=np.uint8)
     for offset in HALF_FIELDS.get(name, ()):  # MXFP4/NVFP4 scales: any byte is a number
-        data[..., offset: offset + 2] = (rng.standard_normal((rows, row_blocks)) * 0.05).astype(np.float16)[..., None].view(np.uint8)
+        data[..., offset: offset + 2] = (
+            (rng.standard_normal((rows, row_blocks)) * 0.05).astype(np.float16)[..., None].view(np.uint8))
     return data.reshape(rows, row_blocks * type_size)
 
 

@@ -7,7 +7,8 @@ import klein_nodes as kn
 import pytest
 import torch
 from klein_nodes.nodes.edit import KleinEditComposite, KleinOutpaintCanvas, KleinTiledRefine
-from klein_nodes.testing import natural_photo, write_transformer, write_vae
+from klein_nodes.testing import write_transformer, write_vae
+from helpers import natural_photo
 
 
 class Interrupted(Exception):
@@ -79,7 +80,8 @@ def test_composite_node_keeps_the_original_outside_the_edit_and_reports():
     assert len(out["ui"]["text"]) == 2 and "changed" in out["ui"]["text"][0]
     given = torch.zeros(1, 128, 128)
     given[:, :64] = 1
-    image, mask = KleinEditComposite().composite(original, edited, align=False, match_colors=False, mask=given)["result"]
+    image, mask = KleinEditComposite().composite(original, edited, align=False, match_colors=False,
+                                                 mask=given)["result"]
     assert torch.equal(image[0, 64:], original[0, 64:]) and torch.equal(image[0, :64], edited[0, :64])
     with pytest.raises(kn.KleinError, match="2 originals for 3 edits"):
         KleinEditComposite().composite(torch.cat([original] * 2), torch.cat([edited] * 3))

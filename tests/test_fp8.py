@@ -9,8 +9,8 @@ from safetensors.torch import save_file
 
 import klein_nodes as kn
 from klein_nodes.quant.fp8 import Fp8Linear, native_fp8
-from klein_nodes.testing import (TINY_QWEN3, TINY_TRANSFORMER, qwen3_state_dict, sample_forward, transformer_state_dict,
-                                 write_tokenizer)
+from klein_nodes.testing import TINY_QWEN3, TINY_TRANSFORMER, qwen3_state_dict, transformer_state_dict, write_tokenizer
+from helpers import sample_forward
 
 
 def is_block_linear(name, tensor):
@@ -60,7 +60,8 @@ def test_fp8_without_scale_is_refused(tmp_path):
     tensors, _, _ = to_fp8(transformer_state_dict(TINY_TRANSFORMER), is_block_linear, "bfl")
     del tensors["single_blocks.1.linear2.weight_scale"]
     save_file(tensors, str(tmp_path / "noscale.safetensors"))
-    with pytest.raises(kn.CheckpointError, match="single_blocks.1.linear2.weight. is fp8 but has no weight_scale or scale_weight"):
+    with pytest.raises(kn.CheckpointError,
+                       match="single_blocks.1.linear2.weight. is fp8 but has no weight_scale or scale_weight"):
         kn.load_transformer(tmp_path / "noscale.safetensors")
 
 
@@ -141,7 +142,8 @@ def test_failing_fp8_matmul_falls_back_to_dequantizing(monkeypatch, caplog):
     monkeypatch.setattr(Fp8Linear, "native", True)
 
     def unsupported(self, x):
-        raise RuntimeError("Multiplication of two Float8_e4m3fn matrices is only supported on CUDA devices with compute capability >= 9.0")
+        raise RuntimeError("Multiplication of two Float8_e4m3fn matrices is only supported on CUDA devices "
+                           "with compute capability >= 9.0")
     monkeypatch.setattr(Fp8Linear, "scaled_mm", unsupported)
     x = torch.randn(3, 64)
     assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.dequantized()))

@@ -11,8 +11,9 @@ import klein_nodes as kn
 from klein_nodes.models.transformer import Flux2Params
 from klein_nodes.quant.linear import QuantizedEmbedding, QuantizedLinear
 from klein_nodes.loaders.gguf import hf_to_llama
-from klein_nodes.testing import (TINY_QWEN3, qwen3_config, qwen3_state_dict, sample_forward,
-                                 transformer_state_dict, write_gguf, write_tokenizer)
+from klein_nodes.testing import (TINY_QWEN3, qwen3_config, qwen3_state_dict, transformer_state_dict, write_gguf,
+                                 write_tokenizer)
+from helpers import sample_forward
 
 gguf = pytest.importorskip("gguf")
 # rows of 256 so every K-quant fits; 2 heads of 128 as in klein; 14 block linears, one per type in CYCLE
@@ -94,14 +95,18 @@ def write_qwen_gguf(path, tokenizer_dir, params=TINY_QWEN3):
         tokens[index] = token
     tokens = [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)]
     specials = {i for i in range(151643, 151669)}
-    merges = [line for line in (tokenizer_dir / "merges.txt").read_text().splitlines() if line and not line.startswith("#")]
+    merges = [line for line in (tokenizer_dir / "merges.txt").read_text().splitlines()
+              if line and not line.startswith("#")]
     metadata = {"block_count": params.num_layers, "context_length": 4096, "embedding_length": params.hidden_size,
                 "feed_forward_length": params.intermediate_size, "head_count": params.num_heads,
                 "head_count_kv": params.num_kv_heads, "key_length": params.head_dim, "value_length": params.head_dim,
                 "rope_freq_base": params.rope_theta, "layer_norm_rms_eps": params.rms_norm_eps,
                 "tokenizer_model": "gpt2", "tokenizer_pre": "qwen2", "token_list": tokens,
                 "token_types": [3 if i in specials else 1 for i in range(len(tokens))], "token_merges": merges}
-    types = lambda n, t: "F32" if t.ndim == 1 else ("Q8_0" if "embed" in n else ["Q4_0", "IQ4_NL", "BF16", "Q5_1"][hash(n) % 4])  # noqa: E731
+
+    def types(n, t):
+        return "F32" if t.ndim == 1 else ("Q8_0" if "embed" in n else ["Q4_0", "IQ4_NL", "BF16", "Q5_1"][hash(n) % 4])
+
     return state, write_gguf(path, state, types, "qwen3", rename=hf_to_llama, metadata=metadata)
 
 
@@ -158,7 +163,7 @@ def test_resident_weights_are_the_file_bytes(tmp_path):
      "tokenizer.ggml.token_type"),
 ])
 def test_malformed_tokenizer_metadata_is_refused(fields, fragment):
-    from klein_nodes.loaders.gguf import tokenizer_from_gguf
+    from klein_nodes.loaders.tokenizer import tokenizer_from_gguf
 
     file = types.SimpleNamespace(path="q.gguf", field=lambda key, default=None: fields.get(key, default))
     with pytest.raises(kn.CheckpointError, match=f"q.gguf: the tokenizer metadata is malformed .{fragment}."):

@@ -7,7 +7,7 @@ import time
 import pytest
 
 import klein_nodes as kn
-from klein_nodes.loaders.detect import describe_file
+from klein_nodes.loaders.inventory import inventory
 from klein_nodes.testing import TINY_TRANSFORMER, transformer_state_dict, write_gguf
 
 gguf = pytest.importorskip("gguf")
@@ -30,7 +30,7 @@ def field_offsets(path, key):
 
 def refused_quickly(path, match):
     began = time.monotonic()
-    for read in (kn.load_transformer, describe_file):
+    for read in (kn.load_transformer, inventory):
         with pytest.raises(kn.CheckpointError, match=match):
             read(path)
     assert time.monotonic() - began < 2

@@ -10,7 +10,8 @@ import torch
 import klein_nodes as kn
 from klein_nodes.nodes.interop import klein_transformer, klein_vae
 from klein_nodes.nodes.sampling import KleinSampler, KleinVAEDecode
-from klein_nodes.testing import sample_forward, write_transformer, write_vae
+from klein_nodes.testing import write_transformer, write_vae
+from helpers import sample_forward
 
 
 class CoreModule(torch.nn.Module):
@@ -60,7 +61,8 @@ def test_core_vae_becomes_a_klein_vae(files):
     assert core_names.keys() != load_file(str(vae_path)).keys()
     core = types.SimpleNamespace(first_stage_model=CoreModule(core_names))
     latent = {"samples": torch.randn(1, 128, 2, 3, generator=torch.Generator().manual_seed(1))}
-    (from_core,), (ours,) = KleinVAEDecode().decode(core, latent), KleinVAEDecode().decode(kn.load_vae(vae_path), latent)
+    (from_core,), (ours,) = (KleinVAEDecode().decode(core, latent),
+                             KleinVAEDecode().decode(kn.load_vae(vae_path), latent))
     # the same weights; ours run NHWC (channels-last), the view over core's tensors keeps their layout
     assert (from_core - ours).abs().max() <= 1e-5 and klein_vae(core) is klein_vae(core)
     assert klein_vae(core).decoder.conv_in.weight.data_ptr() == core_names["decoder.conv_in.weight"].data_ptr()
@@ -74,7 +76,8 @@ def test_what_cannot_be_read_is_named(files):
     class Quantized(torch.Tensor):
         pass
     packed = dict(state, **{"img_in.weight": state["img_in.weight"].as_subclass(Quantized)})
-    with pytest.raises(kn.KleinError, match="quantized weights .Quantized, e.g. 'img_in.weight'.*Klein Load Transformer"):
+    with pytest.raises(kn.KleinError,
+                       match="quantized weights .Quantized, e.g. 'img_in.weight'.*Klein Load Transformer"):
         klein_transformer(core_model(packed))
     with pytest.raises(kn.KleinError, match="got a CLIP: connect Klein Load Transformer"):
         klein_transformer(type("CLIP", (), {})())

@@ -12,7 +12,8 @@ from klein_nodes.quant.linear import QuantizedLinear
 from klein_nodes.sampling.packing import image_ids, text_ids
 from klein_nodes.sampling.sampler import Conditioning, sample
 from klein_nodes.testing import (TINY_QWEN3, TINY_TRANSFORMER, bfl_to_diffusers, diffusers_config, qwen3_config,
-                                 qwen3_state_dict, sample_forward, transformer_state_dict, write_gguf, write_tokenizer)
+                                 qwen3_state_dict, transformer_state_dict, write_gguf, write_tokenizer)
+from helpers import sample_forward
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
@@ -165,7 +166,8 @@ def test_bfl_lokr(state, ours, tmp_path):
 
 def test_lycoris_lokr_on_diffusers_names(state, ours, tmp_path):
     layers = {"transformer_blocks_0_attn_to_q": (H, H), "transformer_blocks_1_attn_add_v_proj": (H, H),
-              "transformer_blocks_0_ff_linear_in": (2 * MLP, H), "single_transformer_blocks_1_attn_to_out": (H, H + MLP)}
+              "transformer_blocks_0_ff_linear_in": (2 * MLP, H),
+              "single_transformer_blocks_1_attn_to_out": (H, H + MLP)}
     lora = {f"lycoris_{name}.{suffix}": tensor for index, (name, (out, inp)) in enumerate(layers.items())
             for suffix, tensor in lokr_tensors(out, inp, index, decomposed=index % 2 == 1).items()}
     reference = with_diffusers_lora(state, lora)
@@ -184,7 +186,8 @@ def test_lycoris_loha(state, ours, tmp_path):
     for name, module in reference.named_modules():
         if hasattr(module, "hada_w1_a") and "default" in module.hada_w1_a:
             for part in ("w1_a", "w1_b", "w2_a", "w2_b"):
-                lora[f"lycoris_{name.replace('.', '_')}.hada_{part}"] = getattr(module, f"hada_{part}")["default"].detach()
+                lora[f"lycoris_{name.replace('.', '_')}.hada_{part}"] = (
+                    getattr(module, f"hada_{part}")["default"].detach())
             lora[f"lycoris_{name.replace('.', '_')}.alpha"] = torch.tensor(6.0)
     assert len(lora) == 5 * (2 + 2 + 4 + 2)  # to_k, to_add_out, both ff linear_out, to_qkv_mlp_proj
     assert difference(applied(ours, lora, tmp_path), reference) <= 1e-5
@@ -224,8 +227,10 @@ def test_dora_lycoris_dora_scale_and_strength(state, ours, tmp_path):
     for key, value in lora.items():
         for diffusers_name, bfl_name in renames.items():
             key = key.replace(diffusers_name, bfl_name)
-        key = key.replace("single_transformer_blocks.", "single_blocks.").replace("transformer_blocks.", "double_blocks.")
-        key = key.replace("lora_magnitude_vector", "dora_scale").replace("lora_A", "lora_down").replace("lora_B", "lora_up")
+        key = key.replace("single_transformer_blocks.", "single_blocks.")
+        key = key.replace("transformer_blocks.", "double_blocks.")
+        key = key.replace("lora_magnitude_vector", "dora_scale")
+        key = key.replace("lora_A", "lora_down").replace("lora_B", "lora_up")
         bfl["diffusion_model." + key] = value.reshape(-1, 1) if "dora_scale" in key else value
         if key.endswith("lora_down.weight"):
             bfl["diffusion_model." + key.replace("lora_down.weight", "alpha")] = torch.tensor(float(2 * RANK))
@@ -372,7 +377,8 @@ def lora_file(tmp_path, **tensors):
 
 
 @pytest.mark.parametrize("tensors,fragment", [
-    ({"lora_down.weight": torch.randn(4, 64, generator=RANDOM), "lora_up.weight": torch.randn(192, 3, generator=RANDOM)},
+    ({"lora_down.weight": torch.randn(4, 64, generator=RANDOM),
+      "lora_up.weight": torch.randn(192, 3, generator=RANDOM)},
      "up (192, 3) and down (4, 64) do not agree on a rank above 0"),
     ({"lora_down.weight": torch.zeros(0, 64), "lora_up.weight": torch.zeros(192, 0)}, "do not agree on a rank above 0"),
     ({"lora_down.weight": torch.randn(4, 64, generator=RANDOM), "lora_up.weight": torch.randn(192, 4, generator=RANDOM),
@@ -387,7 +393,8 @@ def lora_file(tmp_path, **tensors):
 ])
 def test_broken_lora_structure_is_refused_when_applied(ours, tmp_path, tensors, fragment):
     path = lora_file(tmp_path, **tensors)
-    with pytest.raises(kn.CheckpointError, match="lora.safetensors: LoRA layer '.*double_blocks.0.img_attn.qkv'") as info:
+    with pytest.raises(kn.CheckpointError,
+                       match="lora.safetensors: LoRA layer '.*double_blocks.0.img_attn.qkv'") as info:
         kn.apply_lora(ours, path)
     assert fragment in str(info.value)
 
@@ -414,8 +421,8 @@ def test_a_lora_of_which_nothing_applies_is_refused_by_name(ours, tmp_path, lora
     from klein_nodes.loaders.lora import apply_lora_pair
 
     save_file(lora, str(tmp_path / "other.safetensors"))
-    with pytest.raises(kn.WrongModelError, match=f"other.safetensors: nothing in this LoRA applies to FLUX.2 \\[klein\\]: "
-                                                 f"it looks made for {family}"):
+    with pytest.raises(kn.WrongModelError, match=f"other.safetensors: nothing in this LoRA applies to FLUX.2 "
+                                                 f"\\[klein\\]: it looks made for {family}"):
         apply_lora_pair(ours, None, tmp_path / "other.safetensors", 1.0)
     with pytest.raises(kn.WrongModelError, match="nothing in this LoRA applies"):
         apply_lora_pair(ours, None, tmp_path / "other.safetensors", 0.0)  # refused even at strength 0

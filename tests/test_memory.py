@@ -6,7 +6,8 @@ import torch
 from klein_nodes.models.transformer import Flux2
 from klein_nodes.sampling.memory import module_bytes, plan, transformer_activation_bytes
 from klein_nodes.sampling.streaming import BlockStreamer
-from klein_nodes.testing import TINY_TRANSFORMER, sample_forward, transformer_state_dict
+from klein_nodes.testing import TINY_TRANSFORMER, transformer_state_dict
+from helpers import sample_forward
 
 GIB = 2**30
 BLOCKS = [0.25 * GIB] * 25  # klein 4B bf16: 5 double (0.49 GB) + 20 single (0.25 GB) blocks, simplified

@@ -9,7 +9,8 @@ import torch
 import klein_nodes as kn
 from klein_nodes.nodes.sampling import (KleinEmptyLatent, KleinReferences, KleinSampler, KleinVAEDecode,
                                         KleinVAEEncode)
-from klein_nodes.testing import TINY_VAE, diffusers_vae, vae_diffusers_to_bfl, write_transformer
+from klein_nodes.testing import write_transformer
+from helpers import TINY_VAE, diffusers_vae, vae_diffusers_to_bfl
 
 
 class Interrupted(Exception):

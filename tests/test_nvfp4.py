@@ -9,8 +9,8 @@ from safetensors.torch import save_file
 
 import klein_nodes as kn
 from klein_nodes.quant.nvfp4 import Nvfp4Linear, dequantize_nvfp4
-from klein_nodes.testing import (TINY_QWEN3, TINY_TRANSFORMER, qwen3_state_dict, sample_forward, transformer_state_dict,
-                                 write_tokenizer)
+from klein_nodes.testing import TINY_QWEN3, TINY_TRANSFORMER, qwen3_state_dict, transformer_state_dict, write_tokenizer
+from helpers import sample_forward
 
 ck = pytest.importorskip("comfy_kitchen")
 

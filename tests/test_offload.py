@@ -7,10 +7,11 @@ import torch
 import klein_nodes as kn
 from klein_nodes.models.adapters import with_adapters
 from klein_nodes.models.offload import Offloadable, compute_device
-from klein_nodes.quant.convert import quantize_file
+from klein_nodes.loaders.convert import quantize_file
 from klein_nodes.quant.fp8 import Fp8Linear
 from klein_nodes.quant.linear import QuantizedEmbedding, QuantizedLinear
-from klein_nodes.testing import sample_forward, write_gguf, write_text_encoder, write_tokenizer, write_transformer
+from klein_nodes.testing import write_gguf, write_text_encoder, write_tokenizer, write_transformer
+from helpers import sample_forward
 
 
 def weight_holders(model):
@@ -37,7 +38,8 @@ def test_every_offloadable_module_answers_weight_and_bias_as_comfyui_reads_them(
     quantize_file(path, tmp_path / "klein-fp8.safetensors", "fp8")
     te_path, _ = write_text_encoder(tmp_path / "qwen.safetensors", dtype=torch.float32)
     quantize_file(te_path, tmp_path / "qwen.gguf", "Q8_0", tokenizer=write_tokenizer(tmp_path / "tok"))
-    models = [kn.load_transformer(tmp_path / name) for name in ("klein.safetensors", "klein.gguf", "klein-fp8.safetensors")]
+    models = [kn.load_transformer(tmp_path / name)
+              for name in ("klein.safetensors", "klein.gguf", "klein-fp8.safetensors")]
     models += [kn.load_text_encoder(p, tokenizer=tmp_path / "tok", layers=(1, 2, 3)).model
                for p in (te_path, tmp_path / "qwen.gguf")]
     kinds = set()

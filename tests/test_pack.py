@@ -62,8 +62,10 @@ def test_transformer_loader_node(comfyui):
 def test_doctor_lists_klein_files(comfyui, capsys):
     klein_4b = Flux2Params(**{**TINY_TRANSFORMER.__dict__, "context_in_dim": 7680})
     write_transformer(comfyui / "diffusion_models" / "flux-2-klein-4b.safetensors", params=klein_4b)
-    save_file({"model.embed_tokens.weight": torch.zeros(8, 2560), "model.layers.0.input_layernorm.weight": torch.zeros(2560),
-               "model.layers.0.self_attn.q_norm.weight": torch.zeros(128)}, str(comfyui / "text_encoders" / "qwen_3_4b.safetensors"))
+    save_file({"model.embed_tokens.weight": torch.zeros(8, 2560),
+               "model.layers.0.input_layernorm.weight": torch.zeros(2560),
+               "model.layers.0.self_attn.q_norm.weight": torch.zeros(128)},
+              str(comfyui / "text_encoders" / "qwen_3_4b.safetensors"))
     save_file({"decoder.conv_in.weight": torch.zeros(4, 16, 3, 3)}, str(comfyui / "vae" / "ae_flux1.safetensors"))
     (comfyui / "vae" / "broken.safetensors").write_bytes(b"\x00" * 4)
     assert main(["doctor", "--comfyui", str(comfyui.parent)]) == 0
@@ -121,7 +123,7 @@ def test_vae_loader_node(comfyui):
     from safetensors.torch import save_file as save
 
     from klein_nodes.nodes import NODE_CLASS_MAPPINGS
-    from klein_nodes.testing import TINY_VAE, diffusers_vae, vae_diffusers_to_bfl
+    from helpers import TINY_VAE, diffusers_vae, vae_diffusers_to_bfl
 
     state = vae_diffusers_to_bfl(diffusers_vae().state_dict(), TINY_VAE)
     save({k: v.contiguous() for k, v in state.items()}, str(comfyui / "vae" / "flux2-vae.safetensors"))
@@ -129,3 +131,16 @@ def test_vae_loader_node(comfyui):
     assert node.INPUT_TYPES()["required"]["vae_name"][0] == ["flux2-vae.safetensors"]
     (vae,) = node().load(vae_name="flux2-vae.safetensors", weight_dtype="bf16")
     assert vae.params == TINY_VAE and vae.dtype == torch.bfloat16
+
+
+def test_model_names_outside_their_folder_or_missing_are_refused_by_name(comfyui):
+    from klein_nodes.nodes.files import classifier_path, model_path
+
+    (comfyui / "vae" / "ae.safetensors").write_bytes(b"")
+    assert model_path("vae", "ae.safetensors") == str(comfyui / "vae" / "ae.safetensors")
+    with pytest.raises(kn.KleinError, match=r"\.\./loras/x\.safetensors: refers to a file outside the vae folder"):
+        model_path("vae", "../loras/x.safetensors")
+    with pytest.raises(kn.KleinError, match="gone.safetensors: not found in the vae folders .* press R"):
+        model_path("vae", "gone.safetensors")
+    with pytest.raises(kn.KleinError, match="nsfw: no classifier folder of that name"):
+        classifier_path("nsfw")

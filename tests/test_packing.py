@@ -27,7 +27,8 @@ def test_text_ids_match_diffusers():
     assert torch.equal(text_ids(9)[None], Pipeline._prepare_text_ids(torch.zeros(1, 9, 4)))
 
 
-@pytest.mark.parametrize("sizes", [[(4, 4)], [(4, 6), (3, 5)], [(2, 2), (6, 3), (4, 4)], [(3, 4), (5, 5), (2, 7), (6, 2)]])
+@pytest.mark.parametrize("sizes", [[(4, 4)], [(4, 6), (3, 5)], [(2, 2), (6, 3), (4, 4)],
+                                   [(3, 4), (5, 5), (2, 7), (6, 2)]])
 def test_reference_tokens_and_ids_match_diffusers(sizes):
     latents = [torch.randn(1, 128, h, w) for h, w in sizes]
     tokens, ids = pack_references(latents)

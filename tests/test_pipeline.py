@@ -10,7 +10,8 @@ from PIL import Image
 import klein_nodes as kn
 from klein_nodes.sampling.schedule import get_schedule
 from klein_nodes.testing import (QWEN3_CHAT_TEMPLATE, TINY_QWEN3, TINY_TRANSFORMER, bfl_to_diffusers, diffusers_config,
-                                 diffusers_vae, qwen3_config, qwen3_state_dict, transformer_state_dict, write_tokenizer)
+                                 qwen3_config, qwen3_state_dict, transformer_state_dict, write_tokenizer)
+from helpers import diffusers_vae
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -155,9 +156,9 @@ def test_progress_callback_and_cancellation(ours):
 def test_cfg_needs_a_negative_and_fits_checks(repo, ours):
     embeds = ours.encode_prompt(["a cat"])
     with pytest.raises(kn.KleinError, match="negative"):
-        kn.sampling.sampler.sample(ours.transformer, torch.randn(1, 128, 8, 8), kn.sampling.sampler.Conditioning(embeds),
-                                   [1.0, 0.0], guidance=4.0)
-    from klein_nodes.testing import TINY_VAE
+        kn.sampling.sampler.sample(ours.transformer, torch.randn(1, 128, 8, 8),
+                                   kn.sampling.sampler.Conditioning(embeds), [1.0, 0.0], guidance=4.0)
+    from helpers import TINY_VAE
     from klein_nodes.models.autoencoder import AutoEncoder, AutoEncoderParams
 
     with torch.device("meta"):

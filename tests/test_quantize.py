@@ -9,11 +9,13 @@ from safetensors.torch import load_file, save_file
 
 import klein_nodes as kn
 from klein_nodes.cli import main
+from klein_nodes.loaders.convert import quantize_file
 from klein_nodes.models.transformer import Flux2Params
 from klein_nodes.quant.fp8 import Fp8Linear
 from klein_nodes.quant.linear import QuantizedLinear
 from klein_nodes.quant.quantize import make_qkx2_quants, quantize
-from klein_nodes.testing import sample_forward, write_text_encoder, write_tokenizer, write_transformer
+from klein_nodes.testing import write_text_encoder, write_tokenizer, write_transformer
+from helpers import sample_forward
 
 gguf = pytest.importorskip("gguf")
 PARAMS = Flux2Params(in_channels=128, out_channels=128, context_in_dim=96, hidden_size=256, num_heads=2, depth=1,
@@ -54,8 +56,8 @@ def test_flat_and_zero_blocks():
         assert np.abs(back - values).max() < 0.01, qtype
 
 
-@pytest.mark.parametrize("qtype,suffix,tolerance", [("Q4_K", "gguf", 0.2), ("Q6_K", "gguf", 0.05), ("Q8_0", "gguf", 0.02),
-                                                    ("fp8", "safetensors", 0.1)])
+@pytest.mark.parametrize("qtype,suffix,tolerance", [("Q4_K", "gguf", 0.2), ("Q6_K", "gguf", 0.05),
+                                                    ("Q8_0", "gguf", 0.02), ("fp8", "safetensors", 0.1)])
 def test_transformer_round_trip(tmp_path, qtype, suffix, tolerance, capsys):
     source, _ = write_transformer(tmp_path / "klein.safetensors", PARAMS, dtype=torch.float32, seed=3)
     output = tmp_path / f"klein-{qtype}.{suffix}"
@@ -99,8 +101,9 @@ def test_fp8_output_means_the_same_to_comfyui(tmp_path, kind):
         tokenizer = write_tokenizer(tmp_path / "tok")
         load = lambda path, dtype: kn.load_text_encoder(path, tokenizer, dtype, layers=(1, 2, 3))  # noqa: E731
         run = lambda encoder: encoder.encode("a cat", 32, (1, 2, 3))  # noqa: E731
-    kn.quant.convert.quantize_file(source, tmp_path / "fp8.safetensors", "fp8")
-    save_file(comfyui_reading(load_file(str(tmp_path / "fp8.safetensors"))), str(tmp_path / "as_comfyui_reads.safetensors"))
+    quantize_file(source, tmp_path / "fp8.safetensors", "fp8")
+    save_file(comfyui_reading(load_file(str(tmp_path / "fp8.safetensors"))),
+              str(tmp_path / "as_comfyui_reads.safetensors"))
     reference = run(load(source, dtype=torch.float32))
     for name in ("fp8.safetensors", "as_comfyui_reads.safetensors"):
         error = ((run(load(tmp_path / name, dtype=torch.float32)) - reference).norm() / reference.norm()).item()
@@ -124,11 +127,11 @@ def test_text_encoder_gguf_carries_its_tokenizer(tmp_path):
 def test_bad_requests(tmp_path):
     source, _ = write_transformer(tmp_path / "klein.safetensors")
     with pytest.raises(kn.KleinError, match="unknown quantization type 'Q3_X'"):
-        kn.quant.convert.quantize_file(source, tmp_path / "x.gguf", "Q3_X")
+        quantize_file(source, tmp_path / "x.gguf", "Q3_X")
     with pytest.raises(kn.KleinError, match="must end in .safetensors"):
-        kn.quant.convert.quantize_file(source, tmp_path / "x.gguf", "fp8")
+        quantize_file(source, tmp_path / "x.gguf", "fp8")
     vae = tmp_path / "vae.safetensors"
     from safetensors.torch import save_file
     save_file({"decoder.conv_in.weight": torch.zeros(4, 32, 3, 3), "bn.running_mean": torch.zeros(128)}, str(vae))
     with pytest.raises(kn.KleinError, match="quantizer takes a FLUX.2 transformer"):
-        kn.quant.convert.quantize_file(vae, tmp_path / "v.gguf", "Q8_0")
+        quantize_file(vae, tmp_path / "v.gguf", "Q8_0")

@@ -58,7 +58,7 @@ def test_prompt_check_reads_qwen3s_own_chat_and_next_token_logits(chat_files):
 
 
 def test_prompt_check_shares_a_loaded_text_encoder_and_takes_gguf(chat_files, tmp_path):
-    from klein_nodes.quant.convert import quantize_file
+    from klein_nodes.loaders.convert import quantize_file
 
     path, _, tokenizer = chat_files
     direct = kn.load_prompt_safety(path, tokenizer=tokenizer, dtype=torch.float32)
@@ -181,7 +181,8 @@ def test_image_check_node_replaces_flagged_images_and_the_save_records_it(comfyu
     flagged = check().check(images, "nsfw_image_detection", threshold=max(cut, 0.01), unique_id="1")
     out, passed, top = flagged["result"]
     assert passed is False and top == pytest.approx(max(scores)) and bool((out == 0.5).all())
-    assert flagged["ui"]["text"][0].startswith("image 1: P(unsafe) ") and "flagged, replaced" in flagged["ui"]["text"][0]
+    assert (flagged["ui"]["text"][0].startswith("image 1: P(unsafe) ")
+            and "flagged, replaced" in flagged["ui"]["text"][0])
     graph = {"1": {"class_type": "KleinImageCheck", "inputs": {"images": ["5", 0]}},
              "2": {"class_type": "KleinSave", "inputs": {"images": ["1", 0]}},
              "5": {"class_type": "KleinVAEDecode", "inputs": {"prompt_text": "secret words"}}}

@@ -113,7 +113,7 @@ def test_disable_metadata_and_small_images(tmp_path, credentials):
 
 def test_lossy_format_reports_a_lost_watermark(tmp_path, credentials):
     (record,) = save_image_records(pictures(1, size=(512, 512)), tmp_path, format="webp", quality=60,
-                                   credentials=credentials, watermark="standard")  # BFL's embedding: lost by WebP
+                                   credentials=credentials, watermark_mode="standard")  # BFL's embedding: lost by WebP
     assert record.watermark_bits < watermark.DETECTED_AT and "will not be detected" in record.notes[0]
 
 
@@ -223,7 +223,8 @@ def expired_credentials(folder):
     leaf = x509.load_pem_x509_certificate((folder / "chain.pem").read_bytes())
     key = serialization.load_pem_private_key((folder / "signer.key").read_bytes(), None)
     now = datetime.datetime.now(datetime.timezone.utc)
-    builder = x509.CertificateBuilder().subject_name(leaf.subject).issuer_name(leaf.subject).public_key(key.public_key())
+    builder = x509.CertificateBuilder().subject_name(leaf.subject).issuer_name(leaf.subject)
+    builder = builder.public_key(key.public_key())
     builder = builder.serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=30))
     builder = builder.not_valid_after(now - datetime.timedelta(days=1))
     for extension in leaf.extensions:
@@ -306,7 +307,8 @@ def test_an_image_too_large_for_memory_is_refused_before_it_is_processed(tmp_pat
     import psutil
 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=1000))
-    with pytest.raises(kn.KleinError, match="saving a 64x64 image needs about 0.0 GB of memory and 0.0 GB is available"):
+    with pytest.raises(kn.KleinError,
+                       match="saving a 64x64 image needs about 0.0 GB of memory and 0.0 GB is available"):
         kn.save_images(torch.zeros(1, 64, 64, 3), tmp_path, c2pa=False)
 
 

@@ -14,8 +14,10 @@ from klein_nodes.models.text_encoder import KLEIN_TEMPLATE
 from klein_nodes.testing import write_tokenizer
 
 transformers = pytest.importorskip("transformers")
-SHARED = Path(os.environ.get("KLEIN_TEST_TOKENIZER", Path(__file__).resolve().parents[2] / "shared/data/qwen25_tokenizer"))
-needs_real_vocab = pytest.mark.skipif(not (SHARED / "vocab.json").is_file(), reason="the real Qwen vocabulary is absent")
+SHARED = Path(os.environ.get("KLEIN_TEST_TOKENIZER",
+                             Path(__file__).resolve().parents[2] / "shared/data/qwen25_tokenizer"))
+needs_real_vocab = pytest.mark.skipif(not (SHARED / "vocab.json").is_file(),
+                                      reason="the real Qwen vocabulary is absent")
 # what ComfyUI 0.3.64's comfy/text_encoders/qwen25_tokenizer/tokenizer_config.json lists at these ids
 COMFY_0364 = {151665: "<|img|>", 151666: "<|endofimg|>", 151667: "<|meta|>", 151668: "<|endofmeta|>"}
 PROMPTS = ["A lighthouse keeper feeding a cat", "ünï 🐱 <think> inside </think>\n\nthe prompt", ""]

@@ -155,7 +155,8 @@ FLUX1 = {
     "double_blocks.0.img_mod.lin.weight": (384, 64),
     "double_blocks.0.img_attn.norm.key_norm.scale": (32,),
 }
-SD_UNET = {"model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3), "first_stage_model.decoder.conv_in.weight": (8, 4, 3, 3)}
+SD_UNET = {"model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3),
+           "first_stage_model.decoder.conv_in.weight": (8, 4, 3, 3)}
 
 
 @pytest.mark.parametrize("keys,fragments", [

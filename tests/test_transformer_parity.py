@@ -51,7 +51,8 @@ def layouts(tmp_path_factory, state, reference):
     save_file(state, str(root / "flux-2-klein-tiny.safetensors"))
     save_file({"model.diffusion_model." + k: v for k, v in state.items()}, str(root / "prefixed.safetensors"))
     reference.save_pretrained(root / "repo" / "transformer", max_shard_size="40KB")
-    (root / "repo" / "model_index.json").write_text(json.dumps({"_class_name": "Flux2KleinPipeline", "is_distilled": True}))
+    (root / "repo" / "model_index.json").write_text(
+        json.dumps({"_class_name": "Flux2KleinPipeline", "is_distilled": True}))
     return {
         "bfl": root / "flux-2-klein-tiny.safetensors",
         "bfl_prefixed": root / "prefixed.safetensors",

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 import klein_nodes as kn
 from klein_nodes.models.autoencoder import AutoEncoder, AutoEncoderParams
 from klein_nodes.sampling import tiling
-from klein_nodes.testing import TINY_VAE, diffusers_vae, vae_diffusers_to_bfl
+from helpers import TINY_VAE, diffusers_vae, vae_diffusers_to_bfl
 
 diffusers = pytest.importorskip("diffusers")
 Pipeline = diffusers.Flux2KleinPipeline
@@ -95,8 +95,8 @@ def test_our_names_are_the_bfl_layout():
 
 @pytest.mark.parametrize("channels,name", [(16, "FLUX.1/SD3 VAE"), (4, "SD1.x/SDXL VAE")])
 def test_other_vaes_are_refused(tmp_path, channels, name):
-    save_file({"encoder.conv_in.weight": torch.zeros(8, 3, 3, 3), "decoder.conv_in.weight": torch.zeros(8, channels, 3, 3)},
-              str(tmp_path / "vae.safetensors"))
+    save_file({"encoder.conv_in.weight": torch.zeros(8, 3, 3, 3),
+               "decoder.conv_in.weight": torch.zeros(8, channels, 3, 3)}, str(tmp_path / "vae.safetensors"))
     with pytest.raises(kn.WrongModelError, match=f"{name}, not the FLUX.2 VAE"):
         kn.load_vae(tmp_path / "vae.safetensors")
 

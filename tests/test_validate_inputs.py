@@ -25,7 +25,8 @@ def test_classifier_folders_are_checked_from_their_headers_when_queued(comfyui):
     broken = write_tiny_vit(comfyui / "safety" / "clip")
     config = json.loads((broken / "config.json").read_text())
     (broken / "config.json").write_text(json.dumps({**config, "model_type": "clip", "architectures": ["CLIPModel"]}))
-    assert "holds clip (CLIPModel), not a ViT image classifier" in KleinGenerate.VALIDATE_INPUTS(image_classifier="clip")
+    assert ("holds clip (CLIPModel), not a ViT image classifier"
+            in KleinGenerate.VALIDATE_INPUTS(image_classifier="clip"))
 
 
 def test_tile_and_overlap_are_checked_when_queued():

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from klein_nodes.provenance import watermark as wm
-from klein_nodes.testing import PHOTOS, natural_photo
+from helpers import PHOTOS, natural_photo
 
 cv2 = pytest.importorskip("cv2")
 imwatermark = pytest.importorskip("imwatermark")
@@ -122,7 +122,7 @@ def test_standard_mode_writes_exactly_imwatermarks_embedding(tmp_path):
     from klein_nodes.provenance.save import save_image_records
 
     rgb = photo("coffee", 512)
-    (record,) = save_image_records(torch_image(rgb), tmp_path, watermark="standard", c2pa=False)
+    (record,) = save_image_records(torch_image(rgb), tmp_path, watermark_mode="standard", c2pa=False)
     encoder = imwatermark.WatermarkEncoder()
     encoder.set_watermark("bits", list(wm.FLUX_BITS))
     expected = encoder.encode(rgb[..., ::-1].copy(), "dwtDct")[..., ::-1]
@@ -133,8 +133,10 @@ def test_unknown_watermark_mode_is_refused_before_saving(tmp_path):
     from klein_nodes.errors import KleinError
     from klein_nodes.provenance.save import save_image_records
 
-    with pytest.raises(KleinError, match="watermark='strong'.*robust.*standard"):
-        save_image_records(torch_image(photo("coffee", 256)), tmp_path, watermark="strong", c2pa=False)
+    with pytest.raises(KleinError, match="watermark_mode='strong'.*robust.*standard"):
+        save_image_records(torch_image(photo("coffee", 256)), tmp_path, watermark_mode="strong", c2pa=False)
+    with pytest.raises(KleinError, match="watermark='standard': use True or False .*watermark_mode"):
+        save_image_records(torch_image(photo("coffee", 256)), tmp_path, watermark="standard", c2pa=False)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from klein_nodes.testing import random_weight_thresholds, write_workflow_inputs, write_workflow_models
+from klein_nodes.testing import write_workflow_inputs, write_workflow_models
+from helpers import random_weight_thresholds
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "example_workflows"
 sys.path.insert(0, str(WORKFLOWS))
@@ -109,7 +110,8 @@ def test_ui_workflow_fits_the_nodes(models, name):
                 assert values.pop(0) in ("fixed", "increment", "decrement", "randomize")
         assert values == [], f"{node['type']} has extra widget values {values}"
         linked = {i["name"] for i in node["inputs"]}
-        required = {n for n, (kind, *_) in spec["required"].items() if not (isinstance(kind, list) or kind in build.WIDGET_TYPES)}
+        required = {n for n, (kind, *_) in spec["required"].items()
+                    if not (isinstance(kind, list) or kind in build.WIDGET_TYPES)}
         assert required <= linked, f"{node['type']} misses inputs {required - linked}"
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from comfyui_workflows import has_native_klein, import_pack  # this folder is on sys.path when run as a script
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # for helpers.py
+
 
 def import_core(folder):
     sys.path.insert(0, str(folder))
@@ -31,8 +33,9 @@ def tiny_models(kn, folder):
     """(name, module, forward) per format; forward() runs the module on fixed inputs."""
     import torch
 
-    from klein_nodes.quant.convert import quantize_file
-    from klein_nodes.testing import sample_forward, write_text_encoder, write_tokenizer, write_transformer
+    from klein_nodes.loaders.convert import quantize_file
+    from klein_nodes.testing import write_text_encoder, write_tokenizer, write_transformer
+    from helpers import sample_forward
 
     transformer, _ = write_transformer(folder / "klein.safetensors", dtype=torch.float32)
     text_encoder, _ = write_text_encoder(folder / "qwen.safetensors", dtype=torch.float32)
@@ -45,7 +48,8 @@ def tiny_models(kn, folder):
         yield name, model, lambda model=model: sample_forward(model)
     for name in ("qwen.safetensors", "qwen-Q8_0.gguf"):
         encoder = kn.load_text_encoder(folder / name, tokenizer=tokenizer, layers=(1, 2, 3))
-        yield name, encoder.model, lambda encoder=encoder: encoder.encode(["a red fox"], max_length=16, layers=(1, 2, 3))
+        yield (name, encoder.model,
+               lambda encoder=encoder: encoder.encode(["a red fox"], max_length=16, layers=(1, 2, 3)))
 
 
 def check(model_patcher, name, model, forward):
@@ -76,7 +80,6 @@ def check(model_patcher, name, model, forward):
 def check_dynamic_vram(model_patcher):
     """Core 0.25's dynamic VRAM: core's model class, and its weight caster as our streamed modules call it (its CPU
     branch; the VBAR itself needs CUDA)."""
-    import comfy.ops
     import torch
 
     from klein_nodes.models import adapters, offload
@@ -106,8 +109,9 @@ def check_native_fp8(kn, folder):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from klein_nodes.quant.convert import quantize_file
-    from klein_nodes.testing import CORE_TINY_TRANSFORMER, sample_forward, write_transformer
+    from klein_nodes.loaders.convert import quantize_file
+    from klein_nodes.testing import CORE_TINY_TRANSFORMER, write_transformer
+    from helpers import sample_forward
 
     source, _ = write_transformer(folder / "core-klein.safetensors", params=CORE_TINY_TRANSFORMER, dtype=torch.float32,
                                   seed=4)

@@ -22,6 +22,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # for helpers.py
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -92,7 +94,8 @@ EDIT_SAVE = {  # an encoded and decoded input saved by Klein Watermark & Save: i
     "3": {"class_type": "KleinVAEEncode", "inputs": {"vae": ["2", 0], "image": ["1", 0], "tiled": "disable"}},
     "4": {"class_type": "KleinVAEDecode", "inputs": {"vae": ["2", 0], "latent": ["3", 0], "tiled": "disable"}},
     "5": {"class_type": "KleinSave", "inputs": {"images": ["4", 0], "filename_prefix": "edit", "format": "png",
-                                               "quality": 80, "watermark": True, "c2pa": True, "allow_unsigned": False}},
+                                               "quality": 80, "watermark": True, "c2pa": True,
+                                               "allow_unsigned": False}},
 }
 
 
@@ -121,7 +124,8 @@ def mistake_graphs():
                                                                                 "right": 4096, "bottom": 4096}),
                                                  ("SaveImage", {"images": ["2", 0], "filename_prefix": "x"})),
                                            "klein samples up to 4 MP"),
-        "mistake_refine_144_megapixels": (graph(load, ("ImageScaleBy", {"image": ["1", 0], "upscale_method": "nearest-exact",
+        "mistake_refine_144_megapixels": (graph(load, ("ImageScaleBy", {"image": ["1", 0],
+                                                                        "upscale_method": "nearest-exact",
                                                                         "scale_by": 8.0}), *models,
                                                 ("ImageScaleBy", {"image": ["2", 0], "upscale_method": "nearest-exact",
                                                                   "scale_by": 8.0}),
@@ -129,8 +133,8 @@ def mistake_graphs():
                                                 ("SaveImage", {"images": ["8", 0], "filename_prefix": "x"})),
                                           "makes up to 64 MP"),
         "mistake_save_outside_the_output_folder": (graph(load, ("KleinSave", {
-            "images": ["1", 0], "filename_prefix": "../outside/klein", "format": "png", "quality": 80, "watermark": True,
-            "c2pa": True, "allow_unsigned": False})), "points outside the output folder"),
+            "images": ["1", 0], "filename_prefix": "../outside/klein", "format": "png", "quality": 80,
+            "watermark": True, "c2pa": True, "allow_unsigned": False})), "points outside the output folder"),
         "mistake_refine_overlap_over_half_the_tile": (graph(load, same_size, *models, ("KleinTiledRefine", {
             **refine, "tile_size": 256, "overlap": 200}), ("SaveImage", {"images": ["7", 0], "filename_prefix": "x"})),
             "overlap must be 0 to half the tile"),
@@ -139,7 +143,8 @@ def mistake_graphs():
         "note_composite_other_size_empty_mask": (graph(load, ("LoadImage", {"image": "reference_1.png"}),
                                                        ("SolidMask", {"value": 0.0, "width": 96, "height": 96}),
                                                        ("KleinEditComposite", {**composite, "mask": ["3", 0]}),
-                                                       ("SaveImage", {"images": ["4", 0], "filename_prefix": "x"})), ""),
+                                                       ("SaveImage", {"images": ["4", 0], "filename_prefix": "x"})),
+                                                 ""),
     }
 
 
@@ -156,7 +161,8 @@ def interop_graphs():
             "4": ("KleinVAELoader", {"vae_name": "flux2-vae-full.safetensors", "weight_dtype": "default"}),
             "5": ("KleinTextEncode", {"text_encoder": ["2", 0], "text": "a red fox in the snow"}),
             "6": ("EmptyFlux2LatentImage", {"width": 64, "height": 48, "batch_size": 1}) if empty == "core"
-            else ("KleinEmptyLatent", {"width": 64, "height": 48, "aspect": "custom", "megapixels": 1.0, "batch_size": 1}),
+            else ("KleinEmptyLatent", {"width": 64, "height": 48, "aspect": "custom", "megapixels": 1.0,
+                                       "batch_size": 1}),
             "7": ("KleinSampler", {"model": ["1", 0], "positive": ["5", 0], "latent": ["6", 0], "seed": 7, "steps": 2,
                                    "guidance": 1.0, "denoise": 1.0}),
             "8": ("VAEDecode", {"vae": ["3", 0], "samples": ["7", 0]}) if decode == "core"
@@ -218,8 +224,8 @@ def run(url, graph, timeout=900):
         if history and history.get("status", {}).get("completed") is not None:
             status = history["status"]
             seconds = time.monotonic() - began
-            images = [image["filename"] for out in history.get("outputs", {}).values() for image in out.get("images", [])
-                      if image.get("type") == "output"]
+            images = [image["filename"] for out in history.get("outputs", {}).values()
+                      for image in out.get("images", []) if image.get("type") == "output"]
             errors = [m[1] for m in status.get("messages", []) if m[0] == "execution_error"]
             message = errors[0].get("exception_message", "").strip().splitlines()[0] if errors else ""
             return status.get("status_str", "?"), seconds, images, message
@@ -256,7 +262,7 @@ def main():
             try:
                 print(f"ComfyUI {version} ({core}), CPU; server log: {base / 'server.log'}")
                 print(f"{'graph':38} {'status':8} {'seconds':>7} {'images':>6} {'vs twin':>8}  error")
-                from klein_nodes.testing import random_weight_thresholds
+                from helpers import random_weight_thresholds
 
                 graphs = {path.stem: (random_weight_thresholds(json.loads(path.read_text())), None)
                           for path in sorted((ROOT / "example_workflows" / "api").glob("*.json"))}

@@ -45,7 +45,8 @@ def seeds(folder):
     generator = torch.Generator().manual_seed(0)
     save_file({"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": torch.randn(4, 64, generator=generator),
                "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": torch.randn(192, 4, generator=generator),
-               "diffusion_model.double_blocks.0.img_attn.qkv.alpha": torch.tensor(4.0)}, str(folder / "lora.safetensors"))
+               "diffusion_model.double_blocks.0.img_attn.qkv.alpha": torch.tensor(4.0)},
+              str(folder / "lora.safetensors"))
     pixels = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(folder / "image.png")
     Image.fromarray(pixels).save(folder / "image.jpg", quality=90)
@@ -96,9 +97,9 @@ def run_case(kind, number, folder, state):
         path = work / "model.gguf"
         data = (folder / "klein.gguf").read_bytes()
         path.write_bytes(mutate_bytes(rng, data, min(len(data), 4096)))
-        from klein_nodes.loaders.detect import describe_file
+        from klein_nodes.loaders.inventory import inventory
 
-        (describe_file if rng.random() < 0.3 else kn.load_transformer)(path)
+        (inventory if rng.random() < 0.3 else kn.load_transformer)(path)
     elif kind == "lora":
         from safetensors.torch import load_file, save_file
 
@@ -148,13 +149,15 @@ def run_case(kind, number, folder, state):
     elif kind == "cli":
         from klein_nodes.cli import main
 
-        argv = rng.choice([["verify", str(work / "missing.png")], ["inspect", str(work)], ["inspect", str(folder / "image.png")],
+        argv = rng.choice([["verify", str(work / "missing.png")], ["inspect", str(work)],
+                           ["inspect", str(folder / "image.png")],
                            ["verify", "--trust", str(folder / "image.png"), str(folder / "image.png")],
                            ["generate", "x", "-o", str(work / "o.png"), rng.choice(["--steps", "--batch", "--width",
                             "--quality", "--megapixels", "--guidance", "--max-tokens"]),
                             rng.choice(["0", "-1", "nan", "1e9", "abc", "65"])],
                            ["generate", "x", "-o", str(work / "o.gif"), "--tiny-random"],
-                           ["quantize", str(folder / "image.png"), str(work / "q.gguf"), "--type", rng.choice(["Q4_K", "Q3_X"])]])
+                           ["quantize", str(folder / "image.png"), str(work / "q.gguf"), "--type",
+                            rng.choice(["Q4_K", "Q3_X"])]])
         stderr, sys.stderr = sys.stderr, io.StringIO()
         try:
             code = main(argv)
