@@ -5,7 +5,10 @@ import contextlib
 import math
 import os
 import platform
+import re
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -58,9 +61,7 @@ def check_generate_inputs(args):
     for flag, path in files:
         check_image_file(path, flag)
     check_edit_modes(args)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise KleinError(f"--device {args.device}: this torch has no CUDA device (torch {torch.__version__}); "
-                         "use --device cpu, or install a CUDA build of torch")
+    args.device = checked_device(args.device)
     if "image" in args.safety and args.image_classifier is None:
         raise KleinError("--safety image needs --image-classifier FOLDER (a Hugging Face ViT classifier such as "
                          "Falconsai/nsfw_image_detection: config.json + model.safetensors)")
@@ -73,6 +74,31 @@ def check_generate_inputs(args):
     fit_size(width, height)  # refuses sizes over 4 MP before anything loads
     check_upscale(args, width, height)
     return width, height
+
+
+DEVICE_FORMS = "auto, cpu, cuda, cuda:N (N = the GPU's number) or mps (Apple GPUs)"
+
+
+def checked_device(text):
+    """--device as torch names it ('auto', 'cpu', 'cuda', 'cuda:N', 'mps'), refused unless it parses and this machine
+    has it: before any model loads, not as torch's error after they are built."""
+    name = text.strip().lower()
+    match = re.fullmatch(r"(auto|cpu|mps|cuda)(?::(\d+))?", name)
+    if match is None or (match[2] is not None and match[1] != "cuda"):
+        raise KleinError(f"--device {text or repr(text)}: not a device; give {DEVICE_FORMS}")
+    if match[1] == "cuda":
+        if not torch.cuda.is_available():
+            raise KleinError(f"--device {text}: this torch has no CUDA device (torch {torch.__version__}); "
+                             "use --device cpu, or install a CUDA build of torch")
+        count = torch.cuda.device_count()
+        if match[2] is not None and int(match[2]) >= count:
+            raise KleinError(f"--device {text}: this machine has {count} CUDA device(s): give cuda:0"
+                             + (f" to cuda:{count - 1}" if count > 1 else ""))
+        return "cuda" if match[2] is None else f"cuda:{int(match[2])}"
+    if match[1] == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise KleinError(f"--device {text}: Apple's Metal (MPS) is not available here (torch {torch.__version__}); "
+                         "use --device auto or cpu" + (", or cuda" if torch.cuda.is_available() else ""))
+    return match[1]
 
 
 def check_edit_modes(args):
@@ -337,12 +363,22 @@ def output_paths(output, count):
 
 
 def lora_spec(spec):
-    """'file.safetensors' or 'file.safetensors:0.8' -> (path, strength)."""
+    """'file.safetensors' or 'file.safetensors:0.8' -> (path, strength). A path may hold ':' itself (C:\\x, a:b/x):
+    the text after the last ':' is the strength when it is a number; when it is not and the part before is a file,
+    the strength is refused; otherwise the whole text is the path (and a missing one is reported as missing)."""
     path, _, strength = spec.rpartition(":")
+    if not path or Path(spec).is_file() or (len(path) == 1 and path.isalpha() and strength.startswith(("/", "\\"))):
+        return spec, 1.0  # no ":", a file whose name holds one, or a Windows drive letter (C:\x.safetensors)
     try:
-        return (path, float(strength)) if path else (spec, 1.0)
+        value = float(strength)
     except ValueError:
+        if Path(path).is_file():
+            raise KleinError(f"--lora {spec}: the strength {strength!r} is not a number; give FILE or FILE:STRENGTH "
+                             f"(e.g. {path}:0.8)") from None
         return spec, 1.0
+    if not math.isfinite(value):
+        raise KleinError(f"--lora {spec}: the strength must be a finite number (e.g. {path}:0.8)")
+    return path, value
 
 
 def generate(args):
@@ -394,13 +430,14 @@ def generate_images(args, cleanup):
         if unsafe:
             print(f"note: {path.name} not saved: flagged by the image check", file=sys.stderr)
             continue
-        record = save_file(image, path, quality=args.quality, watermark=not args.no_watermark,
-                           watermark_mode=args.watermark_mode, c2pa=not args.no_c2pa,
-                           prompt={"prompt": args.prompt, "seed": pipeline.last_seed},
-                           allow_unsigned=args.allow_unsigned, safety=checks or None, sources=edit.sources)
-        for note in record.notes:
-            print(f"note: {path.name}: {note}", file=sys.stderr)
-        print(path)
+        with interrupt_after():  # Ctrl-C while a file is written stops after it: whole or absent, never partial
+            record = save_file(image, path, quality=args.quality, watermark=not args.no_watermark,
+                               watermark_mode=args.watermark_mode, c2pa=not args.no_c2pa,
+                               prompt={"prompt": args.prompt, "seed": pipeline.last_seed},
+                               allow_unsigned=args.allow_unsigned, safety=checks or None, sources=edit.sources)
+            for note in record.notes:
+                print(f"note: {path.name}: {note}", file=sys.stderr)
+            print(path, flush=True)
     print(f"seed {pipeline.last_seed}", file=sys.stderr)
     return BLOCKED if any(flagged) else 0
 
@@ -515,6 +552,36 @@ class Blocked(KleinError):
 
 
 BLOCKED = 3
+INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+
+
+@contextlib.contextmanager
+def interrupt_after():
+    """Hold Ctrl-C (SIGINT) until the block is done, then stop as Ctrl-C does: a file being saved is finished and
+    listed (save_file writes a temporary file and links it into place; an interrupt in between must not leave the
+    temporary file, or a saved file the output does not list), the next one is not begun."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught and previous is signal.default_int_handler:
+        raise KeyboardInterrupt
+    if caught and callable(previous):
+        previous(signal.SIGINT, caught[0])
+
+
+def interrupted(args):
+    """The line for a Ctrl-C: what was (not) written."""
+    if args.command == "generate":
+        return "interrupted; nothing was written for the image in progress"
+    if args.command == "quantize":
+        return f"interrupted; {args.output} was not written"
+    return "interrupted"
 
 
 @contextlib.contextmanager
@@ -555,12 +622,27 @@ def load_reference(path):
         return image
 
 
+def quant_type(text):
+    """--type in any case (q4_k, Q4_K, FP8) -> the canonical spelling of loaders/convert.py's OUTPUT_TYPES."""
+    from .loaders.convert import OUTPUT_TYPES
+
+    canonical = {name.lower(): name for name in OUTPUT_TYPES}.get(text.strip().lower())
+    if canonical is None:
+        raise KleinError(f"--type {text}: not a quantization type; choose one of {', '.join(OUTPUT_TYPES)}")
+    return canonical
+
+
 def quantize(args):
     from .loaders.convert import quantize_file
+    from .loaders.safetensors_io import sniff_format
 
-    output, kind = quantize_file(args.source, args.output, args.type, args.tokenizer)
+    qtype = quant_type(args.type)
+    if Path(args.source).is_file() and sniff_format(args.source) == "gguf":
+        raise KleinError(f"{args.source}: already a GGUF (quantized) file; the quantizer takes a safetensors "
+                         "transformer (BFL/ComfyUI layout) or Qwen3 text encoder: quantize the original .safetensors")
+    output, kind = quantize_file(args.source, args.output, qtype, args.tokenizer)
     size = Path(output).stat().st_size
-    print(f"{output}: {kind.replace('_', ' ')} as {args.type}, {size / 2**30:.2f} GiB")
+    print(f"{output}: {kind.replace('_', ' ')} as {qtype}, {size / 2**30:.2f} GiB")
     return 0
 
 
@@ -572,19 +654,82 @@ def verify(args):
     for path in [args.trust] * bool(args.trust) + args.files:
         if not Path(path).is_file():
             raise KleinError(f"{path}: no such file")
-    anchor = Path(args.trust).read_bytes() if args.trust else None
+    if args.trust:
+        anchor = Path(args.trust).read_bytes()
+        if b"-----BEGIN CERTIFICATE-----" not in anchor:
+            raise KleinError(f"--trust {args.trust}: not a PEM certificate (-----BEGIN CERTIFICATE-----)")
+        trusted_by = f"trusted by the trust list you gave (--trust {args.trust})"
+        untrusted = f"not trusted: the signature is intact, but its certificate is not from the root in {args.trust}"
+    else:  # verify_image's own default, passed here so the report can say whose trust it is
+        anchor, trusted_by, untrusted = local_trust_anchor(), LOCAL_TRUST, UNTRUSTED
     status = 0
     for path in args.files:
-        report = verify_image(path, anchor)
+        report = trust_report(verify_image(path, anchor), trusted_by, untrusted)
         print(f"{path}: " + json.dumps(report))
-        status = max(status, 0 if report["c2pa"] in ("Valid", "Trusted") else 1)
+        status = max(status, 0 if report["c2pa"] == "Valid" else 1)
     return status
 
 
+LOCAL_TRUST = "this machine's own signing key (a root this pack made here; not a public trust list)"
+UNTRUSTED = ("not trusted: the signature is intact, but it is not this machine's own key; give the signer's root "
+             "certificate with --trust FILE to check it")
+
+
+def local_trust_anchor():
+    """The root certificate this machine's signing key was issued by (made with it on the first signed save)."""
+    from .provenance.c2pa_sign import default_credentials_dir
+
+    root = default_credentials_dir() / "root.pem"
+    return root.read_bytes() if root.is_file() else None
+
+
+def trust_report(report, trusted_by, untrusted):
+    """verify_image's report with the signature's state apart from whose trust it has: c2pa "Trusted" (valid, and
+    from a root in the trust list used, by default this machine's own) becomes "Valid" plus "trust", so a local
+    self-made root is never read as public trust. "trust" is null when there is no valid signature."""
+    state = report["c2pa"]
+    trust = trusted_by if state == "Trusted" else untrusted if state == "Valid" else None
+    return {"c2pa": "Valid" if state == "Trusted" else state, "trust": trust,
+            **{key: value for key, value in report.items() if key != "c2pa"}}
+
+
+EXIT_CODES = {  # documented in --help and docs/cli.md
+    "generate": {0: "the images were saved", 3: "a safety check flagged the prompt (nothing generated) or an image "
+                                                "(not saved)"},
+    "quantize": {0: "the file was written"},
+    "verify": {0: "every file has a valid C2PA signature (trusted or not: see \"trust\")",
+               1: "a file has no C2PA manifest or an invalid one (or an unexpected error)"},
+    "doctor": {0: "the report was printed",
+               2: "a mistake in the arguments, or --comfyui (or COMFYUI_PATH) is not a ComfyUI install"},
+    "inspect": {0: "every file was read",
+                2: "a mistake in the arguments, or a file or folder could not be read (the others are still listed)"},
+}
+COMMON_EXIT_CODES = {1: "an unexpected error (one line; --debug before the command shows the traceback)",
+                     2: "a mistake in the arguments or a named file (one error: line)",
+                     INTERRUPTED: "interrupted with Ctrl-C (nothing half-written is left)"}
+
+
+def exit_codes(command=None):
+    """The 'exit codes:' epilog of one command's --help, or of every command's (command None)."""
+    if command is not None:
+        codes = {**COMMON_EXIT_CODES, **EXIT_CODES[command]}
+        return "exit codes:\n" + "\n".join(f"  {code:<4} {codes[code]}" for code in sorted(codes))
+    codes = {0: "success", **COMMON_EXIT_CODES, 3: "generate: a safety check flagged the prompt or an image"}
+    codes[1] += "\n       verify: also a file without a valid C2PA signature"
+    return "exit codes (each command's --help lists its own):\n" + "\n".join(
+        f"  {code:<4} {codes[code]}" for code in sorted(codes))
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m klein_nodes", description="FLUX.2 [klein] tools.")
+    parser = argparse.ArgumentParser(prog="python -m klein_nodes", description="FLUX.2 [klein] tools.",
+                                     epilog=exit_codes(), formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="prompt (+ references) -> image file")
+
+    def command(name, **kwargs):
+        return commands.add_parser(name, epilog=exit_codes(name), formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   **kwargs)
+
+    gen = command("generate", help="prompt (+ references) -> image file")
     gen.add_argument("prompt")
     gen.add_argument("-o", "--output", default="klein.png", help="output file (.png/.jpg/.webp); never overwritten")
     gen.add_argument("--ref", action="append", default=[], help="reference image (repeat for up to 4 or more)")
@@ -630,7 +775,7 @@ def main(argv=None):
                                          "(found beside the text encoder, in ComfyUI, or via KLEIN_TOKENIZER)")
     gen.add_argument("--comfyui", help="ComfyUI install to find models in (or set COMFYUI_PATH): safetensors, fp8, "
                                        "nvfp4 and GGUF files; with several, the one that fits the device")
-    gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    gen.add_argument("--device", default="auto", help=DEVICE_FORMS)
     gen.add_argument("--memory", default="auto", choices=("auto", "resident", "offload", "stream"),
                      help="auto plans from free memory; or keep everything resident, offload each component after its "
                           "turn, or stream transformer blocks")
@@ -655,22 +800,24 @@ def main(argv=None):
     gen.add_argument("--image-threshold", type=bounded(float, 0.01, 0.99), default=0.85,
                      help="flag images at or above this P(unsafe) (BFL's reference: 0.85)")
     gen.set_defaults(run=generate)
-    qua = commands.add_parser("quantize",
-                              help="write a GGUF (Q8_0, Q6_K, Q5_K, Q4_K, Q4_0 ...) or fp8 safetensors file")
+    qua = command("quantize", help="write a GGUF (Q8_0, Q6_K, Q5_K, Q4_K, Q4_0 ...) or fp8 safetensors file")
     qua.add_argument("source", help="transformer (BFL/ComfyUI safetensors) or Qwen3 text encoder (safetensors)")
     qua.add_argument("output", help="OUT.gguf, or OUT.safetensors for fp8; never overwritten")
-    qua.add_argument("--type", default="Q8_0", help="Q8_0, Q6_K, Q5_K, Q4_K, Q5_1, Q5_0, Q4_1, Q4_0 or fp8")
+    qua.add_argument("--type", default="Q8_0",
+                     help="Q8_0, Q6_K, Q5_K, Q4_K, Q5_1, Q5_0, Q4_1, Q4_0 or fp8 (any case: q4_k, FP8)")
     qua.add_argument("--tokenizer", help="text encoders: tokenizer folder to embed in the GGUF (found automatically)")
     qua.set_defaults(run=quantize)
-    ver = commands.add_parser("verify", help="C2PA state, FLUX watermark bits and embedded workflow of image files")
-    ver.add_argument("files", nargs="+")
-    ver.add_argument("--trust", help="root certificate (PEM) to trust; default: the pack's local root")
+    ver = command("verify", help="C2PA state, FLUX watermark bits and embedded workflow of image files")
+    ver.add_argument("files", nargs="+", help="image files (.png, .jpg, .webp)")
+    ver.add_argument("--trust", metavar="FILE", help="root certificate (PEM) whose signatures count as trusted; "
+                                                     "default: this machine's own signing root (not a public trust "
+                                                     "list)")
     ver.set_defaults(run=verify)
-    doc = commands.add_parser("doctor", help="report torch/CUDA/VRAM, native quantized paths and klein model files")
+    doc = command("doctor", help="report torch/CUDA/VRAM, native quantized paths and klein model files")
     doc.add_argument("--comfyui", help="ComfyUI install folder to scan for model files")
     doc.set_defaults(run=doctor)
-    ins = commands.add_parser("inspect", help="what each weight file holds: model, layout, storage format and quant "
-                                             "types with counts and bytes; LoRA format, rank, targets, base model")
+    ins = command("inspect", help="what each weight file holds: model, layout, storage format and quant types "
+                                  "with counts and bytes; LoRA format, rank, targets, base model")
     ins.add_argument("files", nargs="+", help="weight files or folders")
     ins.set_defaults(run=inspect)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
@@ -678,6 +825,11 @@ def main(argv=None):
     try:
         with notes_once():
             return args.run(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's code for SIGINT; --debug shows where it stopped
+        if args.debug:
+            raise
+        print(f"\n{interrupted(args)}" if sys.stderr.isatty() else interrupted(args), file=sys.stderr)
+        return INTERRUPTED
     except Blocked as e:
         print(f"blocked: {e}", file=sys.stderr)
         return BLOCKED

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..arguments import number, path_argument
 from ..errors import CheckpointError, KleinError, KleinNote, WrongModelError
 from ..models.adapters import Adapter, with_adapters
 from ..models.text_encoder import KleinTextEncoder
@@ -116,20 +117,122 @@ def resolve(path, prefixes, aliases, underscored):
     return None
 
 
-def peft_scale(metadata, component, module, rank):
-    """lora_alpha / r from diffusers' `lora_adapter_metadata` header (alpha_pattern, rsLoRA honoured); 1 without."""
+METADATA_LIMIT = 1 << 20  # characters of `lora_adapter_metadata`; diffusers writes about 2 kB
+METADATA_DEPTH = 16  # how deep it may nest; peft's LoraConfig nests 3 deep
+PATTERN_LIMIT = 1024  # alpha_pattern entries; klein has a few hundred layers
+REGEX_SYNTAX = frozenset("^$*+?{}[]()|\\")  # all of Python's regex syntax outside a class but '.'
+JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"?', re.DOTALL)  # an unterminated string runs to the end: no retries
+FIX = "the LoRA's header is damaged or was written by a broken tool: re-export the LoRA (diffusers' save_lora_weights)"
+
+
+def nests_deeper(text, limit):
+    """True when the brackets of JSON `text` (outside its strings) nest deeper than `limit`: a linear scan that
+    stops at the first level too deep, since json.loads recurses once per level."""
+    depth = 0
+    for c in re.sub(r"[^\[\]{}]", "", JSON_STRING.sub("", text)):
+        depth += 1 if c in "[{" else -1
+        if depth > limit:
+            return True
+    return False
+
+
+def json_brief(value):
+    """A JSON value in an error message, cut short."""
+    if isinstance(value, (dict, list)):
+        return "a JSON " + ("object" if isinstance(value, dict) else "list")
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
+def finite_positive(value):
+    """`value` as a float when it is a finite number above 0 (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
     try:
-        config = json.loads(metadata.get("lora_adapter_metadata") or "{}")
-    except ValueError:
-        return 1.0
-    config = {k[len(component) + 1:]: v for k, v in config.items() if k.startswith(component + ".")}
-    alpha = config.get("lora_alpha")
+        value = float(value)
+    except OverflowError:  # an integer beyond float range
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def adapter_config(metadata, component):
+    """The `component` ("transformer", "text_encoder") part of diffusers' `lora_adapter_metadata` header, a JSON
+    object of peft LoraConfig fields under the component's prefix ({"transformer.lora_alpha": 8,
+    "transformer.alpha_pattern": {"to_q": 4}, ...}), checked before anything is applied: {"prefix", "alpha",
+    "rslora", "pattern": [(module-name key, alpha) in file order]}, or None when it gives no lora_alpha.
+
+    Only the fields klein reads (lora_alpha, r, use_rslora, alpha_pattern) are checked; anything the file gets
+    wrong (not JSON, over METADATA_LIMIT characters, nested deeper than METADATA_DEPTH, a field of the wrong type,
+    a lora_alpha that is not a finite positive number, an alpha_pattern key that is a regular expression) is one
+    CheckpointError naming the field."""
+    text = (metadata or {}).get("lora_adapter_metadata") or "{}"
+    if len(text) > METADATA_LIMIT:
+        raise CheckpointError(f"lora_adapter_metadata is {len(text)} characters, more than the {METADATA_LIMIT} a "
+                              f"LoRA config can need; {FIX}.")
+    if nests_deeper(text, METADATA_DEPTH):
+        raise CheckpointError(f"lora_adapter_metadata nests JSON deeper than the {METADATA_DEPTH} levels a LoRA "
+                              f"config can need; {FIX}.")
+    try:
+        config = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"lora_adapter_metadata is not valid JSON ({str(e)[:80]}); {FIX}.") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"lora_adapter_metadata must be a JSON object of LoRA config fields, not "
+                              f"{json_brief(config)}; {FIX}.")
+    prefix = component + "."
+
+    def refuse(field, what, value):
+        return CheckpointError(f"lora_adapter_metadata.{prefix}{field} must be {what}, not {json_brief(value)}; {FIX}.")
+
+    alpha, r, rslora, pattern = (config.get(prefix + field) for field in ("lora_alpha", "r", "use_rslora",
+                                                                          "alpha_pattern"))
+    if alpha is not None and finite_positive(alpha) is None:
+        raise refuse("lora_alpha", "a finite number above 0", alpha)
+    if r is not None and (type(r) is not int or r <= 0):
+        raise refuse("r", "a whole number above 0", r)
+    if rslora is not None and not isinstance(rslora, bool):
+        raise refuse("use_rslora", "true or false", rslora)
+    pattern = {} if pattern is None else pattern
+    if not isinstance(pattern, dict):
+        raise refuse("alpha_pattern", "an object mapping module names to numbers above 0", pattern)
+    if len(pattern) > PATTERN_LIMIT:
+        raise CheckpointError(f"lora_adapter_metadata.{prefix}alpha_pattern has {len(pattern)} entries, more than "
+                              f"the {PATTERN_LIMIT} a klein LoRA can need (one per layer); {FIX}.")
+    for key, value in pattern.items():
+        if finite_positive(value) is None:
+            raise refuse(f"alpha_pattern[{json_brief(key)}]", "a finite number above 0", value)
+        if REGEX_SYNTAX.intersection(key):
+            raise CheckpointError(f"lora_adapter_metadata.{prefix}alpha_pattern key {json_brief(key)} is a regular "
+                                  f"expression; alpha_pattern keys must be module names ('to_q', "
+                                  f"'transformer_blocks.0.attn.to_q'): klein runs no patterns from files. "
+                                  f"Re-export the LoRA with module names as alpha_pattern keys.")
     if alpha is None:
+        return None
+    return {"prefix": prefix, "alpha": float(alpha), "rslora": bool(rslora),
+            "pattern": [(key, float(value)) for key, value in pattern.items()]}
+
+
+def pattern_matches(key, name):
+    """peft's `re.match(rf"(.*\\.)?({key})$", name)` (peft.utils.other.get_pattern_key) without compiling file text:
+    keys are limited to module names (adapter_config refuses every other regex syntax), in which '.' stands, as in
+    peft, for any one character. So the key matches the last len(key) characters of the name, and they are the
+    whole name or follow a '.'. (Names here are klein's layer names: no newline, which '.' and '$' treat apart.)
+    Linear in len(key): a file cannot make it backtrack, and an ordinary key gives exactly peft's answer."""
+    start = len(name) - len(key)
+    if start < 0 or (start > 0 and name[start - 1] != "."):
+        return False
+    return all(k == "." or k == c for k, c in zip(key, name[start:]))
+
+
+def peft_scale(config, module, rank):
+    """lora_alpha / r (rsLoRA: / sqrt(r)) for `module` (a path from the file) under `config` (adapter_config); 1
+    without one. As in peft, the FIRST alpha_pattern key (file order) that matches the module name as peft knows it
+    (the path without the component's prefix: `transformer.` or `text_encoder.`) gives the alpha."""
+    if config is None:
         return 1.0
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?{pattern}", module):
-            alpha = value
-    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    name = module.removeprefix(config["prefix"])
+    alpha = next((value for key, value in config["pattern"] if pattern_matches(key, name)), config["alpha"])
+    return alpha / (math.sqrt(rank) if config["rslora"] else rank)
 
 
 # factor pairs whose inner dimensions (the rank) must agree: (left, right) with left (out, r) and right (r, in)
@@ -161,11 +264,12 @@ def check_structure(kind, tensors, alpha, path):
         raise CheckpointError(f"LoRA layer '{path}': {problem}; the file is damaged or not a LoRA.")
 
 
-def build_adapter(kind, tensors, alpha, rows, metadata, component, module):
-    """One Adapter with the scale each format defines (alpha / rank when an alpha is stored)."""
+def build_adapter(kind, tensors, alpha, rows, config, module):
+    """One Adapter with the scale each format defines (alpha / rank when an alpha is stored; else, for a LoRA, what
+    `config`, the file's checked adapter_config, gives)."""
     if kind == "lora":
         rank = tensors["down"].shape[0]
-        scale = alpha / rank if alpha is not None else peft_scale(metadata, component, module, rank)
+        scale = alpha / rank if alpha is not None else peft_scale(config, module, rank)
     elif kind == "loha":
         scale = alpha / tensors["w1_b"].shape[0] if alpha is not None else 1.0
     elif kind == "lokr":
@@ -184,6 +288,7 @@ def parse(tensors, metadata, model, component):
     """({our layer: [Adapter]}, report) for the part of a LoRA file that targets `model` ("transformer" or
     "text_encoder" `component`)."""
     make_aliases, prefixes, other_prefixes = COMPONENTS[component]
+    config = adapter_config(metadata, component)  # a malformed header is refused before anything is built
     aliases = make_aliases(model)
     underscored = {name.replace(".", "_"): target for name, target in aliases.items()}
     groups, unknown, other = {}, [], []
@@ -217,10 +322,18 @@ def parse(tensors, metadata, model, component):
         (layer, rows) = group["target"]
         check_structure(kind, group["tensors"], group["alpha"], path)
         alpha = None if group["alpha"] is None else float(group["alpha"].float().reshape(-1)[0])
-        adapter = build_adapter(kind, group["tensors"], alpha, rows, metadata, component, path)
+        adapter = build_adapter(kind, group["tensors"], alpha, rows, config, path)
         check_shape(model, layer, rows, adapter, path)
         layers.setdefault(layer, []).append(adapter)
     return layers, {"layers": len(layers), "unknown": sorted(unknown), "other": sorted(other)}
+
+
+def parse_file(tensors, metadata, model, component, label):
+    """parse(), with the file's name (`label`) on what it refuses."""
+    try:
+        return parse(tensors, metadata, model, component)
+    except (CheckpointError, WrongModelError) as e:
+        raise type(e)(f"{label}: {e}") from None
 
 
 def check_shape(model, layer, rows, adapter, path):
@@ -245,8 +358,12 @@ def apply_lora(model: Flux2 | KleinTextEncoder, path: str | Path, strength: floa
     Keys no layer matches are listed in a warning; keys for the other model (text encoder / transformer) are
     reported, not applied.
     """
+    if not isinstance(model, (Flux2, KleinTextEncoder)):
+        raise KleinError(f"apply_lora takes a klein transformer or text encoder (kn.load_transformer / "
+                         f"kn.load_text_encoder), not {type(model).__name__}")
+    path, strength = path_argument(path), number(strength, "strength", -100, 100)
     tensors, metadata = read_lora(path)
-    return apply_lora_tensors(model, tensors, metadata, strength, Path(path).name)[0]
+    return apply_lora_tensors(model, tensors, metadata, strength, path.name)[0]
 
 
 def apply_lora_pair(model, text_encoder, path, strength=1.0, text_encoder_strength=None):
@@ -257,7 +374,7 @@ def apply_lora_pair(model, text_encoder, path, strength=1.0, text_encoder_streng
     label = Path(path).name
     has_te_keys = any(qwen3_layer(k) for k in tensors)
     if not has_te_keys and isinstance(model, Flux2):
-        layers, _ = parse(tensors, metadata, model, "transformer")
+        layers, _ = parse_file(tensors, metadata, model, "transformer", label)
         if not layers:
             raise WrongModelError(f"{label}: nothing in this LoRA applies to FLUX.2 [klein]: it looks made for "
                                   f"{lora_family(tensors)}. Use a LoRA trained on klein (4B for the 4B model)")
@@ -305,10 +422,7 @@ def apply_lora_tensors(model, tensors, metadata, strength, label):
     if target is None or not hasattr(target, "params"):
         raise WrongModelError(f"{label}: LoRAs apply to a klein transformer or text encoder, "
                               f"not {type(model).__name__}.")
-    try:
-        layers, report = parse(tensors, metadata, target, "transformer" if is_transformer else "text_encoder")
-    except (CheckpointError, WrongModelError) as e:
-        raise type(e)(f"{label}: {e}") from None
+    layers, report = parse_file(tensors, metadata, target, "transformer" if is_transformer else "text_encoder", label)
     what = "transformer" if is_transformer else "text encoder"
     if report["unknown"]:
         shown = ", ".join(report["unknown"][:8]) + (" ..." if len(report["unknown"]) > 8 else "")

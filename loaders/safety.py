@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..arguments import device_argument, dtype_argument, path_argument
 from ..errors import CheckpointError, KleinError, WrongModelError
 from ..models.safety import ImageSafety, PromptSafety
 from ..models.text_encoder import KleinTextEncoder
@@ -24,6 +25,7 @@ def load_prompt_safety(path_or_text_encoder: str | Path | KleinTextEncoder, toke
     """A PromptSafety over the whole Qwen3 chat model in klein's text encoder file (safetensors, fp8, nvfp4 or
     GGUF). Given a loaded text encoder (built to layer 27 for klein), the layers it has are shared and only the
     rest, the final norm and the head are read from the same file."""
+    dtype, device = dtype_argument(dtype), device_argument(device)
     if isinstance(path_or_text_encoder, KleinTextEncoder):
         encoder = path_or_text_encoder
         if encoder.model.params.lm_head:
@@ -37,7 +39,8 @@ def load_prompt_safety(path_or_text_encoder: str | Path | KleinTextEncoder, toke
         for index, layer in enumerate(encoder.model.layers):
             chat.model.layers[index] = layer
         return PromptSafety(chat.model, encoder.tokenizer, policy)
-    chat = load_text_encoder(path_or_text_encoder, tokenizer, dtype, device, chat=True)
+    chat = load_text_encoder(path_argument(path_or_text_encoder, "path_or_text_encoder"), tokenizer, dtype, device,
+                             chat=True)
     return PromptSafety(chat.model, chat.tokenizer, policy)
 
 
@@ -133,6 +136,8 @@ def load_image_safety(path: str | Path, dtype: torch.dtype = torch.float32, devi
                       unsafe_labels: list | None = None) -> ImageSafety:
     """An ImageSafety from a Hugging Face ViT image classifier: a folder with config.json and model.safetensors
     (and preprocessor_config.json), or the model.safetensors file inside one."""
+    path, device = path_argument(path), device_argument(device)
+    dtype = dtype_argument(dtype)
     model, file, id2label, settings = check_image_safety(path)
     dtype = choose_dtype(file, [k for k in file.keys() if not k.startswith("vit.pooler.")], dtype)
     model.load_state_dict({k: file.get(k).to(device=device, dtype=dtype) for k in model.state_dict()}, assign=True)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from ..arguments import device_argument, dtype_argument, path_argument
 from ..errors import WrongModelError
 from ..models.autoencoder import AutoEncoder, AutoEncoderParams
 from .checkpoint import Checkpoint, TensorSource, check_state_dict, choose_dtype, open_checkpoint, require
@@ -72,6 +73,7 @@ def load_vae(path: str | Path, dtype: torch.dtype | None = None, device: str | t
     """Load the FLUX.2 VAE from a BFL/ComfyUI file or a diffusers `vae/` folder (fp32, bf16 or fp16). Its conv
     weights are kept channels-last: the convolutions then run NHWC (decode 0.81x the time on CPU, same values to
     float rounding). A VAE built over core ComfyUI's tensors keeps their layout (no copies of core's weights)."""
+    path, dtype, device = path_argument(path), dtype_argument(dtype), device_argument(device)
     model = build_vae(open_checkpoint(path, "vae", "diffusion_pytorch_model", VAE_PREFIXES), dtype, device)
     return model.to(memory_format=torch.channels_last)
 

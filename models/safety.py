@@ -45,7 +45,8 @@ class PromptSafety:
         if not model.params.lm_head:
             raise KleinError("the prompt check needs the whole Qwen3 chat model (load_prompt_safety builds it)")
         self.model, self.tokenizer = model, tokenizer
-        self.policy = dict(DEFAULT_POLICY if policy is None else policy)
+        policy = DEFAULT_POLICY if policy is None else policy
+        self.policy = dict(policy) if isinstance(policy, dict) else {}
         if not self.policy or not all(isinstance(v, str) and v.strip() for v in self.policy.values()):
             raise KleinError("a safety policy is a non-empty {name: description} mapping of what is not allowed")
         self.question = question

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import KleinError, KleinNote
+from ..errors import CheckpointError, KleinError, KleinNote
 from . import prepacked
 from .adapters import Linear, adapting, release_adapters
 from .offload import Offloadable, compute_device, weights_on
@@ -185,6 +185,15 @@ KLEIN_TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n<think>
 PAD_ID = 151643
 MIN_TOKENS = 512  # klein pads every prompt to 512 tokens
 KLEIN_LAYERS = (9, 18, 27)
+
+
+def check_vocabulary(model, tokenizer, path):
+    """Refuse a tokenizer whose ids (or klein's padding id) reach past the model's embedding rows."""
+    rows = model.params.vocab_size
+    highest = max(PAD_ID, tokenizer.get_vocab_size(with_added_tokens=True) - 1)
+    if highest >= rows:
+        raise CheckpointError(f"{path}: the tokenizer's ids reach {highest} but the embedding table has {rows} rows; "
+                              "klein's text encoder is Qwen3 with its whole vocabulary (151,936 rows)")
 
 
 class KleinTextEncoder:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import KleinError
 from .adapters import Linear, adapting
 from .offload import Offloadable, weights_on
 
@@ -321,6 +322,8 @@ def clamp_fp16(x):
 def compile_blocks(model: Flux2, **options) -> Flux2:
     """`torch.compile` every double and single block in place (the first run compiles, later runs reuse the
     kernels; LoRA copies share the compiled blocks). `options` go to torch.compile, e.g. mode="max-autotune"."""
+    if not isinstance(model, Flux2):
+        raise KleinError(f"compile_blocks takes a klein transformer (kn.load_transformer), not {type(model).__name__}")
     for block in (*model.double_blocks, *model.single_blocks):
         block.compile(**options)
     return model

@@ -11,12 +11,32 @@ import warnings
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from ..errors import KleinError
 from .formats import IMAGE_FORMATS, NAMES
 
 
-def metadata_items(prompt, extra_pnginfo):
-    items = [] if prompt is None else [("prompt", json.dumps(prompt))]
-    return items + [(key, json.dumps(value)) for key, value in (extra_pnginfo or {}).items()]
+def json_text(value, argument):
+    """`value` as strict JSON (what ComfyUI's frontend parses back), or one KleinError naming `argument`."""
+    try:
+        return json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as e:  # an unknown type, NaN/inf, a cycle, a too deep nesting
+        reason = "it nests too deeply" if isinstance(e, RecursionError) else str(e)
+        raise KleinError(f"{argument} cannot be saved as JSON metadata ({reason}); give dicts, lists, strings, "
+                         "finite numbers, True, False and None only") from None
+
+
+def metadata_items(prompt, extra_pnginfo, arguments=None):
+    """[(key, JSON text)]: the prompt, then one item per extra_pnginfo key. A mistake is refused naming the argument
+    the item came from (`arguments`: {key: name}, default `extra_pnginfo[key]`)."""
+    items = [] if prompt is None else [("prompt", json_text(prompt, "prompt"))]
+    for key, value in (extra_pnginfo or {}).items():
+        argument = (arguments or {}).get(key, f"extra_pnginfo[{key!r}]")
+        if (not isinstance(key, str) or not 1 <= len(key) <= 79 or key == "prompt"  # the prompt's own key
+                or any(ord(c) > 255 or not c.isprintable() for c in key)):  # a PNG tEXt keyword is Latin-1
+            raise KleinError(f"{argument}: the key must be a str of 1-79 Latin-1 characters without control "
+                             "characters, other than 'prompt'")
+        items.append((key, json_text(value, argument)))
+    return items
 
 
 def exif_for(items):
@@ -35,6 +55,7 @@ def exif_for(items):
 def encode(rgb, fmt, quality=80, items=(), lossless_webp=False, jpeg_full_chroma=True, alpha=None):
     """uint8 RGB array (and optional uint8 alpha plane, PNG/WebP) -> encoded bytes with the metadata items embedded
     (the file is signed after this)."""
+    quality = int(quality)  # Pillow's JPEG encoder takes a Python int only (not 80.0, not numpy's int64)
     image = Image.fromarray(rgb) if alpha is None else Image.fromarray(np.dstack((rgb, alpha)), "RGBA")
     buffer = io.BytesIO()
     if fmt == "png":

@@ -11,6 +11,8 @@ import itertools
 import logging
 import os
 import re
+import sys
+import unicodedata
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -47,10 +49,11 @@ class Saved:
 def to_uint8(image, notes):
     """An IMAGE tensor/array (H, W, C) in [0, 1] -> uint8 RGB, as ComfyUI's SaveImage converts (truncating).
     Grey is replicated; an alpha channel is composited on white (noted), as references are."""
-    array = image.float().cpu().numpy() if hasattr(image, "cpu") else np.asarray(image, dtype=np.float32)
+    array = image.detach().float().cpu().numpy() if hasattr(image, "cpu") else np.asarray(image, dtype=np.float32)
     if array.ndim == 2:
         array = array[..., None]
     if array.shape[-1] in (2, 4):
+        array = np.nan_to_num(array, posinf=1.0, neginf=0.0)  # inf * 0 would be NaN; finite values are unchanged
         array = array[..., :-1] * array[..., -1:] + (1 - array[..., -1:])
         notes.append("alpha channel composited on white")
     if array.shape[-1] == 1:
@@ -63,8 +66,14 @@ def to_uint8(image, notes):
 def output_folder(directory, prefix):
     """(folder, base name, subfolder) for a prefix like "klein" or "portraits/klein"; no escaping `directory`,
     neither by `..` nor through a symlinked subfolder."""
-    if not isinstance(prefix, str) or "\0" in prefix or not prefix.strip():
-        raise KleinError(f"filename prefix {prefix!r} is not a usable file name")
+    prefix = os.fspath(prefix) if isinstance(prefix, os.PathLike) else prefix
+    if not isinstance(prefix, str):
+        raise KleinError(f"filename prefix {prefix!r} is not a usable file name: give a str such as 'klein' or "
+                         f"'portraits/klein', not {type(prefix).__name__}")
+    bad = next((c for c in prefix if unicodedata.category(c) in ("Cc", "Cs")), None)  # controls, lone surrogates
+    if bad is not None or not prefix.strip():
+        raise KleinError(f"filename prefix {prefix!r} is not a usable file name" + (
+            "" if bad is None else f": it holds the character U+{ord(bad):04X}; remove it"))
     if any(len(part.encode()) > MAX_NAME_BYTES for part in re.split(r"[\\/]", prefix)):
         raise KleinError(f"filename prefix {prefix[:40]!r}... has a name over {MAX_NAME_BYTES} bytes; shorten it")
     directory = os.path.abspath(directory)
@@ -96,8 +105,11 @@ def check_images(images, fmt):
 
 
 def check_quality(quality):
-    if isinstance(quality, bool) or not isinstance(quality, (int, float)) or not 1 <= quality <= 100:
+    if isinstance(quality, (bool, np.bool_)) or not isinstance(quality, (int, float, np.integer, np.floating)) or (
+            not 1 <= quality <= 100):
         raise KleinError(f"quality must be a number from 1 to 100, got {quality!r}")
+    if quality != int(quality):
+        raise KleinError(f"quality must be a number from 1 to 100, got {quality!r}: use a whole number")
 
 
 def next_counter(folder, name):
@@ -112,22 +124,26 @@ def write_exclusive(folder, data, candidates):
     """Write `data` to the first free path of `candidates` ((key, path) pairs) without ever replacing a file: a
     temporary file, then a hard link (atomic, fails if the name exists). Returns (key, path), or None if none is
     free."""
+    temp = None
     try:
-        os.makedirs(folder, exist_ok=True)
-        temp = Path(folder) / f".klein-{uuid.uuid4().hex}.tmp"  # unique; created with the usual (umask) permissions
-        temp.write_bytes(data)
-    except OSError as e:
-        raise KleinError(f"cannot write to {folder}: {e.strerror or e}") from None
-    try:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            temp = Path(folder) / f".klein-{uuid.uuid4().hex}.tmp"  # unique; made with the usual (umask) permissions
+            temp.write_bytes(data)  # a part written before a failure (disk full) is removed below
+        except OSError as e:
+            raise KleinError(f"cannot write to {folder}: {e.strerror or e}") from None
         for key, path in candidates:
             try:
                 os.link(temp, path)
                 return key, path
             except FileExistsError:
                 continue
+            except OSError as e:  # a file system without hard links, a name it refuses
+                raise KleinError(f"cannot write {path}: {e.strerror or e}") from None
         return None
     finally:
-        temp.unlink(missing_ok=True)
+        if temp is not None:
+            temp.unlink(missing_ok=True)
 
 
 def write_new(folder, name, counter, extension, data):
@@ -142,7 +158,8 @@ def to_alpha(opacity, fmt, rgb, notes):
     transparency, gets the image composited on white, with a note."""
     if opacity is None:
         return None, rgb
-    array = opacity.float().cpu().numpy() if hasattr(opacity, "cpu") else np.asarray(opacity, dtype=np.float32)
+    array = (opacity.detach().float().cpu().numpy() if hasattr(opacity, "cpu")
+             else np.asarray(opacity, dtype=np.float32))
     if array.shape != rgb.shape[:2] or not np.isfinite(array).all():
         raise KleinError(f"the opacity must be an (H, W) = {rgb.shape[:2]} array of finite values in 0..1, not "
                          f"{array.shape}")
@@ -161,7 +178,7 @@ def watermark_to_embed(watermark, mode):
     """The mode of the watermark to embed ("robust" or "standard"), or None for none; bad arguments refused."""
     if not isinstance(watermark, (bool, np.bool_)):
         raise KleinError(f"watermark={watermark!r}: use True or False (the kind goes in watermark_mode)")
-    if mode not in WATERMARK_MODES:
+    if not isinstance(mode, str) or mode not in WATERMARK_MODES:
         raise KleinError(f"watermark_mode={mode!r}: use 'robust' (survives JPEG/WebP) or 'standard' (BFL's "
                          "embedding, byte-identical to imwatermark)")
     return mode if watermark else None
@@ -194,6 +211,204 @@ def prepare(image, fmt, quality, mark_mode, items, opacity=None):
     return data, bits, notes
 
 
+def check_arguments(**given):
+    """The one validation step at the top of each public function: every argument given is checked (type, value,
+    the files it names) before a pixel is converted, a file read or written or credentials made, and each mistake
+    is one KleinError naming the argument and the fix. `new_path` is save_file's `path` (a file still to be made),
+    `path` verify_image's (an existing file). Returns the metadata items: serialising them is their check."""
+    for name in ("c2pa", "allow_unsigned", "metadata_enabled"):
+        if name in given and not isinstance(given[name], (bool, np.bool_)):
+            raise KleinError(f"{name}={given[name]!r}: use True or False")
+    if "watermark" in given:
+        watermark_to_embed(given["watermark"], given["watermark_mode"])
+    if "quality" in given:
+        check_quality(given["quality"])
+    if "format" in given and (not isinstance(given["format"], str) or image_format(given["format"]) is None):
+        raise KleinError(f"format {given['format']!r} is not supported; choose {NAMES}")
+    if "directory" in given:
+        check_writable(output_folder(usable_path(given["directory"], "directory"), given["prefix"])[0], "directory")
+    if "new_path" in given:
+        path = usable_path(given["new_path"], "path")
+        if format_of_path(path) is None:
+            raise KleinError(f"{path}: the output must end in {SUFFIXES}")
+        if os.path.lexists(path):
+            raise KleinError(f"{path} already exists; choose another output name")
+        check_writable(os.path.dirname(os.path.abspath(path)), "path")
+    if "path" in given:
+        existing_file(given["path"], "path")
+    anchor = given.get("trust_anchor")
+    if anchor is not None:
+        try:  # c2pa takes the PEM as UTF-8 text
+            text = anchor.decode() if isinstance(anchor, bytes) else anchor.encode().decode()
+        except (AttributeError, UnicodeError):  # neither str nor bytes, or not UTF-8
+            text = ""
+        if "-----BEGIN CERTIFICATE-----" not in text:
+            raise KleinError("the trust anchor is not a PEM certificate (-----BEGIN CERTIFICATE-----): give the text "
+                             "of root.pem as str or bytes")
+    if "credentials" in given:
+        check_credentials(given["credentials"])
+    check_sources(given.get("sources"))
+    if given.get("safety") is not None and not isinstance(given["safety"], (list, tuple)):
+        raise KleinError(f"safety must be a list of the checks that ran (dicts), not {type(given['safety']).__name__}")
+    if given.get("extra_pnginfo") is not None and not isinstance(given["extra_pnginfo"], dict):
+        raise KleinError(f"extra_pnginfo must be a dict of JSON values, not {type(given['extra_pnginfo']).__name__}")
+    extra, arguments = dict(given.get("extra_pnginfo") or {}), {}
+    if given.get("workflow") is not None:
+        extra["workflow"], arguments["workflow"] = given["workflow"], "workflow"
+    if given.get("safety"):
+        extra["klein_safety"], arguments["klein_safety"] = given["safety"], "safety"
+    items = metadata.metadata_items(given.get("prompt"), extra, arguments)
+    fmt = image_format(given["format"]) if "format" in given else format_of_path(given.get("new_path", ""))
+    pixels = [(name, given[name]) for name in ("images", "image") if name in given]
+    for name, images in pixels:
+        check_pixels(images, name, (3, 4) if name == "images" else (2, 3),
+                     "(B, H, W, C)" if name == "images" else "(H, W, C)")
+        check_images(images if name == "images" else [images], fmt.name)
+    if given.get("alpha") is not None:
+        alpha, images = given["alpha"], given["images"]
+        check_pixels(alpha, "alpha", (3,), "(B or 1, H, W)", kinds="fiub")
+        if len(alpha) not in (1, len(images)):
+            raise KleinError(f"alpha holds {len(alpha)} opacity masks for {len(images)} images: give one, or one per "
+                             "image")
+        if tuple(alpha.shape[1:]) != tuple(images.shape[1:3]):
+            raise KleinError(f"alpha: the opacity must be an (H, W) = {tuple(images.shape[1:3])} array per image, of "
+                             f"finite values in 0..1; got shape {tuple(alpha.shape)}")
+        pixels.append(("alpha", alpha))
+    for name, values in pixels:  # last: the one pass over every pixel
+        if not valid_values(values, finite=name == "alpha"):
+            raise KleinError(f"{name} holds NaN or infinite values; give finite opacities in 0..1" if name == "alpha"
+                             else f"{name} holds NaN values, which have no colour: nothing was saved. NaN usually "
+                             "comes from an overflow in the sampler or VAE (try bf16 or fp32); values outside 0..1, "
+                             "inf included, are clipped as ComfyUI's Save Image does")
+    return items if given.get("metadata_enabled", True) else []
+
+
+def usable_path(value, name):
+    """`value` (a str or os.PathLike) as a str the file system takes; a KleinError naming `name` otherwise."""
+    path = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(path, str) or not path:
+        raise KleinError(f"{name}={value!r}: give a path as a non-empty str or pathlib.Path")
+    try:
+        os.fsencode(path)  # a lone surrogate (other than one standing for an undecodable byte) names no file
+    except UnicodeError:
+        path = None
+    if path is None or "\0" in path:
+        raise KleinError(f"{name}={value!r} is not a usable path: it holds a NUL byte or a lone surrogate")
+    return path
+
+
+def existing_file(value, name):
+    """`value` as the str path of an existing regular file this process may read (never a FIFO: opening one
+    would block)."""
+    path = usable_path(value, name)
+    if not os.path.exists(path):
+        raise KleinError(f"{name}: {path}: no such file")
+    if not os.path.isfile(path):
+        raise KleinError(f"{name}: {path} is a " + ("folder" if os.path.isdir(path) else "FIFO, socket or device")
+                         + ", not an image file")
+    if not os.access(path, os.R_OK):
+        raise KleinError(f"{name}: {path} cannot be read (permission denied)")
+    return path
+
+
+def check_writable(folder, argument):
+    """The nearest existing folder at or above `folder`, where it or the file will be made, is a folder this
+    process may write to."""
+    existing = os.path.abspath(folder)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise KleinError(f"cannot write to {folder} ({argument}): {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise KleinError(f"cannot write to {folder} ({argument}): permission denied on {existing}")
+
+
+def check_credentials(credentials):
+    """None (the pack's local credentials), a folder, or {"chain": path, "key": path, "root": path, "alg": str,
+    "tsa_url": str}; whether the files can be read is found when they are loaded (allow_unsigned decides then)."""
+    if not isinstance(credentials, dict):
+        if credentials is not None:
+            usable_path(credentials, "credentials")
+        return
+    for key, value in credentials.items():
+        if key in ("chain", "key") or (key == "root" and value):
+            usable_path(value, f"credentials[{key!r}]")
+        elif key not in ("root", "alg", "tsa_url") or (key != "root" and not isinstance(value, str)
+                                                       and (key, value) != ("tsa_url", None)):
+            raise KleinError(f"credentials[{key!r}]={value!r}: use the keys 'chain', 'key' and 'root' (paths), 'alg' "
+                             "and 'tsa_url' (str)")
+
+
+def check_sources(sources):
+    """[(role, title, image)] as `source_records` takes them, checked without decoding an image."""
+    if sources is None:
+        return
+    if not isinstance(sources, (list, tuple)):
+        raise KleinError(f"sources must be a list of (role, title, image) tuples, not {type(sources).__name__}")
+    for source in sources:
+        if not isinstance(source, (list, tuple)) or len(source) != 3:
+            raise KleinError(f"sources: {repr(source)[:60]} is not a (role, title, image) tuple")
+        role, title, image = source
+        if not isinstance(role, str) or role not in ("edited", "reference"):
+            raise KleinError(f"source role {role!r}: use 'edited' or 'reference'")
+        if not isinstance(title, str):
+            raise KleinError(f"source title {title!r}: give the source image's name as a str")
+        name = f"source {title!r}"
+        if isinstance(image, (str, os.PathLike)):
+            path = existing_file(image, name)
+            try:
+                Image.open(path).close()  # the header only
+            except Exception as e:  # noqa: BLE001 (Pillow raises many types for what is not an image)
+                raise KleinError(f"{name}: {path} is not an image Pillow can read ({e})") from None
+        elif not isinstance(image, Image.Image):
+            check_pixels(image, name, (3, 4), "(H, W, C) or (1, H, W, C)")
+            if image.ndim == 4 and image.shape[0] != 1:
+                raise KleinError(f"source {title!r} is a batch of {image.shape[0]} images; give one per source")
+            check_images([image[0] if image.ndim == 4 else image], "png")
+            if not valid_values(image):
+                raise KleinError(f"{name} holds NaN values; give an image in 0..1")
+
+
+def is_tensor(value):
+    torch = sys.modules.get("torch")  # saving never imports torch: a tensor means torch is loaded
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def check_pixels(value, name, dims, shape, kinds="fiu"):
+    """`value`: a torch tensor or numpy array of real numbers (`kinds`: numpy's dtype kinds) with `dims` dimensions,
+    whose data can be read: a meta-device, sparse or quantized tensor is refused."""
+    if is_tensor(value):
+        import torch
+
+        special = "meta-device" if value.is_meta else "quantized" if value.is_quantized else (
+            "sparse" if value.layout != torch.strided else None)
+        if special:
+            raise KleinError(f"{name} is a {special} tensor, which holds no plain pixels; give an ordinary tensor "
+                             "(on the CPU or a GPU)")
+        kind = ("b" if value.dtype == torch.bool else "c" if value.is_complex() else
+                "f" if value.is_floating_point() else "i")
+    elif isinstance(value, np.ndarray):
+        kind = value.dtype.kind
+    else:
+        raise KleinError(f"{name} must be a torch tensor or numpy array of shape {shape} with values in 0..1, not "
+                         f"{type(value).__name__}")
+    if kind not in kinds:
+        raise KleinError(f"{name} has dtype {value.dtype}; give real numbers: floats in 0..1")
+    if value.ndim not in dims:
+        raise KleinError(f"{name} must have the shape {shape}, not {tuple(value.shape)}")
+
+
+def valid_values(value, finite=False):
+    """No NaN in a tensor or array that `check_pixels` passed (no inf either when `finite`)."""
+    if is_tensor(value):
+        if not value.is_floating_point():
+            return True
+        return bool(value.isfinite().all()) if finite else not bool(value.isnan().any())
+    if value.dtype.kind != "f":
+        return True
+    return bool(np.isfinite(value).all()) if finite else not bool(np.isnan(value).any())
+
+
 def save_images(images: torch.Tensor, directory: str | Path, prefix: str = "klein", format: str = "png",
                 quality: int = 80, watermark: bool = True, c2pa: bool = True, prompt: dict | None = None,
                 workflow: dict | None = None, credentials: str | Path | None = None, allow_unsigned: bool = False,
@@ -219,23 +434,16 @@ def save_image_records(images: torch.Tensor, directory: str | Path, prefix: str 
     `sources`: the images that shaped the result, recorded in the manifest as ingredients (see `source_records`).
     `safety`: the safety checks that ran ([{...}], scores and thresholds, never the prompt), as `klein_safety`.
     If signing is impossible and `allow_unsigned` is False, nothing is written and KleinError is raised."""
-    if image_format(format) is None:
-        raise KleinError(f"format {format!r} is not supported; choose {NAMES}")
+    items = check_arguments(images=images, directory=directory, prefix=prefix, format=format, quality=quality,
+                            watermark=watermark, watermark_mode=watermark_mode, c2pa=c2pa, prompt=prompt,
+                            workflow=workflow, credentials=credentials, allow_unsigned=allow_unsigned,
+                            metadata_enabled=metadata_enabled, extra_pnginfo=extra_pnginfo, alpha=alpha,
+                            sources=sources, safety=safety)
     fmt = image_format(format).name
-    check_quality(quality)
     mark_mode = watermark_to_embed(watermark, watermark_mode)
-    check_images(images, fmt)
-    extra = dict(extra_pnginfo or {})
-    if workflow is not None:
-        extra["workflow"] = workflow
-    if safety:
-        extra["klein_safety"] = safety
-    items = metadata.metadata_items(prompt, extra) if metadata_enabled else []
     folder, name, subfolder = output_folder(directory, prefix)
     signer = signing_credentials(c2pa, credentials, allow_unsigned)
     ingredients = source_records(sources) if signer is not None else []
-    if alpha is not None and len(alpha) not in (1, len(images)):
-        raise KleinError(f"{len(alpha)} opacity masks for {len(images)} images: give one, or one per image")
     prepared = [prepare(image, fmt, quality, mark_mode, items, None if alpha is None else alpha[min(i, len(alpha) - 1)])
                 for i, image in enumerate(images)]
     records, counter = [], next_counter(folder, name)
@@ -255,17 +463,16 @@ def source_records(sources):
     (the image img2img / inpainting changed) or "reference", image a tensor (H, W, 3) or (1, H, W, 3) in 0..1, a PIL
     image or a file path; each is recorded as the PNG of its pixels."""
     records = []
-    for role, title, image in sources or ():
-        if role not in ("edited", "reference"):
-            raise KleinError(f"source role {role!r}: use 'edited' or 'reference'")
+    for role, title, image in sources or ():  # checked by check_sources
         if isinstance(image, (str, os.PathLike)):
-            with Image.open(image) as opened:
-                image = opened.convert("RGB")
+            try:
+                with Image.open(image) as opened:
+                    image = opened.convert("RGB")
+            except Exception as e:  # noqa: BLE001 (a damaged file: Pillow's decoders raise many types)
+                raise KleinError(f"source {title!r}: {image} cannot be decoded ({e}); nothing was written") from None
         if isinstance(image, Image.Image):
             rgb = np.asarray(image.convert("RGB"))
         else:
-            if len(image.shape) == 4 and image.shape[0] != 1:
-                raise KleinError(f"source {title!r} is a batch of {image.shape[0]} images; give one per source")
             rgb = to_uint8(image[0] if len(image.shape) == 4 else image, [])
         buffer = io.BytesIO()
         Image.fromarray(rgb).save(buffer, "PNG")
@@ -292,16 +499,14 @@ def save_file(image: torch.Tensor, path: str | Path, quality: int = 90, watermar
               safety: list | None = None, sources: list | None = None, watermark_mode: str = "robust") -> Saved:
     """One image to exactly `path` (format from the extension), same steps as `save_image_records` (`sources`: the
     C2PA ingredients); an existing file is never replaced. Returns the Saved record."""
+    items = check_arguments(image=image, new_path=path, quality=quality, watermark=watermark,
+                            watermark_mode=watermark_mode, c2pa=c2pa, prompt=prompt, credentials=credentials,
+                            allow_unsigned=allow_unsigned, safety=safety, sources=sources)
     path = Path(path)
-    if format_of_path(path) is None:
-        raise KleinError(f"{path}: the output must end in {SUFFIXES}")
     fmt = format_of_path(path).name
-    check_quality(quality)
     mark_mode = watermark_to_embed(watermark, watermark_mode)
-    check_images([image], fmt)
     signer = signing_credentials(c2pa, credentials, allow_unsigned)
-    data, bits, notes = prepare(image, fmt, quality, mark_mode,
-                                metadata.metadata_items(prompt, {"klein_safety": safety} if safety else {}))
+    data, bits, notes = prepare(image, fmt, quality, mark_mode, items)
     data, signed = sign_or_note(data, fmt, path.name, signer, allow_unsigned, notes,
                                 source_records(sources) if signer is not None else [])
     if write_exclusive(path.parent, data, [(None, path)]) is None:
@@ -327,11 +532,7 @@ def verify_image(path: str | Path, trust_anchor: str | bytes | None = None) -> d
     """{"c2pa": Trusted/Valid/Invalid/None, "c2pa_codes": [...], "watermark_bits": n of 46 (or None when too small),
     "watermark_detected": bool, "workflow": bool, "prompt": bool, "safety": the recorded checks or None}. The pack's
     local root is the default trust anchor."""
-    if not Path(path).is_file():
-        raise KleinError(f"{path}: no such file")
-    if trust_anchor is not None and b"-----BEGIN CERTIFICATE-----" not in (
-            trust_anchor.encode() if isinstance(trust_anchor, str) else bytes(trust_anchor)):
-        raise KleinError("the trust anchor is not a PEM certificate (-----BEGIN CERTIFICATE-----)")
+    check_arguments(path=path, trust_anchor=trust_anchor)
     if trust_anchor is None:
         root = c2pa_sign.default_credentials_dir() / "root.pem"
         trust_anchor = root.read_bytes() if root.exists() else None

@@ -18,6 +18,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from ..arguments import flag, tensor_argument
 from ..errors import KleinError, KleinNote
 from .references import pil_as_rgb
 
@@ -42,6 +43,7 @@ def as_image(image, name):
     """(H, W, 3) or (1, H, W, 3) float tensor -> (3, H, W) float32; every refusal names the argument."""
     if not isinstance(image, torch.Tensor):
         raise KleinError(f"{name} must be an image tensor (H, W, 3) or (1, H, W, 3), not {type(image).__name__}")
+    tensor_argument(image, name)
     if image.ndim not in (3, 4) or image.shape[-1] != 3:
         raise KleinError(f"{name} must have shape (H, W, 3) or (1, H, W, 3) (an RGB ComfyUI IMAGE), got "
                          f"{tuple(image.shape)}: convert grey or RGBA images to RGB first")
@@ -371,6 +373,7 @@ def composite_edit(original: torch.Tensor, edited: torch.Tensor, mask: torch.Ten
     the original, bit for bit; a given mask is used as it is (soft values kept, no feather). PIL images are taken
     too (the result is then (H, W, 3))."""
     original, edited = pil_as_rgb(original), pil_as_rgb(edited)
+    align, match_colors = flag(align, "align"), flag(match_colors, "match_colors")
     if isinstance(feather, bool) or not isinstance(feather, (int, float)) or not 0 <= feather < math.inf:
         raise KleinError(f"feather must be a number of pixels >= 0, got {feather!r}")
     image = as_image(original, "original")

@@ -13,6 +13,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from ..arguments import integer, one_of
 from ..errors import KleinError, KleinNote
 from .references import pil_as_rgb, to_hwc
 from .schedule import ASPECT_RATIOS, MAX_PIXELS, MEGAPIXEL, MULTIPLE, round_to_multiple
@@ -31,10 +32,8 @@ def outpaint_canvas(image: torch.Tensor, left: int = 0, top: int = 0, right: int
     image, so the repaint blends in; beyond that band it is exactly 0 and the image's pixels are the input's, bit for
     bit."""
     frames = image_frames(image)
-    if fill not in FILLS:
-        raise KleinError(f"fill {fill!r} is not known: choose one of {', '.join(FILLS)}")
-    if not 0 <= feather <= 512:
-        raise KleinError(f"feather must be 0 to 512 pixels, got {feather}")
+    fill, feather = one_of(fill, "fill", FILLS), integer(feather, "feather", 0, 512)
+    seed = integer(seed, "seed", 0, 2**64 - 1)
     height, width = frames.shape[1:3]
     pads = aspect_pads(width, height, aspect) if aspect else check_pads(left, top, right, bottom)
     left, top, right, bottom = multiple_pads(width, height, *pads)

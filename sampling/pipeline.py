@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..arguments import device_argument, integer, number, one_of, shown, tensor_argument
 from ..errors import KleinError, WrongModelError
 from ..models.autoencoder import AutoEncoder
 from ..models.text_encoder import KLEIN_LAYERS, KleinTextEncoder
@@ -33,12 +34,18 @@ class KleinPipeline:
         every component where it is. memory: "auto" plans from free memory, or force "resident", "offload" or
         "stream" (with `resident_blocks` transformer blocks kept on the device). before_turn(module, name): called
         before a component ("text_encoder", "transformer", "vae") computes; ComfyUI's nodes load it there."""
+        for value, name, kind in ((transformer, "transformer", Flux2), (text_encoder, "text_encoder", KleinTextEncoder),
+                                  (vae, "vae", AutoEncoder)):
+            if not isinstance(value, kind) and (value is not None or name == "transformer"):
+                raise KleinError(f"KleinPipeline {name}: give the model kn.load_{name} returns, not "
+                                 f"{type(value).__name__}")
+        if before_turn is not None and not callable(before_turn):
+            raise KleinError("KleinPipeline before_turn: give a function (module, name) or None")
         self.transformer, self.text_encoder, self.vae = transformer, text_encoder, vae
         self.before_turn = before_turn
-        self.device = None if device is None else torch.device(device)
-        if memory not in ("auto", "resident", "offload", "stream"):
-            raise KleinError(f"memory must be auto, resident, offload or stream, not {memory!r}")
-        self.memory, self.resident_blocks = memory, resident_blocks
+        self.device = None if device is None else device_argument(device)
+        self.memory = one_of(memory, "memory", ("auto", "resident", "offload", "stream"))
+        self.resident_blocks = None if resident_blocks is None else integer(resident_blocks, "resident_blocks", 0)
         self.plan = None
         self.text_layers = tuple(text_layers)
         if text_encoder is not None:
@@ -84,6 +91,10 @@ class KleinPipeline:
         `seed` (-1: random). image (+ mask, 1 = repaint) with denoise < 1: img2img / inpainting.
         max_sequence_length: prompt tokens, as diffusers; None keeps every token (ComfyUI's behaviour).
         """
+        check_call(prompt, width, height, steps, guidance, seed, negative_prompt, references, noise, prompt_embeds,
+                   negative_prompt_embeds, batch_size, mask, denoise, max_reference_pixels, callback, tiled,
+                   output_type, max_sequence_length)
+        self._check_shapes(noise, prompt_embeds, negative_prompt_embeds, image, references)
         self.notes = []
         self.plan = self._plan(width, height, noise, references, guidance > 1.0, batch_size)
         positive = self._conditioning(prompt, prompt_embeds, max_sequence_length)
@@ -161,6 +172,19 @@ class KleinPipeline:
         log.info("klein memory plan: %s", decision.describe())
         return decision
 
+    def _check_shapes(self, noise, prompt_embeds, negative_prompt_embeds, image, references):
+        """Given latents and embeddings fit the transformer; images have a VAE to encode them."""
+        params = self.transformer.params
+        if noise is not None and (noise.shape[1] != params.in_channels or min(noise.shape) == 0):
+            raise KleinError(f"noise of shape {tuple(noise.shape)}: the transformer takes (B, {params.in_channels}, "
+                             "H/16, W/16) latents")
+        for embeds, name in ((prompt_embeds, "prompt_embeds"), (negative_prompt_embeds, "negative_prompt_embeds")):
+            if embeds is not None and (embeds.shape[-1] != params.context_in_dim or min(embeds.shape) == 0):
+                raise KleinError(f"{name} of shape {tuple(embeds.shape)}: the transformer takes (B, L, "
+                                 f"{params.context_in_dim}) prompt embeddings (Klein Text Encode's)")
+        if (image is not None or references) and self.vae is None:
+            raise KleinError("image and references need a VAE: build the pipeline with vae=")
+
     def _on_device(self):
         return next(self.transformer.parameters()).device == self.device
 
@@ -215,6 +239,38 @@ class KleinPipeline:
         with self._turn("vae"):
             device = next(self.vae.parameters()).device
             return tiling.encode(self.vae, pixels.to(device), tiled)
+
+
+def check_call(prompt, width, height, steps, guidance, seed, negative_prompt, references, noise, prompt_embeds,
+               negative_prompt_embeds, batch_size, mask, denoise, max_reference_pixels, callback, tiled, output_type,
+               max_sequence_length):
+    """KleinPipeline.__call__'s arguments, each of the type and range it takes (images are checked as they are
+    read)."""
+    if prompt is not None and not isinstance(prompt, str) and not (
+            isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt)):
+        raise KleinError(f"prompt={shown(prompt)}: give a string or a list of strings")
+    if not isinstance(negative_prompt, str):
+        raise KleinError(f"negative_prompt={shown(negative_prompt)}: give a string")
+    for value, name in ((width, "width"), (height, "height")):
+        if value is not None:
+            integer(value, name, 1, 65536)
+    integer(steps, "steps", 1, 1000), number(guidance, "guidance", 0, 100), integer(seed, "seed", -1, 2**64 - 1)
+    integer(batch_size, "batch_size", 1, 256), number(denoise, "denoise", 0, 1)
+    if denoise == 0:
+        raise KleinError("denoise=0 changes nothing; give a value above 0 (1: generate from noise)")
+    integer(max_reference_pixels, "max_reference_pixels", 256, 2**26)
+    if references is not None and not isinstance(references, (list, tuple)):
+        raise KleinError(f"references={shown(references)}: give a list of images")
+    tensor_argument(noise, "noise", dims=(4,), optional=True)
+    tensor_argument(prompt_embeds, "prompt_embeds", dims=(3,), optional=True)
+    tensor_argument(negative_prompt_embeds, "negative_prompt_embeds", dims=(3,), optional=True)
+    if isinstance(mask, torch.Tensor):
+        tensor_argument(mask, "mask", dims=(2, 3, 4))
+    if callback is not None and not callable(callback):
+        raise KleinError(f"callback={shown(callback)}: give a function of one Step, or None")
+    one_of(tiled, "tiled", ("auto", True, False)), one_of(output_type, "output_type", ("image", "latent"))
+    if max_sequence_length is not None:
+        integer(max_sequence_length, "max_sequence_length", 1, 32768)
 
 
 def encode_references(vae, images, max_pixels=DEFAULT_MAX_PIXELS, tiled="auto"):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..arguments import tensor_argument
 from ..errors import KleinError, KleinNote
 
 DEFAULT_MAX_PIXELS = 1024 * 1024
@@ -56,7 +57,7 @@ def to_hwc(image):
         image = torch.from_numpy(image)
     if not isinstance(image, torch.Tensor):
         raise KleinError(f"a reference image must be a PIL image or an image tensor, not {type(image).__name__}")
-    image = image.detach().cpu()
+    image = tensor_argument(image, "image").detach().cpu()
     if not image.is_floating_point():
         image = image.float() / (65535.0 if image.dtype in (torch.int32, torch.int64) and image.max() > 255 else 255.0)
     if image.ndim == 2:

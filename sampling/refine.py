@@ -11,24 +11,22 @@ plus one tile's run, whatever the output size.
 import math
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..arguments import tensor_argument
 from ..errors import KleinError, KleinNote
 from .outpaint import image_frames
+from .pipeline import KleinPipeline
 from .schedule import MEGAPIXEL, MULTIPLE
-
-if TYPE_CHECKING:
-    from .pipeline import KleinPipeline
 
 MAX_OUTPUT_PIXELS = 64 * MEGAPIXEL
 MIN_TILE, MAX_TILE = 256, 2048
 
 
-def tiled_refine(pipe: "KleinPipeline", image: torch.Tensor, prompt: str | None = None, scale: float = 2,
+def tiled_refine(pipe: KleinPipeline, image: torch.Tensor, prompt: str | None = None, scale: float = 2,
                  tile: int = 1024, overlap: int = 128, denoise: float = 0.35, seed: int = 0, steps: int = 4,
                  reference: bool = False, prompt_embeds: torch.Tensor | None = None,
                  progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
@@ -36,6 +34,9 @@ def tiled_refine(pipe: "KleinPipeline", image: torch.Tensor, prompt: str | None 
     by `pipe` (a KleinPipeline) tile by tile at `denoise` with `prompt` (or `prompt_embeds`), each tile seeded
     `seed + index` and, with `reference`, given itself as reference image. Returns (1, H*scale, W*scale, 3).
     `progress(done, total)` is called after each tile; raising from it stops between tiles."""
+    if not (callable(pipe) and callable(getattr(pipe, "encode_prompt", None))):  # a KleinPipeline, or one like it
+        raise KleinError(f"tiled_refine refines with a kn.KleinPipeline (with a VAE), not {type(pipe).__name__}")
+    prompt_embeds = tensor_argument(prompt_embeds, "prompt_embeds", dims=(3,), optional=True)
     frames = image_frames(image)
     if frames.shape[0] != 1:
         raise KleinError(f"give one image to refine, got a batch of {frames.shape[0]}")

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from klein_nodes.cli import main
+from klein_nodes.errors import KleinError
 from klein_nodes.testing import write_tiny_model_set
 
 
@@ -94,11 +95,20 @@ def test_generate_with_loras(tmp_path, capsys, monkeypatch):
     (["--ref", "NOTES"], "--ref NOTES: not an image this tool can read"),
     (["--lora", "missing.safetensors:0.5"], "--lora missing.safetensors: no such file"),
     (["--device", "cuda"], "--device cuda: this torch has no CUDA device"),
+    (["--device", "gpu"], "--device gpu: not a device; give auto, cpu, cuda, cuda:N (N = the GPU's number) or mps"),
+    (["--device", "cuda:x"], "--device cuda:x: not a device; give auto, cpu, cuda, cuda:N"),
+    (["--device", ""], "--device '': not a device; give auto, cpu"),
+    (["--device", "mps"], "--device mps: Apple's Metal (MPS) is not available here"),
+    (["--lora", "NOTES:abc"], "--lora NOTES:abc: the strength 'abc' is not a number; give FILE or FILE:STRENGTH"),
+    (["--lora", "NOTES:inf"], "--lora NOTES:inf: the strength must be a finite number"),
+    (["--lora", "absent.safetensors:abc"], "--lora absent.safetensors:abc: no such file"),
     (["--width", "4096", "--height", "4096"], "4096x4096 is"),
 ])
 def test_generate_refuses_mistakes_before_loading_anything(tmp_path, monkeypatch, capsys, argv, fragment):
     if argv[:2] == ["--device", "cuda"] and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
+    if argv[:2] == ["--device", "mps"] and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "NOTES").write_text("not an image")
     monkeypatch.setattr("klein_nodes.cli.resolve_models", lambda args: pytest.fail("models were loaded"))
@@ -287,3 +297,177 @@ def test_generate_refuses_edit_mistakes_before_loading_models(tmp_path, capsys, 
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "absent.safetensors" not in err and "Traceback" not in err
+
+
+def test_ctrl_c_stops_with_one_line_and_leaves_nothing(tmp_path):
+    import signal
+
+    out, scratch = tmp_path / "out", tmp_path / "tmp"
+    out.mkdir()
+    scratch.mkdir()
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config"), "TMPDIR": str(scratch)}
+    proc = subprocess.Popen([sys.executable, "-m", "klein_nodes", "generate", "a red fox", "-o", str(out / "fox.png"),
+                             "--tiny-random", "--width", "64", "--height", "64", "--steps", "1000", "--batch", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        before = []
+        for line in proc.stderr:  # the first progress line: sampling has begun
+            before.append(line)
+            if line.startswith("step "):
+                proc.send_signal(signal.SIGINT)
+                break
+        stdout, after = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, "".join(before) + after
+    said = [line for line in after.splitlines() if not line.startswith("step ")]  # steps already under way
+    assert said == ["interrupted; nothing was written for the image in progress"], after
+    assert "Traceback" not in "".join(before) and stdout == ""
+    assert list(out.iterdir()) == [] and list(scratch.iterdir()) == []  # no image, no temporary file, no tiny models
+
+
+def test_ctrl_c_while_a_file_is_written_finishes_that_file_then_stops(tiny_comfyui, tmp_path, capsys, monkeypatch):
+    import pathlib
+    import signal
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    write_bytes = pathlib.Path.write_bytes
+
+    def interrupted_write(self, data):  # Ctrl-C halfway through save_file's temporary file
+        if not self.name.startswith(".klein-"):
+            return write_bytes(self, data)
+        with open(self, "wb") as f:
+            f.write(data[: len(data) // 2])
+            os.kill(os.getpid(), signal.SIGINT)
+            f.write(data[len(data) // 2:])
+        return len(data)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", interrupted_write)
+    assert main(["generate", "a cat", "-o", str(tmp_path / "cat.png"), "--comfyui", str(tiny_comfyui), "--width", "64",
+                 "--height", "64", "--steps", "1", "--batch", "2", "--no-watermark"]) == 130
+    captured = capsys.readouterr()
+    assert captured.err.endswith("\ninterrupted; nothing was written for the image in progress\n")
+    assert captured.out == f"{tmp_path / 'cat_00001.png'}\n"  # the file being written was finished, the next not begun
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat_00001.png", "config"]
+    monkeypatch.undo()
+    from klein_nodes.provenance.save import verify_image
+
+    anchor = (tmp_path / "config" / "klein_nodes" / "c2pa" / "root.pem").read_bytes()
+    assert verify_image(tmp_path / "cat_00001.png", anchor)["c2pa"] == "Trusted"  # whole: its signature checks
+
+
+def test_interrupting_quantize_leaves_no_file(tmp_path, capsys, monkeypatch):
+    transformer, _, _ = write_tiny_model_set(tmp_path / "models")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("klein_nodes.loaders.convert.write_gguf", interrupted)
+    assert main(["quantize", str(transformer), str(tmp_path / "out.gguf")]) == 130
+    assert capsys.readouterr().err == f"interrupted; {tmp_path / 'out.gguf'} was not written\n"
+    assert not any(p.name.startswith((".out", "out")) for p in tmp_path.iterdir())
+
+
+def test_device_names_are_checked_and_normalised():
+    from klein_nodes.cli import checked_device
+
+    assert checked_device("auto") == "auto" and checked_device(" CPU ") == "cpu"
+    with pytest.raises(KleinError, match=r"--device cuda:0:1: not a device; give auto, cpu, cuda, cuda:N"):
+        checked_device("cuda:0:1")
+    with pytest.raises(KleinError, match="--device cpu:1: not a device"):
+        checked_device("cpu:1")
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        assert checked_device("CUDA:0") == "cuda:0" and checked_device("cuda") == "cuda"
+        with pytest.raises(KleinError, match=f"--device cuda:{count}: this machine has {count} CUDA device"):
+            checked_device(f"cuda:{count}")
+    else:
+        with pytest.raises(KleinError, match="--device cuda:1: this torch has no CUDA device"):
+            checked_device("cuda:1")
+
+
+def test_lora_file_and_strength(tmp_path, monkeypatch):
+    from klein_nodes.cli import lora_spec
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "style.safetensors").write_bytes(b"x")
+    (tmp_path / "odd:name.safetensors").write_bytes(b"x")
+    assert lora_spec("style.safetensors") == ("style.safetensors", 1.0)
+    assert lora_spec("style.safetensors:-0.5") == ("style.safetensors", -0.5)
+    assert lora_spec("odd:name.safetensors") == ("odd:name.safetensors", 1.0)  # a file whose name holds a ':'
+    assert lora_spec("C:\\loras\\style.safetensors") == ("C:\\loras\\style.safetensors", 1.0)  # Windows drive
+    assert lora_spec("C:\\loras\\style.safetensors:0.8") == ("C:\\loras\\style.safetensors", 0.8)
+    assert lora_spec("missing.safetensors:abc") == ("missing.safetensors:abc", 1.0)  # then reported missing
+    (tmp_path / "C").write_bytes(b"x")  # a file named like a drive letter does not take the path apart
+    assert lora_spec("C:/loras/style.safetensors") == ("C:/loras/style.safetensors", 1.0)
+    with pytest.raises(KleinError, match=r"--lora style.safetensors:abc: the strength 'abc' is not a number; give "
+                                         r"FILE or FILE:STRENGTH \(e.g. style.safetensors:0.8\)"):
+        lora_spec("style.safetensors:abc")
+    with pytest.raises(KleinError, match="the strength '' is not a number"):
+        lora_spec("style.safetensors:")
+
+
+def test_quantize_refuses_a_gguf_input_and_takes_types_in_any_case(tmp_path, capsys):
+    from klein_nodes.loaders.convert import quantize_file
+
+    transformer, _, _ = write_tiny_model_set(tmp_path / "models")
+    gguf = tmp_path / "klein-Q8_0.gguf"
+    quantize_file(transformer, gguf, "Q8_0")
+    assert main(["quantize", str(gguf), str(tmp_path / "again.gguf"), "--type", "Q4_K"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {gguf}: already a GGUF (quantized) file; the quantizer takes a safetensors transformer "
+                   "(BFL/ComfyUI layout) or Qwen3 text encoder: quantize the original .safetensors\n")
+    assert not (tmp_path / "again.gguf").exists()
+    assert main(["quantize", str(transformer), str(tmp_path / "q4.gguf"), "--type", "q4_k"]) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 'q4.gguf'}: transformer as Q4_K, ")
+    assert main(["quantize", str(transformer), str(tmp_path / "fp8.safetensors"), "--type", "FP8"]) == 0
+    assert "transformer as fp8, " in capsys.readouterr().out
+    assert main(["quantize", str(transformer), str(tmp_path / "q3.gguf"), "--type", "q3_k"]) == 2
+    assert capsys.readouterr().err == ("error: --type q3_k: not a quantization type; choose one of Q8_0, Q6_K, Q5_K, "
+                                       "Q4_K, Q5_1, Q5_0, Q4_1, Q4_0, fp8\n")
+
+
+def test_verify_says_whose_trust_a_signature_has(tiny_comfyui, tmp_path, capsys, monkeypatch):
+    import json
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    image = tmp_path / "cat.png"
+    assert main(["generate", "a cat", "-o", str(image), "--comfyui", str(tiny_comfyui), "--width", "64", "--height",
+                 "64", "--steps", "1"]) == 0
+    capsys.readouterr()
+
+    def report(*argv):
+        code = main(["verify", str(image), *argv])
+        line = capsys.readouterr().out
+        assert line.startswith(f"{image}: ")
+        return code, json.loads(line[len(f"{image}: "):])
+
+    code, local = report()  # the default: this machine's own self-made root, not public trust
+    assert code == 0 and local["c2pa"] == "Valid"
+    assert local["trust"] == "this machine's own signing key (a root this pack made here; not a public trust list)"
+    root = tmp_path / "config" / "klein_nodes" / "c2pa" / "root.pem"
+    code, given = report("--trust", str(root))
+    assert code == 0 and given["c2pa"] == "Valid"
+    assert given["trust"] == f"trusted by the trust list you gave (--trust {root})"
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "elsewhere"))  # another machine: no root of its own
+    code, other = report()
+    assert code == 0 and other["c2pa"] == "Valid" and other["trust"].startswith("not trusted: the signature is intact")
+    assert "Trusted" not in json.dumps([local, given, other])
+    unsigned = tmp_path / "unsigned.png"
+    Image.new("RGB", (32, 32)).save(unsigned)
+    assert main(["verify", str(unsigned)]) == 1
+    line = capsys.readouterr().out
+    assert '"c2pa": "None", "trust": null' in line
+    assert main(["verify", str(image), "--trust", str(image)]) == 2
+    assert capsys.readouterr().err == f"error: --trust {image}: not a PEM certificate (-----BEGIN CERTIFICATE-----)\n"
+
+
+@pytest.mark.parametrize("command", ["generate", "quantize", "verify", "doctor", "inspect"])
+def test_help_lists_exit_codes(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    codes = text[text.index("\nexit codes:\n"):]
+    assert all(f"\n  {code} " in codes for code in (0, 1, 2, 130)) and ("\n  3 " in codes) == (command == "generate")
+    docs = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    assert f"`{command}`" in docs[docs.index("## Exit codes"):]

@@ -1,7 +1,9 @@
 """LoRA files in every published naming, applied to our models at run time, match the reference libraries:
 diffusers' `load_lora_weights` (BFL/ComfyUI, PEFT, kohya, LoKr), peft's LoHa and transformers + peft for Qwen3."""
 
+import json
 import shutil
+import time
 
 import pytest
 import torch
@@ -426,3 +428,186 @@ def test_a_lora_of_which_nothing_applies_is_refused_by_name(ours, tmp_path, lora
         apply_lora_pair(ours, None, tmp_path / "other.safetensors", 1.0)
     with pytest.raises(kn.WrongModelError, match="nothing in this LoRA applies"):
         apply_lora_pair(ours, None, tmp_path / "other.safetensors", 0.0)  # refused even at strength 0
+
+
+def peft_lora_file(tmp_path, adapter_metadata, name="lora.safetensors"):
+    """One diffusers-named LoRA layer without an alpha tensor (its scale comes from the header), with
+    `adapter_metadata` as diffusers' `lora_adapter_metadata` header."""
+    lora = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(RANK, H, generator=RANDOM),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(H, RANK, generator=RANDOM)}
+    save_file(lora, str(tmp_path / name), metadata={"lora_adapter_metadata": adapter_metadata})
+    return tmp_path / name
+
+
+def fields(**config):
+    """diffusers' lora_adapter_metadata: peft LoraConfig fields under the component's prefix."""
+    return json.dumps({f"transformer.{k}": v for k, v in config.items()})
+
+
+def malformed(text, fragment, id):
+    return pytest.param(text, fragment, id=id)
+
+
+MALFORMED_METADATA = [
+    malformed("[1, 2]", "lora_adapter_metadata must be a JSON object of LoRA config fields, not a JSON list", "list"),
+    malformed("8", "lora_adapter_metadata must be a JSON object of LoRA config fields, not 8", "number"),
+    malformed('"x"', 'lora_adapter_metadata must be a JSON object of LoRA config fields, not "x"', "string"),
+    malformed('{"transformer.lora_alpha": 8', "lora_adapter_metadata is not valid JSON", "truncated"),
+    malformed("[" * 100_000, "lora_adapter_metadata nests JSON deeper than the 16 levels", "deep-open"),
+    malformed("[" * 100_000 + "]" * 100_000, "nests JSON deeper than the 16 levels", "deep-balanced"),
+    malformed('{"a": ' * 50_000 + "1" + "}" * 50_000, "nests JSON deeper than the 16 levels", "deep-objects"),
+    malformed('{"transformer.lora_alpha": 8, "transformer.alpha_pattern": ' + "[" * 17 + "]" * 17 + "}",
+              "nests JSON deeper than the 16 levels", "deep-field"),
+    malformed('{"x": "' + "a" * (1 << 20) + '"}', "characters, more than the 1048576 a LoRA config can need", "huge"),
+    malformed('{"x": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[", "transformer.lora_alpha": 0}',
+              "lora_adapter_metadata.transformer.lora_alpha must be a finite number above 0, not 0",
+              "brackets-in-strings-are-not-nesting"),
+    malformed(fields(lora_alpha=8, alpha_pattern=["to_q", 4]), "lora_adapter_metadata.transformer.alpha_pattern "
+              "must be an object mapping module names to numbers above 0, not a JSON list", "alpha_pattern-list"),
+    malformed(fields(lora_alpha=8, alpha_pattern=7), "transformer.alpha_pattern must be an object mapping module "
+              "names to numbers above 0, not 7", "alpha_pattern-number"),
+    malformed(fields(lora_alpha=8, alpha_pattern={"to_q": "4"}),
+              'lora_adapter_metadata.transformer.alpha_pattern["to_q"] must be a finite number above 0, not "4"',
+              "alpha_pattern-value-string"),
+    malformed(fields(lora_alpha=8, alpha_pattern={"to_q": None}), 'alpha_pattern["to_q"] must be a finite number '
+              "above 0, not null", "alpha_pattern-value-null"),
+    malformed(fields(lora_alpha=8, alpha_pattern={"to_q": -2}), "not -2", "alpha_pattern-value-negative"),
+    malformed(fields(lora_alpha=8, alpha_pattern={f"m{i}": 1 for i in range(2000)}),
+              "transformer.alpha_pattern has 2000 entries, more than the 1024", "alpha_pattern-too-long"),
+    malformed(fields(lora_alpha="8"), 'transformer.lora_alpha must be a finite number above 0, not "8"', "alpha-str"),
+    malformed(fields(lora_alpha=True), "transformer.lora_alpha must be a finite number above 0, not true",
+              "alpha-bool"),
+    malformed('{"transformer.lora_alpha": NaN}', "lora_alpha must be a finite number above 0, not NaN", "alpha-nan"),
+    malformed('{"transformer.lora_alpha": 1e400}', "lora_alpha must be a finite number above 0, not Infinity",
+              "alpha-inf"),
+    malformed('{"transformer.lora_alpha": 1' + "0" * 400 + "}", "lora_alpha must be a finite number above 0, not "
+              "1000", "alpha-beyond-float"),
+    malformed(fields(lora_alpha=0), "lora_alpha must be a finite number above 0, not 0", "alpha-zero"),
+    malformed(fields(lora_alpha=-8), "lora_alpha must be a finite number above 0, not -8", "alpha-negative"),
+    malformed(fields(lora_alpha={"v": 8}), "lora_alpha must be a finite number above 0, not a JSON object",
+              "alpha-object"),
+    malformed(fields(lora_alpha=8, r="4"),
+              'lora_adapter_metadata.transformer.r must be a whole number above 0, not "4"', "r-str"),
+    malformed(fields(lora_alpha=8, r=True), "transformer.r must be a whole number above 0, not true", "r-bool"),
+    malformed(fields(lora_alpha=8, r=0), "transformer.r must be a whole number above 0, not 0", "r-zero"),
+    malformed(fields(lora_alpha=8, r=-4), "transformer.r must be a whole number above 0, not -4", "r-negative"),
+    malformed(fields(lora_alpha=8, r=float("nan")), "transformer.r must be a whole number above 0, not NaN", "r-nan"),
+    malformed(fields(lora_alpha=8, use_rslora="yes"), 'transformer.use_rslora must be true or false, not "yes"',
+              "rslora-str"),
+]
+
+
+@pytest.mark.parametrize("adapter_metadata, fragment", MALFORMED_METADATA)
+def test_malformed_lora_adapter_metadata_is_refused_by_field(ours, tmp_path, adapter_metadata, fragment):
+    """Valid JSON of the wrong shape, the wrong types, NaN/0/negative alphas, deep nesting, too much of it: one
+    CheckpointError naming the file and the field, never a raw exception, before anything is applied."""
+    path = peft_lora_file(tmp_path, adapter_metadata)
+    with pytest.raises(kn.CheckpointError, match="^lora.safetensors: lora_adapter_metadata") as info:
+        kn.apply_lora(ours, path)
+    assert fragment in str(info.value)
+    assert "re-export the LoRA" in str(info.value)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+@pytest.mark.parametrize("key", [
+    "(a+)+$", "(t|to|to_)*_x", r"(\w+)+\.to_x", "(.*)*z", "to_q(", "[to_q", "to_q{2,", "a**", "to_q|to_k", "^to_q",
+    r"to_out\.0",
+])
+def test_alpha_pattern_keys_are_never_run_as_regular_expressions(ours, tmp_path, key):
+    r"""peft compiles alpha_pattern keys into `(.*\.)?(key)$`: a file's key could raise re.error or backtrack for
+    hours against a long module name. klein reads keys as module names and refuses any other regex syntax, at once
+    and by name, on both ways of applying a LoRA."""
+    from klein_nodes.loaders.lora import apply_lora_pair
+
+    path = peft_lora_file(tmp_path, fields(lora_alpha=8, alpha_pattern={"to_k": 2, key: 4}))
+    for apply in (lambda: kn.apply_lora(ours, path), lambda: apply_lora_pair(ours, None, path)):
+        start = time.perf_counter()
+        with pytest.raises(kn.CheckpointError, match="^lora.safetensors: lora_adapter_metadata.transformer"
+                                                     ".alpha_pattern key ") as info:
+            apply()
+        assert time.perf_counter() - start < 0.5
+        assert json.dumps(key) in str(info.value)
+        assert "alpha_pattern keys must be module names ('to_q', 'transformer_blocks.0.attn.to_q')" in str(info.value)
+
+
+def test_well_formed_lora_adapter_metadata_still_applies(ours, tmp_path):
+    """An empty header, null fields and keys that match nothing are not errors; a file of lora_alpha 8 without
+    alpha_pattern scales by 8 / rank, rsLoRA by 8 / sqrt(rank); a long, flat pattern is quick to match."""
+    def scale(text):
+        patched = kn.apply_lora(ours, peft_lora_file(tmp_path, text))
+        (adapter,) = patched.lora_layers["double_blocks.0.img_attn.qkv"]
+        return adapter.scale
+
+    assert scale("") == scale("{}") == scale(fields(lora_alpha=None, alpha_pattern=None)) == 1.0
+    assert scale(fields(lora_alpha=8, r=RANK, use_rslora=False, alpha_pattern={})) == 8 / RANK
+    assert scale(fields(lora_alpha=8, use_rslora=True)) == 8 / RANK ** 0.5
+    assert scale(fields(lora_alpha=8, alpha_pattern={"my-module name": 1, "": 2, "to_k": 3})) == 8 / RANK
+    many = {f"transformer_blocks.{i}.attn.to_{c}": 1 for i in range(1, 301) for c in "qkv"}  # not block 0
+    start = time.perf_counter()
+    assert scale(fields(lora_alpha=8, alpha_pattern={**many, "attn.to_q": 2})) == 2 / RANK  # 901 entries
+    assert time.perf_counter() - start < 1.0
+
+
+MODULE_NAME_KEYS = ["to_q", "attn.to_q", "q", "o_q", ".to_q", "to_q.", "", "attn", "0.attn.to_q", "blocks.0.attn.to_q",
+                    "transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_out", "to_out.0", "to_out",
+                    "out.0", "0", "a.tn.to_q", "attn.to.q", "to.add_out", "ff.linear_in", "ff_context.linear_in",
+                    "...........to_q", "transformer.transformer_blocks.0.attn.to_q", "norm_out.linear", "x_embedder"]
+
+
+def test_alpha_pattern_keys_match_as_in_peft(state):
+    """Oracle: for module-name keys ('.' included, which peft's regex reads as any character) our matcher agrees with
+    peft's own get_pattern_key on every module name of the diffusers model."""
+    from peft.utils.other import get_pattern_key
+
+    from klein_nodes.loaders.lora import pattern_matches
+
+    names = [name for name, _ in diffusers_transformer(state).named_modules() if name]
+    matched = 0
+    for key in MODULE_NAME_KEYS:
+        for name in names:
+            assert pattern_matches(key, name) == (get_pattern_key([key], name) == key), (key, name)
+            matched += pattern_matches(key, name)
+    assert matched > 20
+
+
+@pytest.mark.parametrize("order", ["sorted", "reversed"])
+def test_alpha_pattern_gives_each_layer_the_alpha_peft_gives_it(state, ours, tmp_path, order):
+    """Oracle: a peft adapter with overlapping alpha_pattern keys, whole names, suffixes and a '.' standing for '_',
+    saved by diffusers (which sorts the keys) or with the keys in reverse: every layer's scale is the one peft gives
+    when diffusers loads the file (the first matching key in file order wins), and so is the output."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    from klein_nodes.loaders.lora import adapter_config, peft_scale, read_lora
+
+    pattern = {"transformer_blocks.1.attn.to_q": 3, "to_q": 5, "attn.to_k": 2, "0.attn.add_v_proj": 12,
+               "add_v_proj": 1.5, "to.add_out": 7, "to_out.0": 9, "ff.linear_in": 10, "linear_in": 0.5}
+    targets = ["to_q", "to_k", "to_v", "add_v_proj", "to_add_out", "to_out.0", "linear_in", "linear_out"]
+    trained = diffusers_transformer(state)
+    config = LoraConfig(r=RANK, lora_alpha=6, alpha_pattern=pattern, target_modules=targets, init_lora_weights=False)
+    trained.add_adapter(config)
+    diffusers.Flux2KleinPipeline.save_lora_weights(
+        tmp_path, transformer_lora_layers=get_peft_model_state_dict(trained),
+        transformer_lora_adapter_metadata=config.to_dict())
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    if order == "reversed":
+        with safe_open(str(path), "pt") as f:
+            lora, fields = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["lora_adapter_metadata"])
+        fields["transformer.alpha_pattern"] = dict(reversed(fields["transformer.alpha_pattern"].items()))
+        save_file(lora, str(path), metadata={"lora_adapter_metadata": json.dumps(fields)})
+    reference = diffusers_transformer(state)
+    diffusers.Flux2KleinPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None,
+                                 transformer=reference).load_lora_weights(str(path))
+    scales = {name: next(iter(module.scaling.values())) for name, module in reference.named_modules()
+              if getattr(module, "scaling", None)}
+    ours_config = adapter_config(read_lora(path)[1], "transformer")
+    for name, expected in scales.items():
+        assert peft_scale(ours_config, "transformer." + name, RANK) == pytest.approx(expected), name
+    # "to_q" sorts before "transformer_blocks.1.attn.to_q": the first key in the file wins
+    assert scales["transformer_blocks.1.attn.to_q"] == (5 if order == "sorted" else 3) / RANK
+    assert scales["transformer_blocks.0.attn.to_q"] == 5 / RANK
+    assert scales["transformer_blocks.0.attn.add_v_proj"] == (12 if order == "sorted" else 1.5) / RANK
+    assert scales["transformer_blocks.0.ff_context.linear_in"] == 0.5 / RANK
+    assert scales["transformer_blocks.0.attn.to_add_out"] == 7 / RANK and len(set(scales.values())) >= 6
+    assert difference(kn.apply_lora(ours, path), reference) <= 1e-5

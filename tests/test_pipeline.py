@@ -181,7 +181,7 @@ def test_memory_plans_give_the_same_images(repo, ours, memory):
 
 
 def test_unknown_memory_mode(ours):
-    with pytest.raises(kn.KleinError, match="memory must be"):
+    with pytest.raises(kn.KleinError, match="memory=.sometimes.: choose one of .auto., .resident., .offload."):
         kn.KleinPipeline(ours.transformer, memory="sometimes")
 
 

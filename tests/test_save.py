@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import sys
 import time
 import types
@@ -164,7 +165,8 @@ def test_verify_command(tmp_path, credentials, capsys):
 
     (path,) = kn.save_images(pictures(1), tmp_path, credentials=credentials, workflow=WORKFLOW)
     assert main(["verify", str(path), "--trust", str(credentials / "root.pem")]) == 0
-    assert '"c2pa": "Trusted"' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert '"c2pa": "Valid"' in out and "trusted by the trust list you gave" in out
     plain = tmp_path / "plain.png"
     Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(plain)
     assert main(["verify", str(plain)]) == 1
@@ -441,3 +443,104 @@ def test_sources_are_checked(tmp_path, credentials):
         kn.save_images(pictures(1), tmp_path, credentials=credentials, sources=[("input", "a.png", pictures(1))])
     with pytest.raises(kn.KleinError, match="source 'b.png' is a batch of 2 images"):
         kn.save_images(pictures(1), tmp_path, credentials=credentials, sources=[("reference", "b.png", pictures(2))])
+
+
+CIRCULAR = {}
+CIRCULAR["self"] = CIRCULAR
+DEEP = []
+for _ in range(10_000):
+    DEEP = [DEEP]
+IMAGE = pictures(1, size=(64, 64))
+MISSING, FOLDER, FIFO, A_FILE = "in/missing.png", "in/folder", "in/fifo", "in/a-file"  # made under tmp_path
+BAD_ARGUMENTS = [  # (function, argument, value, what the message names)
+    ("save_images", "images", 5, "images"), ("save_images", "images", None, "images"),
+    ("save_images", "images", [IMAGE[0]], "images"), ("save_images", "images", [0.5, 0.5], "images"),
+    ("save_images", "images", [], "images"), ("save_images", "images", "klein.png", "images"),
+    ("save_images", "images", np.empty((1, 8, 8, 3), dtype=object), "images"),
+    ("save_images", "images", np.zeros((1, 8, 8, 3), dtype=complex), "images"),
+    ("save_images", "images", np.zeros((1, 8, 8, 3), dtype=bool), "images"),
+    ("save_images", "images", torch.zeros(1, 8, 8, 3, dtype=torch.complex64), "images"),
+    ("save_images", "images", torch.full((1, 8, 8, 3), float("nan")), "images holds NaN"),
+    ("save_images", "images", torch.zeros(1, 8, 8, 3, device="meta"), "images is a meta-device tensor"),
+    ("save_images", "images", torch.tensor(0.5), "images"),
+    ("save_image_records", "prefix", "klein\ud800", "prefix"), ("save_images", "prefix", 5, "prefix"),
+    ("save_images", "prefix", None, "prefix"), ("save_images", "prefix", b"klein", "prefix"),
+    ("save_images", "prefix", "kle\nin", "prefix"), ("save_images", "prefix", "kle\0in", "prefix"),
+    ("save_images", "prompt", {"x": object()}, "prompt"),
+    ("save_images", "extra_pnginfo", {"workflow": {1, 2}}, "extra_pnginfo['workflow']"),
+    ("save_images", "extra_pnginfo", {"workflow": torch.zeros(2)}, "extra_pnginfo['workflow']"),
+    ("save_images", "extra_pnginfo", {"workflow": float("nan")}, "extra_pnginfo['workflow']"),
+    ("save_images", "extra_pnginfo", {"workflow": CIRCULAR}, "extra_pnginfo['workflow']"),
+    ("save_images", "extra_pnginfo", {"workflow": DEEP}, "extra_pnginfo['workflow']"),
+    ("save_images", "extra_pnginfo", {5: {}}, "extra_pnginfo[5]"),
+    ("save_images", "extra_pnginfo", [("workflow", {})], "extra_pnginfo"),
+    ("save_images", "workflow", {"zoom": float("inf")}, "workflow"),
+    ("save_images", "quality", 80.5, "quality"), ("save_images", "quality", None, "quality"),
+    ("save_images", "format", None, "format"), ("save_images", "format", ["png"], "format"),
+    ("save_images", "watermark", "yes", "watermark"), ("save_images", "watermark_mode", ["robust"], "watermark_mode"),
+    ("save_images", "c2pa", "no", "c2pa"), ("save_images", "allow_unsigned", 1, "allow_unsigned"),
+    ("save_images", "metadata_enabled", None, "metadata_enabled"),
+    ("save_images", "alpha", 0.5, "alpha"), ("save_images", "alpha", [1.0], "alpha"),
+    ("save_images", "alpha", torch.full((1, 64, 64), float("nan")), "alpha"),
+    ("save_images", "alpha", torch.ones(1, 32, 32), "alpha"),
+    ("save_images", "sources", "photo.png", "sources"), ("save_images", "sources", [("reference", "a")], "sources"),
+    ("save_images", "sources", [("input", "a.png", IMAGE)], "source role"),
+    ("save_images", "sources", [("reference", 5, IMAGE)], "source title"),
+    ("save_images", "sources", [("reference", "a.png", 5)], "source 'a.png'"),
+    ("save_images", "sources", [("reference", "a.png", MISSING)], "source 'a.png'"),
+    ("save_images", "sources", [("reference", "a.png", FIFO)], "source 'a.png'"),
+    ("save_images", "safety", "checked", "safety"), ("save_images", "safety", [object()], "safety"),
+    ("save_images", "credentials", 5, "credentials"), ("save_images", "credentials", {"chain": 5}, "credentials"),
+    ("save_images", "directory", None, "directory"), ("save_images", "directory", 5, "directory"),
+    ("save_images", "directory", b"out", "directory"), ("save_images", "directory", "o\0ut", "directory"),
+    ("save_images", "directory", A_FILE, "directory"),
+    ("save_file", "image", IMAGE, "image"), ("save_file", "image", torch.full((8, 8, 3), float("nan")), "image"),
+    ("save_file", "path", 5, "path"), ("save_file", "path", "out/a\0.png", "path"),
+    ("save_file", "path", A_FILE, "the output must end in"), ("save_file", "quality", "high", "quality"),
+    ("save_file", "prompt", {"seed": object()}, "prompt"), ("save_file", "safety", [{1, 2}], "safety"),
+    ("verify_image", "path", 5, "path"), ("verify_image", "path", None, "path"),
+    ("verify_image", "path", b"a.png", "path"), ("verify_image", "path", FOLDER, "path"),
+    ("verify_image", "path", FIFO, "path"), ("verify_image", "path", "a\0.png", "path"),
+    ("verify_image", "path", MISSING, "path"), ("verify_image", "trust_anchor", 5, "trust anchor"),
+]
+
+
+@pytest.mark.parametrize("function,argument,value,named", BAD_ARGUMENTS,
+                         ids=[f"{f}-{a}-{i}" for i, (f, a, _, _) in enumerate(BAD_ARGUMENTS)])
+def test_a_wrong_argument_is_refused_by_name_before_any_file_is_touched(tmp_path, monkeypatch, function, argument,
+                                                                         value, named):
+    """Every argument of the public save and verify functions, of a wrong type or value: one KleinError naming it,
+    raised before any work, and no file made, changed or left behind (no temporary file, no credentials)."""
+    from klein_nodes.provenance.save import save_file
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / FOLDER).mkdir(parents=True)
+    os.mkfifo(tmp_path / FIFO)
+    (tmp_path / A_FILE).write_bytes(b"not a folder")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "klein_00001_.png").write_bytes(b"someone else's file")
+    Image.new("RGB", (300, 300)).save(tmp_path / "in" / "image.png")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    before = sorted((str(p), p.is_file() and p.read_bytes()) for p in tmp_path.rglob("*"))
+    calls = {"save_images": lambda **given: kn.save_images(**{"images": IMAGE, "directory": "out", "c2pa": False,
+                                                              **given}),
+             "save_image_records": lambda **given: save_image_records(**{"images": IMAGE, "directory": "out",
+                                                                         "c2pa": False, **given}),
+             "save_file": lambda **given: save_file(**{"image": IMAGE[0], "path": "out/one.png", "c2pa": False,
+                                                       **given}),
+             "verify_image": lambda **given: kn.verify_image(**{"path": "in/image.png", **given})}
+    with pytest.raises(kn.KleinError) as info:
+        calls[function](**{argument: value})
+    assert named in str(info.value)
+    assert type(info.value) is kn.KleinError and info.value.__cause__ is None and len(str(info.value)) < 400
+    assert sorted((str(p), p.is_file() and p.read_bytes()) for p in tmp_path.rglob("*")) == before
+
+
+def test_infinite_values_are_clipped_as_comfyuis_save_image_does(tmp_path):
+    """NaN is refused (above); +inf and -inf are values outside 0..1, saved as 255 and 0, with and without alpha."""
+    image = torch.zeros(1, 4, 4, 4)
+    image[..., 0], image[..., 1], image[..., 2:] = float("inf"), float("-inf"), 1.0
+    (path,) = kn.save_images(image, tmp_path, c2pa=False, watermark=False)
+    assert np.asarray(Image.open(path)).reshape(-1, 3).tolist() == [[255, 0, 255]] * 16
+    (path,) = kn.save_images(image[..., :3], tmp_path, c2pa=False, watermark=False)
+    assert np.asarray(Image.open(path)).reshape(-1, 3).tolist() == [[255, 0, 255]] * 16
