@@ -56,11 +56,11 @@ def main():
     table, quality, ratios = {}, [], []
     for name in names:
         rgb = natural_photo(name, args.size)
-        marks = {mode: embed(rgb)
-                 for mode, embed in (("standard", watermark.embed), ("robust", watermark.embed_robust))}
+        robust = watermark.robust_mark(rgb)
+        marks = {"standard": watermark.embed(rgb), "robust": robust.image}
         standard_s, robust_s = interleaved([lambda: watermark.embed(rgb), lambda: watermark.embed_robust(rgb)], 1, 0)
         ratios.append(robust_s[0] / standard_s[0])
-        quality.append((name, *(f(rgb, marks[m]) for m in ("standard", "robust")
+        quality.append((name, robust.plan, robust.share, *(f(rgb, marks[m]) for m in ("standard", "robust")
                                 for f in (watermark.psnr, lambda a, b: structural_similarity(a, b, channel_axis=2)))))
         for mode in ("standard", "robust"):
             for label, image in conditions(marks[mode]):
@@ -72,9 +72,13 @@ def main():
         cells = [f"{sum(b >= watermark.DETECTED_AT for b in modes[m])}/{len(names)} (min {min(modes[m])})"
                  for m in ("standard", "robust")]
         print(f"{label:18} {cells[0]:>16} {cells[1]:>16}")
-    print(f"\n{'photo':18} {'PSNR std':>9} {'SSIM std':>9} {'PSNR ours':>10} {'SSIM ours':>10}")
-    for name, p_std, s_std, p_ours, s_ours in quality:
-        print(f"{name:18} {p_std:9.2f} {s_std:9.4f} {p_ours:10.2f} {s_ours:10.4f}")
+    headline = ("JPEG 4:2:0 q75", "JPEG 4:2:0 q90", "WebP q75", "WebP q80", "WebP q90")
+    print("\nrobust (ours), bits per photo: " + ", ".join(headline))
+    for i, name in enumerate(names):
+        print(f"{name:18} " + " ".join(f"{table[label]['robust'][i]:>4}" for label in headline))
+    print(f"\n{'photo':18} {'PSNR std':>9} {'SSIM std':>9} {'PSNR ours':>10} {'SSIM ours':>10}  plan (blocks moved)")
+    for name, plan, share, p_std, s_std, p_ours, s_ours in quality:
+        print(f"{name:18} {p_std:9.2f} {s_std:9.4f} {p_ours:10.2f} {s_ours:10.4f}  {plan} ({share:.2f})")
     low, mid, high = sorted(ratios)[0], statistics.median(ratios), sorted(ratios)[-1]
     print(f"\nembedding time robust/standard over the photos: median {mid:.1f}x ({low:.1f}-{high:.1f}x)")
 

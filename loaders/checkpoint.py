@@ -32,10 +32,14 @@ class Checkpoint:
     def __contains__(self, name):
         return name in self.index
 
+    def stored_shape(self, name):
+        """The shape as the file stores it (an nvfp4 weight: its bytes, two values each)."""
+        file, raw = self.index[name]
+        return tuple(file.shape(raw))
+
     def shape(self, name):
         """The logical shape (an nvfp4 weight stores two values per byte)."""
-        file, raw = self.index[name]
-        shape = file.shape(raw)
+        shape = self.stored_shape(name)
         if not name.endswith(".weight") or len(shape) != 2:
             return shape
         return torch.Size((shape[0], shape[1] * values_per_element(self.quant_formats.get(name[: -len(".weight")]))))

@@ -16,9 +16,18 @@ class ModelKind:
     layout: str = ""
 
 
+def dim(shape, index):
+    """Dimension `index` of `shape`, or 0 when the shape has no such dimension or is not a shape at all."""
+    try:
+        return int(tuple(shape)[index])
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return 0
+
+
 def identify(shapes):
-    """Classify a state dict from {name: shape} (prefixes already stripped where it matters)."""
-    keys = shapes.keys()
+    """Classify a state dict from {name: shape} (prefixes already stripped where it matters). Total: any dict (a
+    damaged file's empty, 1-D or malformed shapes included) gives a ModelKind, never an exception."""
+    keys = dict.fromkeys(k for k in shapes if isinstance(k, str))
     has = lambda *names: all(n in keys for n in names)  # noqa: E731
     stripped = {k.split("model.diffusion_model.", 1)[-1] for k in keys}
 
@@ -27,7 +36,7 @@ def identify(shapes):
         ("diffusers", "double_stream_modulation_img.linear.weight", "context_embedder.weight"),
     ):
         if mod_key in stripped:
-            ctx = next((shapes[k] for k in keys if k.endswith(ctx_key)), (0, 0))[-1]
+            ctx = dim(next((shapes[k] for k in keys if k.endswith(ctx_key)), ()), -1)
             name = FLUX2_CONTEXT_DIMS.get(ctx, f"FLUX.2-family (text width {ctx})")
             return ModelKind("transformer", "flux2",
                              f"FLUX.2 {name} transformer" if "klein" in name else f"{name} transformer", layout)
@@ -42,7 +51,7 @@ def identify(shapes):
         return ModelKind("transformer", "sd", "Stable Diffusion UNet (SD1.x/SDXL)")
 
     if "model.embed_tokens.weight" in keys or "model.layers.0.input_layernorm.weight" in keys:
-        width = shapes.get("model.layers.0.input_layernorm.weight", (0,))[0]
+        width = dim(shapes.get("model.layers.0.input_layernorm.weight", ()), 0)
         if "model.layers.0.self_attn.q_norm.weight" in keys:
             return ModelKind("text_encoder", "qwen3",
                              QWEN3_SIZES.get(width, f"Qwen3 (hidden {width})") + " text encoder")
@@ -54,7 +63,7 @@ def identify(shapes):
 
     vae_keys = {k.split("first_stage_model.", 1)[-1] for k in keys}
     if "decoder.conv_in.weight" in vae_keys:
-        channels = shapes[next(k for k in keys if k.endswith("decoder.conv_in.weight"))][1]
+        channels = dim(shapes[next(k for k in keys if k.endswith("decoder.conv_in.weight"))], 1)
         family = LATENT_CHANNELS.get(channels, f"{channels}-channel")
         is_flux2 = channels == 32 and "bn.running_mean" in vae_keys
         layout = "diffusers" if "decoder.up_blocks.0.resnets.0.norm1.weight" in vae_keys else "bfl"

@@ -6,9 +6,10 @@ import re
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..errors import CheckpointError
-from ..quant.dequant import FLOAT_TYPES, type_name
+from ..quant.dequant import BLOCK_SIZES, FLOAT_TYPES, type_name
 from .gguf_header import check_gguf_header
 
 TRANSFORMER_ARCHS = ("flux", "")  # ComfyUI-GGUF writes "flux"; stable-diffusion.cpp writes none
@@ -82,19 +83,14 @@ class GGUFFile:
 
     def load(self, names, dtype, device):
         """{new name: tensor or (packed, qtype, shape)}: float types converted to `dtype`, others left packed."""
+        for name in names.values():
+            self.check_layout(name)
         out = {}
         for new_name, name in names.items():
             qtype, shape, _ = self.tensors[name]
-            try:
-                type_name(qtype)
-            except Exception as e:
-                raise CheckpointError(f"{self.path}: tensor '{name}': {e}") from None
             packed = self.packed(name)
             if qtype in FLOAT_TYPES:  # the file's own pages when the dtype matches, else one conversion
                 stored = FLOAT_TYPES[qtype]
-                if packed.numel() != math.prod(shape) * stored.itemsize:
-                    raise CheckpointError(f"{self.path}: tensor '{name}' holds {packed.numel()} bytes, not a {shape} "
-                                          f"{qtype} tensor")
                 try:
                     values = packed.view(stored)
                 except RuntimeError:  # data not aligned for its dtype (a file with a small general.alignment)
@@ -103,6 +99,46 @@ class GGUFFile:
             else:
                 out[new_name] = (packed.to(device), qtype, shape)
         return out
+
+    def check_layout(self, name):
+        """A tensor's type must be one we run and its bytes what its shape needs in that type; a GGML-packed one
+        must be a non-empty matrix with rows of whole blocks."""
+        qtype, shape, data = self.tensors[name]
+        try:
+            type_name(qtype)
+        except Exception as e:
+            raise CheckpointError(f"{self.path}: tensor '{name}': {e}") from None
+        size = np.asarray(data).nbytes
+        if qtype in FLOAT_TYPES:
+            if size != math.prod(shape) * FLOAT_TYPES[qtype].itemsize:
+                raise CheckpointError(f"{self.path}: tensor '{name}' holds {size} bytes, not a {shape} {qtype} "
+                                      "tensor")
+            return
+        block, type_size = BLOCK_SIZES[qtype]
+        if len(shape) != 2 or 0 in shape or shape[-1] % block:
+            raise CheckpointError(f"{self.path}: tensor '{name}' is {qtype} of shape {tuple(shape)}; packed GGML "
+                                  f"weights must be non-empty matrices with rows of whole {block}-value blocks.")
+        expected = math.prod(shape) // block * type_size
+        if size != expected:
+            raise CheckpointError(f"{self.path}: tensor '{name}' holds {size} bytes, not the {expected} of a "
+                                  f"{tuple(shape)} {qtype} tensor ({block} values in {type_size} bytes per block).")
+
+    def check_model(self, names, model):
+        """Before anything loads: every tensor of `names` ({model name: file name}) has its layout checked, and a
+        GGML-packed one must be the weight of one of `model`'s linear or embedding layers (only those run packed)."""
+        for new_name, name in names.items():
+            self.check_layout(name)
+            qtype = self.tensors[name][0]
+            if qtype in FLOAT_TYPES:
+                continue
+            owner_name, _, leaf = new_name.rpartition(".")
+            try:
+                owner = model.get_submodule(owner_name)
+            except AttributeError:
+                owner = None
+            if leaf != "weight" or not isinstance(owner, (nn.Linear, nn.Embedding)):
+                raise CheckpointError(f"{self.path}: tensor '{name}' is stored as {qtype}, but only linear and "
+                                      "embedding weights may be quantized (keep it F32/F16/BF16).")
 
     def summary(self):
         """Tensor counts by type, most common first: "197 Q4_K, 90 F32"."""

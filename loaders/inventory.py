@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import Checkpoint
-from .detect import QWEN3_SIZES, ModelKind, identify
+from .detect import QWEN3_SIZES, ModelKind, dim, identify
 from .gguf import GGUFFile
 from .lora import TEXT_ENCODER_PREFIXES, split_key
 from .safetensors_io import SafetensorsFile, sniff_format
@@ -81,10 +81,10 @@ def lora_of(file):
     naming = ("kohya" if first.startswith(("lora_unet_", "lora_te", "lora_transformer_")) else
               "LyCORIS" if first.startswith("lycoris_") else
               "diffusers/PEFT" if first.startswith(("transformer.", "base_model.", "text_encoder.")) else "BFL/ComfyUI")
-    ranks = sorted({file.shape(key)[0] for key, (_, kind_, role) in parts if kind_ == "lora" and role == "down"})
+    ranks = sorted({dim(file.shape(key), 0) for key, (_, kind_, role) in parts if kind_ == "lora" and role == "down"})
     modules = {module for _, (module, _, _) in parts}
     text = {m for m in modules if m.startswith(TEXT_ENCODER_PREFIXES)}
-    widths = Counter(shape[0] for key, (m, kind_, role) in parts if role == "up" and m not in text
+    widths = Counter(dim(shape, 0) for key, (m, kind_, role) in parts if role == "up" and m not in text
                      for shape in [file.shape(key)] if "proj" in m or "to_out" in m or "linear2" in m)
     width = widths.most_common(1)[0][0] if widths else None
     doubles = {int(m.group(1)) for module in modules if (m := DOUBLE_BLOCK.search(module))}
@@ -94,7 +94,7 @@ def lora_of(file):
         base += f"{KLEIN_DOUBLE_BLOCKS[width]})"
     targets = f"{len(modules) - len(text)} transformer layers"
     if text:
-        te_width = Counter(file.shape(k)[-1] for k, (m, kind_, role) in parts if m in text and role == "down")
+        te_width = Counter(dim(file.shape(k), -1) for k, (m, kind_, role) in parts if m in text and role == "down")
         encoder = TEXT_ENCODER_WIDTHS.get(te_width.most_common(1)[0][0], "text encoder") if te_width else "text encoder"
         targets += f", {len(text)} {encoder} layers"
     return {"format": f"{kind} ({naming} names)", "ranks": "-".join(str(r) for r in ranks[:: max(1, len(ranks) - 1)])
@@ -105,7 +105,7 @@ def describe_gguf(file):
     """ModelKind of an open GGUFFile, from its metadata and tensor shapes."""
     arch = file.field("general.architecture", "")
     if isinstance(arch, str) and arch.startswith("qwen3"):
-        width = file.tensors.get("blk.0.attn_norm.weight", (None, (0,)))[1][0]
+        width = dim(file.tensors.get("blk.0.attn_norm.weight", (None, ()))[1], 0)
         return ModelKind("text_encoder", "qwen3", QWEN3_SIZES.get(width, "Qwen3") + " text encoder (GGUF)", "gguf")
     kind = identify({name: shape for name, (_, shape, _) in file.tensors.items()})
     return ModelKind(kind.kind, kind.family, kind.description + " (GGUF)", "gguf")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..arguments import number, path_argument
+from ..arguments import path_argument
 from ..errors import CheckpointError, KleinError, KleinNote, WrongModelError
 from ..models.adapters import Adapter, with_adapters
 from ..models.text_encoder import KleinTextEncoder
@@ -361,7 +361,7 @@ def apply_lora(model: Flux2 | KleinTextEncoder, path: str | Path, strength: floa
     if not isinstance(model, (Flux2, KleinTextEncoder)):
         raise KleinError(f"apply_lora takes a klein transformer or text encoder (kn.load_transformer / "
                          f"kn.load_text_encoder), not {type(model).__name__}")
-    path, strength = path_argument(path), number(strength, "strength", -100, 100)
+    path = path_argument(path)
     tensors, metadata = read_lora(path)
     return apply_lora_tensors(model, tensors, metadata, strength, path.name)[0]
 

@@ -6,11 +6,12 @@ import json
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ..errors import CheckpointError
-from ..quant.fp8 import Fp8Linear
+from ..quant.fp8 import Fp8Linear, fp8_problem
 from ..quant.linear import replace_module
-from ..quant.nvfp4 import Nvfp4Linear
+from ..quant.nvfp4 import Nvfp4Linear, nvfp4_problem
 
 
 
@@ -23,11 +24,23 @@ class QuantFormat:
     marked_only: bool  # recognised by its marker alone (a uint8 weight is not quantized by itself)
     extra_roles: dict  # tensors beside the weight and its scale: {role: required}
     build: object  # (tensors by role, logical shape, compute dtype) -> the layer
+    check: object  # (tensors by role, logical shape) -> why they cannot form the layer, or None; meta tensors do
 
 
 def fp8_layer(tensor, shape, compute_dtype):
     scale = torch.ones(()) if tensor["weight_scale"] is None else tensor["weight_scale"].float()
     return Fp8Linear(tensor["weight"], scale.to(tensor["weight"].device), tensor["input_scale"], compute_dtype)
+
+
+def fp8_check(tensor, shape):
+    if tuple(tensor["weight"].shape) != tuple(shape):
+        return f"the fp8 weight has shape {tuple(tensor['weight'].shape)}; the layer needs {tuple(shape)}"
+    return fp8_problem(tensor["weight"], tensor["weight_scale"], tensor["input_scale"])
+
+
+def nvfp4_check(tensor, shape):
+    return nvfp4_problem(tensor["weight"], tensor["weight_scale"], tensor["weight_scale_2"], shape,
+                         tensor["pre_quant_scale"])
 
 
 def nvfp4_layer(tensor, shape, compute_dtype):
@@ -37,10 +50,10 @@ def nvfp4_layer(tensor, shape, compute_dtype):
 
 # keyed by the name ComfyUI's markers use (an unmarked fp8 weight is found by its dtype)
 QUANT_FORMATS = {
-    "float8_e4m3fn": QuantFormat("fp8", torch.float8_e4m3fn, "F8_E4M3", 1, False, {}, fp8_layer),
-    "float8_e5m2": QuantFormat("fp8", torch.float8_e5m2, "F8_E5M2", 1, False, {}, fp8_layer),
+    "float8_e4m3fn": QuantFormat("fp8", torch.float8_e4m3fn, "F8_E4M3", 1, False, {}, fp8_layer, fp8_check),
+    "float8_e5m2": QuantFormat("fp8", torch.float8_e5m2, "F8_E5M2", 1, False, {}, fp8_layer, fp8_check),
     "nvfp4": QuantFormat("nvfp4", torch.uint8, "U8", 2, True, {"weight_scale_2": True, "pre_quant_scale": False},
-                         nvfp4_layer),
+                         nvfp4_layer, nvfp4_check),
 }
 BY_DTYPE = {f.stored: name for name, f in QUANT_FORMATS.items() if not f.marked_only}
 SCALE_NAMES = ("weight_scale", "scale_weight", "weight_scale_2", "input_scale", "scale_input", "pre_quant_scale")
@@ -129,8 +142,28 @@ def is_one(ckpt, key):
     return value.numel() == 1 and float(value) == 1.0
 
 
+def check_quantized_layers(model, layers, ckpt, rename):
+    """Before any data is read: each quantized layer must replace an nn.Linear of `model` (built on the meta device),
+    with tensors whose shapes and dtypes its format accepts (the same checks the layers make, on meta tensors)."""
+    for layer, (fmt, roles) in layers.items():
+        name = rename(layer)
+        try:
+            target = model.get_submodule(name)
+        except AttributeError:
+            target = None
+        if not isinstance(target, nn.Linear):
+            raise CheckpointError(f"{ckpt.path}: '{roles['weight']}' is stored as {fmt}, but only the weights of "
+                                  "linear layers may be quantized: a damaged file, or not a model this loader reads.")
+        meta = {role: None if key is None else torch.empty(ckpt.stored_shape(key), dtype=ckpt.dtype(key),
+                                                           device="meta") for role, key in roles.items()}
+        problem = QUANT_FORMATS[fmt].check(meta, tuple(target.weight.shape))
+        if problem:
+            raise CheckpointError(f"{ckpt.path}: {layer}: {problem}")
+
+
 def install_quantized_layers(model, layers, ckpt, rename, compute_dtype, device):
     """Replace each quantized layer's nn.Linear (named by `rename(layer)`) with one holding the file's data."""
+    check_quantized_layers(model, layers, ckpt, rename)
     for layer, (fmt, roles) in layers.items():
         name = rename(layer)
         tensor = {role: None if key is None else ckpt.get(key).to(device) for role, key in roles.items()}

@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, WrongModelError
-from ..models.text_encoder import KLEIN_LAYERS, KleinTextEncoder, Qwen3, Qwen3Params
+from ..arguments import device_argument, dtype_argument, flag, integer, path_argument
+from ..errors import CheckpointError, KleinError, WrongModelError
+from ..models.text_encoder import KLEIN_LAYERS, KleinTextEncoder, Qwen3, Qwen3Params, check_vocabulary
 from ..models.transformer import Flux2
 from ..quant.linear import fill_packed
 from .checkpoint import check_state_dict, choose_dtype, is_gguf, open_checkpoint, require
@@ -30,13 +31,19 @@ def params_from_shapes(shapes, path, num_layers, rope_theta):
                      "layers.0.mlp.gate_proj.weight": 2}, path, "Qwen3 text encoder")
     vocab, hidden = shapes["embed_tokens.weight"]
     head_dim = shapes["layers.0.self_attn.q_norm.weight"][0]
+    q_rows, k_rows = shapes["layers.0.self_attn.q_proj.weight"][0], shapes["layers.0.self_attn.k_proj.weight"][0]
+    # the attention is built from these: whole heads of an even size (rotary halves), query heads in whole groups
+    if head_dim % 2 or q_rows % head_dim or k_rows % head_dim or (q_rows // head_dim) % (k_rows // head_dim):
+        raise CheckpointError(f"{path}: the attention shapes do not fit together: q_proj has {q_rows} rows, k_proj "
+                              f"{k_rows}, q_norm {head_dim} (heads of an even size, as many query heads per key head); "
+                              "a damaged file, or not a Qwen3 text encoder.")
     return Qwen3Params(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=shapes["layers.0.mlp.gate_proj.weight"][0],
         num_layers=num_layers,
-        num_heads=shapes["layers.0.self_attn.q_proj.weight"][0] // head_dim,
-        num_kv_heads=shapes["layers.0.self_attn.k_proj.weight"][0] // head_dim,
+        num_heads=q_rows // head_dim,
+        num_kv_heads=k_rows // head_dim,
         head_dim=head_dim,
         rope_theta=rope_theta,
     )
@@ -63,6 +70,9 @@ def load_text_encoder(path: str | Path, tokenizer: str | Path | None = None, dty
     then the whole chat model is built (every layer, final norm, LM head, tied to the embeddings when the file has
     no lm_head.weight), for the prompt check.
     """
+    path, dtype, device = path_argument(path), dtype_argument(dtype), device_argument(device)
+    tokenizer = None if tokenizer is None else path_argument(tokenizer, "tokenizer")
+    layers, chat = layer_numbers(layers), flag(chat, "chat")
     if is_gguf(path):
         return load_gguf_text_encoder(path, tokenizer, dtype, device, layers, chat)
     ckpt = open_checkpoint(path, "text_encoder", "model", ())
@@ -96,7 +106,9 @@ def load_text_encoder(path: str | Path, tokenizer: str | Path | None = None, dty
                           strict=False, assign=True)
     model.requires_grad_(False).eval()
     tokenizer_path = find_tokenizer(path, tokenizer)
-    encoder = KleinTextEncoder(model, load_tokenizer(tokenizer_path), description=kind.description)
+    tok = load_tokenizer(tokenizer_path)
+    check_vocabulary(model, tok, path)
+    encoder = KleinTextEncoder(model, tok, description=kind.description)
     encoder.source = (path, tokenizer_path, dtype)
     return encoder
 
@@ -121,14 +133,16 @@ def load_gguf_text_encoder(path, tokenizer, dtype, device, layers, chat):
         model = Qwen3(params)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     check_state_dict(path, "a Qwen3 text encoder", expected, {k: shapes[k] for k in expected if k in shapes})
-    compute_dtype = dtype or torch.bfloat16
-    model = fill_packed(model, file.load({k: names[k] for k in expected}, compute_dtype, device), compute_dtype)
-    try:
+    file.check_model({k: names[k] for k in expected}, model)
+    try:  # before the weights load: a damaged tokenizer in the metadata is refused at once
         tok = load_tokenizer(find_tokenizer(path, tokenizer))
     except CheckpointError:
         if tokenizer is not None:
             raise
         tok = tokenizer_from_gguf(file)
+    check_vocabulary(model, tok, path)
+    compute_dtype = dtype or torch.bfloat16
+    model = fill_packed(model, file.load({k: names[k] for k in expected}, compute_dtype, device), compute_dtype)
     encoder = KleinTextEncoder(model, tok, description=f"{arch} text encoder (GGUF, {file.summary()})")
     encoder.source = (path, tokenizer, dtype)
     return encoder
@@ -148,6 +162,13 @@ def strip(name):
         if name.startswith(prefix):
             return name[len(prefix):]
     return name
+
+
+def layer_numbers(layers, name="layers"):
+    """A non-empty tuple of decoder layer numbers (0 = the embeddings)."""
+    if not isinstance(layers, (tuple, list, range)) or not 0 < len(layers) <= 64:
+        raise KleinError(f"{name}={layers!r:.60}: give the decoder layers to read, e.g. (9, 18, 27)")
+    return tuple(integer(layer, name, 0, 1024) for layer in layers)
 
 
 def ensure_text_encoder_fits(text_encoder: KleinTextEncoder, transformer: Flux2, layers: tuple = KLEIN_LAYERS) -> None:

@@ -154,6 +154,24 @@ def with_added_tokens(tokenizer, added, source):
     return tokenizer
 
 
+def gguf_vocabulary_problem(tokens, vocab, merges, types):
+    """What makes well-typed GGUF tokenizer metadata unusable (the BPE library would fail or panic on it), or None:
+    a duplicated token, a merge of or into a token not in the vocabulary, token types not one per token."""
+    if len(types) != len(tokens):
+        return f"tokenizer.ggml.token_type holds {len(types)} values for {len(tokens)} tokens"
+    if len(vocab) != len(tokens):
+        seen = set()
+        index, token = next((i, t) for i, t in enumerate(tokens) if t in seen or seen.add(t))
+        return f"token {token[:40]!r} appears twice in tokenizer.ggml.tokens (ids {tokens.index(token)} and {index})"
+    for number, merge in enumerate(merges):
+        left, right = merge.split(" ")
+        missing = next((t for t in (left, right, left + right) if t not in vocab), None)
+        if missing is not None:
+            return (f"merge {number} ({merge[:40]!r}) needs the token {missing[:40]!r}, which tokenizer.ggml.tokens "
+                    "does not hold")
+    return None
+
+
 def tokenizer_from_gguf(file):
     """A byte-level BPE tokenizer from a GGUFFile's metadata (tokens, merges, control tokens)."""
     from tokenizers import AddedToken
@@ -163,7 +181,8 @@ def tokenizer_from_gguf(file):
     if not tokens or not merges:
         raise CheckpointError(f"{file.path}: no tokenizer files were found and the GGUF has no tokenizer metadata; "
                               "pass tokenizer=<folder with vocab.json + merges.txt>")
-    types = file.field("tokenizer.ggml.token_type") or [1] * len(tokens)
+    types = file.field("tokenizer.ggml.token_type")
+    types = [1] * len(tokens) if types is None else types
     malformed = [key for key, values, kind in (("tokens", tokens, str), ("merges", merges, str),
                                                ("token_type", types, int))
                  if not isinstance(values, list) or not all(isinstance(v, kind) for v in values)]
@@ -171,7 +190,12 @@ def tokenizer_from_gguf(file):
     if malformed:
         raise CheckpointError(f"{file.path}: the tokenizer metadata is malformed (tokenizer.ggml.{malformed[0]}); pass "
                               "tokenizer=<folder with vocab.json + merges.txt>")
-    tokenizer = qwen_bpe({token: i for i, token in enumerate(tokens)}, merges)
+    vocab = {token: i for i, token in enumerate(tokens)}
+    problem = gguf_vocabulary_problem(tokens, vocab, merges, types)
+    if problem:
+        raise CheckpointError(f"{file.path}: the tokenizer metadata is inconsistent: {problem}; the file is damaged. "
+                              "Pass tokenizer=<folder with vocab.json + merges.txt>.")
+    tokenizer = qwen_bpe(vocab, merges)
     # control (3) and user-defined (4) tokens such as <|im_start|> and <think> are matched whole, at their own ids
     tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)
                                   for token, kind in zip(tokens, types) if kind in (3, 4)])

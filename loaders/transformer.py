@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from ..arguments import device_argument, dtype_argument, path_argument
 from ..errors import CheckpointError, WrongModelError
 from ..models.transformer import Flux2, Flux2Params
 from ..quant.linear import fill_packed
@@ -123,16 +124,24 @@ def params_from_shapes(shapes, path):
     if hidden % head_dim or head_dim % 8:
         raise CheckpointError(f"{path}: hidden size {hidden} is not a multiple of the head size {head_dim} "
                               "(or it is not a multiple of 8).")
+    time_dim, out_channels = shapes["time_in.in_layer.weight"][1], shapes["final_layer.linear.weight"][0]
+    if time_dim % 2:  # the sinusoidal timestep embedding has an even width
+        raise CheckpointError(f"{path}: 'time_in.in_layer.weight' has shape {tuple(shapes['time_in.in_layer.weight'])}"
+                              f"; its {time_dim} inputs must be an even number (cos and sin halves): a damaged file.")
+    if out_channels != in_channels:  # the model predicts the velocity of its own input latent
+        raise CheckpointError(f"{path}: 'img_in.weight' takes {in_channels} latent channels but "
+                              f"'final_layer.linear.weight' gives {out_channels}; a FLUX.2 transformer returns as many "
+                              "as it takes: a damaged file.")
     return Flux2Params(
         in_channels=in_channels,
-        out_channels=shapes["final_layer.linear.weight"][0],
+        out_channels=out_channels,
         context_in_dim=shapes["txt_in.weight"][1],
         hidden_size=hidden,
         num_heads=hidden // head_dim,
         depth=len(block_indices(shapes, "double_blocks")),
         depth_single_blocks=len(block_indices(shapes, "single_blocks")),
         mlp_hidden_dim=shapes["double_blocks.0.img_mlp.2.weight"][1],
-        time_dim=shapes["time_in.in_layer.weight"][1],
+        time_dim=time_dim,
         axes_dim=(head_dim // 4,) * 4,
         use_guidance_embed="guidance_in.in_layer.weight" in shapes,
     )
@@ -154,6 +163,7 @@ def load_transformer(path: str | Path, dtype: torch.dtype | None = None, device:
     Built on the meta device and filled with the file's own (memory-mapped) tensors, so the weights exist
     once. `dtype=None` keeps the file's dtype (for fp8 and GGUF files: bf16 compute).
     """
+    path, dtype, device = path_argument(path), dtype_argument(dtype), device_argument(device)
     if is_gguf(path):
         return load_gguf_transformer(path, dtype, device)
     return build_transformer(open_checkpoint(path, "transformer", "diffusion_pytorch_model", MODEL_PREFIXES),
@@ -210,6 +220,7 @@ def load_gguf_transformer(path, dtype, device):
     with torch.device("meta"):
         model = Flux2(params)
     check_state_dict(path, "a FLUX.2 transformer", {k: v.shape for k, v in model.state_dict().items()}, shapes)
+    file.check_model(names, model)
     compute_dtype = dtype or torch.bfloat16
     model = fill_packed(model, file.load(names, compute_dtype, device), compute_dtype)
     model.description = kind.description + f" (GGUF, {file.summary()})"

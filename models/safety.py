@@ -11,6 +11,7 @@ from PIL import Image
 
 from ..errors import KleinError
 from .offload import compute_device
+from .text_encoder import check_prompts
 
 # The default policy: what a prompt check flags unless told otherwise (README: "Safety checks").
 DEFAULT_POLICY = {
@@ -69,8 +70,7 @@ class PromptSafety:
     @torch.inference_mode()
     def __call__(self, prompts: str | list[str]) -> list[float]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not all(isinstance(p, str) for p in prompts):
-            raise KleinError("prompts to check must be strings")
+        check_prompts(prompts)
         device = compute_device(self.model)
         scores = []
         for prompt in prompts:  # one at a time: no padding inside the chat, the same numbers alone or in a batch

@@ -196,6 +196,18 @@ def check_vocabulary(model, tokenizer, path):
                               "klein's text encoder is Qwen3 with its whole vocabulary (151,936 rows)")
 
 
+def check_prompts(prompts):
+    """Prompts are strings of characters a tokenizer can read (a lone surrogate, from a broken copy-paste, is not)."""
+    for prompt in prompts:
+        if not isinstance(prompt, str):
+            raise KleinError(f"a prompt must be a string, not {type(prompt).__name__}")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise KleinError(f"the prompt holds an unpaired surrogate character ({prompt[e.start]!r} at position "
+                             f"{e.start}), usually from a broken copy-paste; retype that part") from None
+
+
 class KleinTextEncoder:
     """Prompt -> klein conditioning: chat template, right padding, layer-major concatenation of hidden states.
 
@@ -241,6 +253,7 @@ class KleinTextEncoder:
                layers: tuple = KLEIN_LAYERS) -> torch.Tensor:
         """(B, L, len(layers)·hidden) embeddings for a prompt or a list of prompts; L = sequence_length()."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        check_prompts(prompts)
         layers = tuple(layers)
         length = self.sequence_length(prompts, max_length)
         keys = [(p, length, layers, self.model.dtype) for p in prompts]

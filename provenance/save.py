@@ -189,7 +189,7 @@ def prepare(image, fmt, quality, mark_mode, items, opacity=None):
     watermark goes into the colour; an opacity plane is added to it afterwards."""
     notes = []
     alpha, rgb = to_alpha(opacity, fmt, to_uint8(image, notes), notes)
-    marked = False
+    marked, limit = False, None
     if mark_mode:
         if rgb.shape[0] * rgb.shape[1] < watermark.MIN_PIXELS:
             notes.append(f"watermark skipped: {rgb.shape[1]}x{rgb.shape[0]} is below the 256x256 minimum")
@@ -197,7 +197,8 @@ def prepare(image, fmt, quality, mark_mode, items, opacity=None):
             rgb, marked = watermark.embed(rgb), True
         else:  # robust, compensated also for this very save when it is lossy
             this_save = [] if fmt == "png" else [lambda x: decoded(metadata.encode(x, fmt, quality, alpha=alpha))]
-            rgb, marked = watermark.embed_robust(rgb, codecs=this_save), True
+            mark = watermark.robust_mark(rgb, codecs=this_save)
+            rgb, marked, limit = mark.image, True, mark.limit
     with warnings.catch_warnings(record=True) as dropped:  # metadata over a format's limit: reported per image
         warnings.simplefilter("always")
         data = metadata.encode(rgb, fmt, quality, items, alpha=alpha)
@@ -206,8 +207,9 @@ def prepare(image, fmt, quality, mark_mode, items, opacity=None):
     if marked:  # self-check on what is actually written: lossy formats and dark content can erase the mark
         bits = watermark.matched_bits(decoded(data))
         if bits < watermark.DETECTED_AT:
-            notes.append(f"watermark embedded but only {bits}/{len(watermark.FLUX_BITS)} bits read back "
-                         f"({'lossy ' + fmt if fmt != 'png' else 'dark or flat content'}); it will not be detected")
+            why = ("lossy " + fmt if fmt != "png" else "dark or flat content") + (f": {limit}" if limit else "")
+            notes.append(f"watermark embedded but only {bits}/{len(watermark.FLUX_BITS)} bits read back ({why}); it "
+                         "will not be detected")
     return data, bits, notes
 
 

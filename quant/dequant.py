@@ -274,9 +274,9 @@ def dequantize(data: torch.Tensor, qtype: object, shape: tuple, dtype: torch.dty
     `out` when given. On CUDA the hot types run as Triton kernels (see `use_triton`)."""
     name = type_name(qtype)
     block_size, type_size = BLOCK_SIZES[name]
-    if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.is_meta:
+    if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8:
         raise KleinError(f"dequantize takes the raw blocks as a uint8 tensor, not {type(data).__name__} "
-                         f"{getattr(data, 'dtype', '')}{' on the meta device' if getattr(data, 'is_meta', 0) else ''}")
+                         f"{getattr(data, 'dtype', '')}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize == 1:
         raise KleinError(f"dequantize's dtype must be torch.float32, float16 or bfloat16, not {dtype!r:.40}")
     if out is not None and not isinstance(out, torch.Tensor):

@@ -18,11 +18,34 @@ def native_fp8(device):
             and torch.cuda.get_device_capability(device) >= (8, 9))
 
 
+def fp8_problem(weight, scale=None, input_scale=None):
+    """Why an fp8 layer cannot be made of these tensors, or None. Reads shapes and dtypes only (meta tensors do)."""
+    if weight.ndim != 2 or 0 in weight.shape:
+        return f"the fp8 weight has shape {tuple(weight.shape)}, not a non-empty matrix"
+    for role, tensor in (("weight_scale", scale), ("input_scale", input_scale)):
+        if tensor is not None and (tensor.numel() != 1 or not tensor.dtype.is_floating_point):
+            return (f"its {role} is {str(tensor.dtype).removeprefix('torch.')} of shape {tuple(tensor.shape)}; an fp8 "
+                    "layer takes one float scale per tensor")
+    return None
+
+
+def scale_problem(**scales):
+    """Which of the named scalar scales ({role: tensor or None}) is not finite, or None (reads the values)."""
+    for role, tensor in scales.items():
+        if tensor is not None and not tensor.is_meta and not torch.isfinite(tensor.float()).all():
+            return f"its {role} is {tensor.float().reshape(-1)[0].item()}, not a finite number"
+    return None
+
+
 class Fp8Linear(DequantizingLinear):
     """nn.Linear (no bias) with an fp8 weight and a scalar scale. With `input_scale` the activations are quantized
-    with it (static, as the checkpoint was calibrated), otherwise per call from their absolute maximum."""
+    with it (static, as the checkpoint was calibrated), otherwise per call from their absolute maximum. Raises
+    ValueError for tensors that cannot form such a layer (see fp8_problem)."""
 
     def __init__(self, weight, scale, input_scale=None, compute_dtype=torch.bfloat16):
+        problem = fp8_problem(weight, scale, input_scale) or scale_problem(weight_scale=scale, input_scale=input_scale)
+        if problem:
+            raise ValueError(problem)
         super().__init__(weight.shape[1], weight.shape[0], compute_dtype)
         self.register_buffer("weight", weight)
         self.register_buffer("weight_scale", scale.float().reshape(()))

@@ -25,7 +25,6 @@ def model(tmp_path_factory):
     (lambda m: kn.load_image_safety(b"folder"), "path=b'folder'"),
     (lambda m: kn.load_prompt_safety(3.5), "path_or_text_encoder=3.5"),
     (lambda m: kn.apply_lora("model", "l.safetensors"), "not str"),
-    (lambda m: kn.apply_lora(m, "l.safetensors", float("nan")), "strength=nan"),
     (lambda m: kn.compile_blocks(None), "not NoneType"),
     (lambda m: kn.quant.dequantize(torch.zeros(34, dtype=torch.uint8), "Q8_0", (32,), "cpu"), "dtype must be"),
     (lambda m: kn.composite_edit(torch.rand(64, 64, 3), torch.rand(64, 64, 3), align="yes"), "align='yes'"),

@@ -2,6 +2,7 @@
 fp8 weights kept and match their dequantized float twins."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -170,3 +171,112 @@ def test_quantization_header_of_the_wrong_shape_is_refused(tmp_path):
     save_file(tensors, str(tmp_path / "odd.safetensors"), metadata={"_quantization_metadata": '{"layers": ["a"]}'})
     with pytest.raises(kn.CheckpointError, match="unreadable _quantization_metadata header"):
         kn.load_transformer(tmp_path / "odd.safetensors")
+
+
+LAYER = "double_blocks.0.img_mlp.0"  # a (384, 64) linear
+
+
+def refused_before_weights(path, monkeypatch, *fragments, values_read=False):
+    """load_transformer refuses `path` with one CheckpointError naming the file and `fragments`; unless the problem
+    is in the values (`values_read`), before any weight is read."""
+    from klein_nodes.loaders.safetensors_io import SafetensorsFile
+
+    read, get = [], SafetensorsFile.get
+    monkeypatch.setattr(SafetensorsFile, "get", lambda self, name: read.append(name) or get(self, name))
+    began = time.monotonic()
+    with pytest.raises(kn.CheckpointError) as info:
+        kn.load_transformer(path)
+    assert time.monotonic() - began < 2
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+    if not values_read:
+        assert not [name for name in read if name.endswith(".weight")], read
+    return message
+
+
+@pytest.mark.parametrize("style", ["bfl", "scaled_fp8"])
+@pytest.mark.parametrize("role,value,fragment", [
+    ("weight_scale", torch.zeros(0), "its weight_scale is float32 of shape (0,); an fp8 layer takes one float scale"),
+    ("weight_scale", torch.ones(2), "its weight_scale is float32 of shape (2,)"),
+    ("weight_scale", torch.ones(384), "its weight_scale is float32 of shape (384,)"),
+    ("weight_scale", torch.tensor(3), "its weight_scale is int64 of shape ()"),
+    ("input_scale", torch.zeros(0), "its input_scale is float32 of shape (0,)"),
+    ("input_scale", torch.ones(3, 3), "its input_scale is float32 of shape (3, 3)"),
+])
+def test_fp8_scales_of_the_wrong_size_are_refused(tmp_path, monkeypatch, style, role, value, fragment):
+    """A per-tensor scale that is not one float reached `reshape(())` ("shape '[]' is invalid for input of size
+    0"): now named, before any weight is read."""
+    tensors, _, _ = to_fp8(transformer_state_dict(TINY_TRANSFORMER), is_block_linear, style)
+    legacy = {"weight_scale": "scale_weight", "input_scale": "scale_input"}
+    tensors[f"{LAYER}.{legacy[role] if style == 'scaled_fp8' else role}"] = value
+    save_file(tensors, str(tmp_path / "odd.safetensors"))
+    refused_before_weights(tmp_path / "odd.safetensors", monkeypatch, f"{LAYER}: {fragment}")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_fp8_scales_that_are_not_finite_are_refused(tmp_path, monkeypatch, value):
+    tensors, _, _ = to_fp8(transformer_state_dict(TINY_TRANSFORMER), is_block_linear, "bfl")
+    tensors[f"{LAYER}.weight_scale"] = torch.tensor(value)
+    save_file(tensors, str(tmp_path / "nan.safetensors"))
+    refused_before_weights(tmp_path / "nan.safetensors", monkeypatch,
+                           f"{LAYER}: its weight_scale is {value}, not a finite number", values_read=True)
+
+
+def test_a_quantized_norm_is_refused(tmp_path, monkeypatch):
+    """A comfy_quant marker on a norm (a 1-D fp8 tensor) made it a quantized layer with no linear to replace."""
+    tensors, _, _ = to_fp8(transformer_state_dict(TINY_TRANSFORMER), is_block_linear, "comfy_quant")
+    norm = "double_blocks.0.img_attn.norm.query_norm"
+    tensors[f"{norm}.weight"] = tensors.pop(f"{norm}.scale").to(torch.float8_e4m3fn)
+    tensors[f"{norm}.weight_scale"] = torch.tensor(1.0)
+    tensors[f"{norm}.comfy_quant"] = tensors[f"{LAYER}.comfy_quant"].clone()
+    save_file(tensors, str(tmp_path / "norm.safetensors"))
+    refused_before_weights(tmp_path / "norm.safetensors", monkeypatch, f"'{norm}.weight' is stored as float8_e4m3fn, "
+                           "but only the weights of linear layers may be quantized")
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (384,), (0, 64), (384, 64, 1), (64, 384)])
+def test_fp8_weights_of_degenerate_shapes_are_refused(tmp_path, monkeypatch, shape):
+    tensors, _, _ = to_fp8(transformer_state_dict(TINY_TRANSFORMER), is_block_linear, "comfy_quant")
+    tensors[f"{LAYER}.weight"] = torch.zeros(shape, dtype=torch.float8_e4m3fn)
+    save_file(tensors, str(tmp_path / "odd.safetensors"))
+    refused_before_weights(tmp_path / "odd.safetensors", monkeypatch, f"{LAYER}.weight {shape} (expected (384, 64))")
+
+
+def nvfp4_file(state):
+    """Block linears as ComfyUI's nvfp4 (random codes, small block scales, a global scale), the rest float."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, tensor in state.items():
+        if not is_block_linear(name, tensor):
+            tensors[name] = tensor
+            continue
+        layer, (rows, cols) = name[: -len(".weight")], tensor.shape
+        tensors[name] = torch.randint(0, 256, (rows, cols // 2), dtype=torch.uint8, generator=generator)
+        tensors[f"{layer}.weight_scale"] = torch.full((-(-rows // 128) * 128, -(-cols // 64) * 4),
+                                                      0.01).to(torch.float8_e4m3fn)
+        tensors[f"{layer}.weight_scale_2"] = torch.tensor(0.5)
+        tensors[f"{layer}.comfy_quant"] = torch.tensor(list(b'{"format": "nvfp4"}'), dtype=torch.uint8)
+    return tensors
+
+
+@pytest.mark.parametrize("role,value,fragment", [
+    ("weight_scale", torch.ones(384, 4), "nvfp4 block scales are float32 (384, 4), not float8_e4m3fn"),
+    ("weight_scale", torch.zeros((), dtype=torch.float8_e4m3fn), "nvfp4 block scales hold 1 values; a 384x4 grid "
+                                                                 "needs 1536"),
+    ("weight_scale_2", torch.ones(2), "its weight_scale_2 is float32 (2,); nvfp4 takes one float global scale"),
+    ("weight_scale_2", torch.zeros(0), "its weight_scale_2 is float32 (0,)"),
+    ("pre_quant_scale", torch.ones(32), "its pre_quant_scale is float32 (32,); it needs one float per input feature "
+                                        "(64)"),
+    ("pre_quant_scale", torch.ones(384, 64), "its pre_quant_scale is float32 (384, 64)"),
+])
+def test_nvfp4_scales_of_the_wrong_size_or_type_are_refused(tmp_path, monkeypatch, role, value, fragment):
+    """Scales that used to fail in `reshape(())`, or only in the first forward (a float32 block scale viewed as
+    fp8, a smoothing vector of the wrong length), are named before any weight is read."""
+    tensors = nvfp4_file(transformer_state_dict(TINY_TRANSFORMER))
+    save_file(tensors, str(tmp_path / "good.safetensors"))
+    assert torch.isfinite(sample_forward(kn.load_transformer(tmp_path / "good.safetensors"))).all()
+    tensors[f"{LAYER}.{role}"] = value
+    save_file(tensors, str(tmp_path / "odd.safetensors"))
+    refused_before_weights(tmp_path / "odd.safetensors", monkeypatch, f"{LAYER}: {fragment}")

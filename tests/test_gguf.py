@@ -1,5 +1,7 @@
 """GGUF transformers and Qwen3 encoders load with weights kept packed and match their dequantized twins."""
 
+import dataclasses
+import time
 import types
 
 import numpy as np
@@ -168,6 +170,74 @@ def test_malformed_tokenizer_metadata_is_refused(fields, fragment):
     file = types.SimpleNamespace(path="q.gguf", field=lambda key, default=None: fields.get(key, default))
     with pytest.raises(kn.CheckpointError, match=f"q.gguf: the tokenizer metadata is malformed .{fragment}."):
         tokenizer_from_gguf(file)
+
+
+ABC = {"tokenizer.ggml.tokens": ["a", "b", "ab"], "tokenizer.ggml.merges": ["a b"]}
+
+
+@pytest.mark.parametrize("fields,fragment", [
+    ({**ABC, "tokenizer.ggml.merges": ["a c"]}, "merge 0 ('a c') needs the token 'c', which tokenizer.ggml.tokens"),
+    ({**ABC, "tokenizer.ggml.tokens": ["a", "b"]}, "merge 0 ('a b') needs the token 'ab'"),  # was a Rust panic
+    ({**ABC, "tokenizer.ggml.merges": ["a "]}, "merge 0 ('a ') needs the token ''"),
+    ({**ABC, "tokenizer.ggml.tokens": ["a", "b", "a", "ab"]}, "token 'a' appears twice in tokenizer.ggml.tokens "
+                                                            "(ids 0 and 2)"),
+    ({**ABC, "tokenizer.ggml.token_type": [1]}, "tokenizer.ggml.token_type holds 1 values for 3 tokens"),
+    ({**ABC, "tokenizer.ggml.token_type": [1, 1, 3, 1]}, "tokenizer.ggml.token_type holds 4 values for 3 tokens"),
+    ({**ABC, "tokenizer.ggml.token_type": []}, "tokenizer.ggml.token_type holds 0 values for 3 tokens"),
+])
+def test_inconsistent_tokenizer_metadata_is_refused(fields, fragment):
+    """Well-typed metadata the BPE library cannot build (it raised a bare Exception, or panicked) is named."""
+    from klein_nodes.loaders.tokenizer import tokenizer_from_gguf
+
+    file = types.SimpleNamespace(path="q.gguf", field=lambda key, default=None: fields.get(key, default))
+    with pytest.raises(kn.CheckpointError) as info:
+        tokenizer_from_gguf(file)
+    message = str(info.value)
+    assert message.startswith("q.gguf: the tokenizer metadata is inconsistent: ") and fragment in message
+    assert "tokenizer=<folder" in message and "\n" not in message
+
+
+def write_small_qwen_gguf(path, tokenizer_dir, edit=lambda tokens, merges: None):
+    """A Qwen3 GGUF whose embedding has one row per token of the small test tokenizer (quick to read), with that
+    tokenizer in its metadata after `edit(tokens, merges)` changed the lists in place."""
+    import json
+
+    vocab = json.loads((tokenizer_dir / "vocab.json").read_text(encoding="utf-8"))
+    tokens = [token for token, _ in sorted(vocab.items(), key=lambda item: item[1])]
+    merges = [line for line in (tokenizer_dir / "merges.txt").read_text(encoding="utf-8").splitlines()
+              if line and not line.startswith("#")]
+    edit(tokens, merges)
+    metadata = {"tokenizer_model": "gpt2", "tokenizer_pre": "qwen2", "token_list": tokens,
+                "token_types": [3 if token.startswith("<|") else 1 for token in tokens], "token_merges": merges}
+    state = qwen3_state_dict(dataclasses.replace(TINY_QWEN3, vocab_size=len(tokens)), seed=8)
+    write_gguf(path, state, lambda n, t: "F32" if t.ndim == 1 else "Q8_0", "qwen3", rename=hf_to_llama,
+               metadata=metadata)
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    (lambda tokens, merges: tokens.__setitem__(tokens.index("he"), "hx"), "merge 2 ('h e') needs the token 'he'"),
+    (lambda tokens, merges: tokens.__setitem__(tokens.index("he"), "a"), "token 'a' appears twice"),
+    (lambda tokens, merges: merges.append("Ġ zz"), "merge 12 ('Ġ zz') needs the token 'zz'"),
+])
+def test_gguf_with_an_edited_tokenizer_is_refused_before_its_weights_load(tmp_path, monkeypatch, edit, fragment):
+    from klein_nodes.loaders.gguf import GGUFFile
+
+    tokenizer_dir = write_tokenizer(tmp_path / "tok")
+    (tmp_path / "lonely").mkdir()  # no tokenizer files beside it: the GGUF's own metadata is used
+    path = tmp_path / "lonely" / "qwen3.gguf"
+    write_small_qwen_gguf(path, tokenizer_dir, edit)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the tokenizer was checked")
+
+    monkeypatch.setattr(GGUFFile, "load", no_loading)
+    monkeypatch.delenv("KLEIN_TOKENIZER", raising=False)
+    began = time.monotonic()
+    with pytest.raises(kn.CheckpointError) as info:
+        kn.load_text_encoder(path, layers=(1, 2, 3))
+    assert time.monotonic() - began < 5
+    message = str(info.value)
+    assert message.startswith(f"{path}: the tokenizer metadata is inconsistent: ") and fragment in message
 
 
 def test_rope_base_of_the_wrong_type_is_refused(tmp_path, monkeypatch):

@@ -50,7 +50,6 @@ def seeds(folder):
     write_gguf(folder / "klein.gguf", transformer_state_dict(TINY_TRANSFORMER), lambda n, t: "F32" if t.ndim == 1
                else "Q8_0", "flux", metadata={"quantization_version": 2})
     quantize_file(folder / "klein.safetensors", folder / "klein-fp8.safetensors", "fp8")
-    write_mini_qwen(folder / "qwen.gguf", *mini_tokenizer(folder))
     generator = torch.Generator().manual_seed(0)
     save_file({"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": torch.randn(4, 64, generator=generator),
                "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": torch.randn(192, 4, generator=generator),
@@ -77,7 +76,7 @@ def mini_tokenizer(folder):
     from klein_nodes.loaders.tokenizer import QWEN3_ADDED_TOKENS
     from klein_nodes.testing import write_tokenizer
 
-    source = write_tokenizer(folder / "tokenizer")
+    source = write_tokenizer(folder)
     vocab = json.loads((source / "vocab.json").read_text(encoding="utf-8"))
     specials = [token for token, _ in QWEN3_ADDED_TOKENS]
     tokens = [token for token, index in sorted(vocab.items(), key=lambda item: item[1]) if token not in specials]
@@ -87,17 +86,18 @@ def mini_tokenizer(folder):
 
 
 def write_mini_qwen(path, tokens, types, merges, rows=None):
-    """A tiny Qwen3 GGUF text encoder whose tokenizer is in its metadata (embedding rows: one per token)."""
+    """A tiny Qwen3 GGUF text encoder whose tokenizer is in its metadata: a small vocabulary, and Qwen3's 151,936
+    embedding rows (klein pads with id 151643), stored as F16 so a case writes fast."""
     import dataclasses
 
     from klein_nodes.loaders.gguf import hf_to_llama
     from klein_nodes.testing import TINY_QWEN3, qwen3_state_dict, write_gguf
 
-    params = dataclasses.replace(TINY_QWEN3, vocab_size=rows or len(tokens))
+    params = dataclasses.replace(TINY_QWEN3, vocab_size=rows or TINY_QWEN3.vocab_size)
     metadata = {"tokenizer_model": "gpt2", "tokenizer_pre": "qwen2", "token_list": tokens, "token_types": types,
                 "token_merges": merges}
-    write_gguf(path, qwen3_state_dict(params, seed=8), lambda n, t: "F32" if t.ndim == 1 else "Q8_0", "qwen3",
-               rename=hf_to_llama, metadata=metadata)
+    write_gguf(path, qwen3_state_dict(params, seed=8), lambda n, t: "F32" if t.ndim == 1 else "F16" if "embed" in n
+               else "Q8_0", "qwen3", rename=hf_to_llama, metadata=metadata)
 
 
 def mutate_bytes(rng, data, header_end):
@@ -160,15 +160,15 @@ def mutate_tokenizer(rng, tokens, types, merges):
     elif choice == 1:
         tokens[at] = tokens[rng.randrange(len(tokens))]  # a duplicate
     elif choice == 2:
-        tokens[at] = rng.choice(["", "x" * 70_000, "\ud800", "<|im_start|>", "Ġ", "a b"])
+        tokens[at] = rng.choice(["", "x" * 70_000, "<|im_start|>", "Ġ", "a b"])  # what a GGUF file can hold
     elif choice == 3:
         merges[rng.randrange(len(merges))] = rng.choice(["a", "a b c", "", "zz qq", " ", "Ġ"])
     elif choice == 4:
         types = types[: rng.randrange(len(types))] if rng.random() < 0.5 else types + [1] * 7
     elif choice == 5:
-        types[at] = rng.choice([0, 2, 3, 4, 5, 6, 99, -1, 2**31])
+        types[at] = rng.choice([0, 2, 3, 4, 5, 6, 99, -1, 2**31 - 1])
     elif choice == 6:
-        rows = rng.choice([1, len(tokens) - 1, len(tokens) + 50])  # the embedding table disagrees with the vocabulary
+        rows = rng.choice([1, len(tokens) - 1, 151643])  # the embedding table too small for the vocabulary or padding
     elif choice == 7:
         tokens, types = tokens[: rng.randrange(300)], types[: rng.randrange(300)]
     elif choice == 8:
@@ -322,8 +322,10 @@ def run_case(kind, number, folder, state):
                        else "F32", "flux")
         forward(kn.load_transformer(path))
     elif kind == "tokenizer":
-        tokens, types, merges, rows = mutate_tokenizer(rng, *state.setdefault("tokenizer", mini_tokenizer(work)))
-        path = work / "qwen.gguf"
+        if "tokenizer" not in state:
+            state["tokenizer"] = mini_tokenizer(folder / "tokenizer-source")
+        tokens, types, merges, rows = mutate_tokenizer(rng, *state["tokenizer"])
+        path = work / "qwen.gguf"  # no tokenizer files beside it: the pack reads the one in its metadata
         write_mini_qwen(path, tokens, types, merges, rows)
         encoder = kn.load_text_encoder(path, layers=(1, 2, 3))
         encoder.encode(rng.choice(["a cat", "", "<|im_start|>x", "\ud800", "x" * 3000]), layers=(1, 2, 3))
