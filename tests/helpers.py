@@ -4,7 +4,9 @@ with their scores, and graph tweaks for random weights. Test dependencies only; 
 Benches and tools import it by putting this folder on sys.path."""
 
 import math
+import time
 
+import pytest
 import torch
 
 from klein_nodes.models.autoencoder import AutoEncoderParams
@@ -195,3 +197,19 @@ def edit_colours(seed):
     rng = np.random.default_rng(100 + seed)
     return {"gain": rng.uniform(0.9, 1.1, 3), "offset": rng.uniform(-0.04, 0.04, 3),
             "gamma": rng.uniform(0.85, 1.15, 3)}
+
+
+def refused_by_name(path, *fragments):
+    """kn.load_transformer(path) raises one CheckpointError within 2 s: a single line starting with the path and
+    holding every fragment. Returns the message."""
+    import klein_nodes as kn
+
+    began = time.monotonic()
+    with pytest.raises(kn.CheckpointError) as info:
+        kn.load_transformer(path)
+    assert time.monotonic() - began < 2
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
