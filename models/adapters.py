@@ -130,16 +130,23 @@ class Linear(Offloadable, nn.Linear):
         return super()._apply(fn, recurse)
 
 
+def adapter_plan(layer, adapters, x):
+    """How `layer` applies `adapters` to input `x`: (low-rank LoRAs run on the output, adapters added to the
+    weight, the dtype they compute in, the output's dtype)."""
+    in_weight = any(a.is_dora for a in adapters)  # a DoRA normalises the weight with every change in it
+    low_rank = [a for a in adapters if a.kind == "lora" and not in_weight]
+    full = [a for a in adapters if a.kind != "lora" or in_weight]
+    dtype = out_dtype = layer.compute_dtype if hasattr(layer, "dequantized") else layer.weight.dtype
+    if prepacked.widens(dtype, x):  # a half-precision layer on a CPU without such matmuls: all in fp32
+        dtype, out_dtype = torch.float32, x.dtype
+    return low_rank, full, dtype, out_dtype
+
+
 def linear_with_adapters(layer, x, forward):
     """`layer(x)` with its adapters: full deltas are added to the weight, LoRAs run as x·Aᵀ·Bᵀ on the output of
     the layer's own `forward` (which may be a native fp8 matmul)."""
-    in_weight = any(a.is_dora for a in layer.adapters)  # a DoRA normalises the weight with every change in it
-    low_rank = [a for a in layer.adapters if a.kind == "lora" and not in_weight]
-    full = [a for a in layer.adapters if a.kind != "lora" or in_weight]
+    low_rank, full, dtype, out_dtype = adapter_plan(layer, layer.adapters, x)
     dequantized = getattr(layer, "dequantized", None)
-    dtype = out_dtype = layer.compute_dtype if dequantized else layer.weight.dtype
-    if prepacked.widens(dtype, x):  # a half-precision layer on a CPU without such matmuls: all in fp32
-        dtype, out_dtype = torch.float32, x.dtype
     x = x.to(dtype)
     if full:
         # dequantized: a fresh scratch buffer
@@ -172,6 +179,29 @@ def attached(model):
     finally:
         for layer, _ in layers:
             del layer.adapters
+
+
+def prepare_device(model, device, dtype):
+    """Before `model` runs on `device` (inputs in `dtype`): what its forwards would otherwise copy there as they go
+    (adapter tensors; dequantization tables and the Triton kernels' first-use check, through each layer's
+    `prepare_device`), copied now: inside a sampling loop such a copy makes the host wait for the GPU."""
+    place_adapters(model, device, dtype)
+    for module in model.modules():
+        if hasattr(module, "prepare_device"):
+            module.prepare_device(device)
+
+
+def place_adapters(model, device, dtype):
+    """Copy `model`'s adapter tensors to `device` as its forwards (inputs in `dtype`) will use them."""
+    probe = torch.empty(0, dtype=dtype, device=device)
+    for name, adapters in getattr(model, "lora_layers", {}).items():
+        low_rank, full, compute_dtype, _ = adapter_plan(model.get_submodule(name), adapters, probe)
+        for adapter in low_rank:
+            adapter.low_rank(device, compute_dtype)
+            adapter.rows_on(device)
+        for adapter in full:
+            adapter.on(device, torch.float32)
+            adapter.rows_on(device)
 
 
 def release_adapters(model):

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import CheckpointError, KleinError, KleinNote
 from . import prepacked
-from .adapters import Linear, adapting, release_adapters
+from .adapters import Linear, adapting, prepare_device, release_adapters
 from .offload import Offloadable, compute_device, weights_on
 
 
@@ -34,6 +34,8 @@ class Qwen3Params:
 
 
 class Qwen3(nn.Module):
+    block_lists = ("layers",)  # what memory streaming may move block by block
+
     def __init__(self, params: Qwen3Params):
         super().__init__()
         self.params = params
@@ -264,6 +266,7 @@ class KleinTextEncoder:
             ids = torch.tensor([t[0] for t in tokens], device=device)
             mask = torch.tensor([t[1] for t in tokens], device=device)
             try:
+                prepare_device(self.model, device, self.model.dtype)
                 hidden = torch.stack(self.model(ids, mask, layers), dim=2)  # (B, L, layers, hidden)
             finally:
                 release_adapters(self.model)

@@ -41,6 +41,8 @@ class Flux2Params:
 
 
 class Flux2(nn.Module):
+    block_lists = ("double_blocks", "single_blocks")  # what memory streaming may move block by block
+
     def __init__(self, params: Flux2Params):
         super().__init__()
         if sum(params.axes_dim) != params.head_dim:

@@ -24,6 +24,8 @@ log = logging.getLogger("klein_nodes")
 # and pieces are large enough that the ~40 small ops per piece cost little (a quarter of this size: 1.3-2x slower).
 CPU_CHUNK = 1 << 20
 _triton_verdict = {}  # (type, device, dtype) -> the Triton kernel matched the torch code on its first data
+_constants = {}  # (id of a table below, dtype, device) -> that table as a tensor there
+_prepared = set()  # (type, dtype, device) made ready by `prepare`
 
 QK_K = 256
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
@@ -80,11 +82,21 @@ def dequant_q4_1(blocks, out=None):
 SPREAD_BITS = tuple(sum(((value >> i) & 1) << (8 * i + 4) for i in range(8)) for value in range(256))
 
 
+def constant(table, dtype, device):
+    """A module-level table as a tensor on `device`, made once per device and dtype: a fresh host->device copy in
+    every forward would make the host wait for the GPU inside the sampling loop (see `prepare`)."""
+    key = (id(table), dtype, device)
+    if key not in _constants:
+        with torch.inference_mode(False):  # a normal tensor, usable inside and outside inference mode
+            _constants[key] = torch.tensor(table, dtype=dtype, device=device)
+    return _constants[key]
+
+
 def q5_values(blocks, offset):
     """Q5_0 / Q5_1: value k's fifth bit is bit k of a little-endian 32-bit word, i.e. bit k % 8 of its byte k // 8:
     each byte looked up as the 8 bytes it spreads to, already in value order."""
     n = blocks.shape[0]
-    table = torch.tensor(SPREAD_BITS, dtype=torch.int64, device=blocks.device)
+    table = constant(SPREAD_BITS, torch.int64, blocks.device)
     high = torch.index_select(table, 0, blocks[:, offset: offset + 4].reshape(-1).int()).view(torch.uint8)
     low = nibbles(blocks[:, offset + 4:], 1).reshape(n, 32)
     return low.bitwise_or_(high.reshape(n, 32))
@@ -167,7 +179,7 @@ def dequant_q6_k(blocks, out=None):
 def lookup(table, indices, out=None):
     """table[indices] as float32 (into `out` when given); index_select with int32 indices is ~2.5x faster than int64
     fancy indexing."""
-    values = torch.tensor(table, dtype=torch.float32, device=indices.device)
+    values = constant(table, torch.float32, indices.device)
     flat = indices.reshape(-1).int()
     if out is None:
         return torch.index_select(values, 0, flat).reshape(indices.shape)
@@ -361,6 +373,18 @@ def triton_available(device):
     except ImportError:
         return False
     return True
+
+
+def prepare(name, packed, dtype, device):
+    """Before a sampling loop, what dequantizing `name` data into `dtype` on `device` will need there, made once:
+    the lookup tables and the Triton kernel's first-use check (on the first blocks of `packed`), both of which copy
+    or read across host and device."""
+    key = (name, dtype, device)
+    if key not in _prepared:
+        blocks = packed.reshape(-1, BLOCK_SIZES[name][1])[:256].to(device)
+        DEQUANTIZERS[name](blocks[:1])
+        use_triton(name, blocks, dtype)
+        _prepared.add(key)
 
 
 def use_triton(name, blocks, dtype):

@@ -9,6 +9,7 @@ from ..models import prepacked
 from ..models.adapters import linear_with_adapters
 from ..models.offload import Offloadable, weights_on
 from ..models.prepacked import scratch  # one buffer per thread, device and dtype, shared with widened layers
+from . import dequant
 from .dequant import BLOCK_SIZES, dequantize, type_name
 
 
@@ -57,6 +58,10 @@ class QuantizedLinear(DequantizingLinear):
 
     def storage(self):
         return f"qtype={self.qtype}"
+
+    def prepare_device(self, device):
+        """Called before a sampling loop on `device` (see dequant.prepare)."""
+        dequant.prepare(self.qtype, self.packed, self.compute_dtype, device)
 
     def dequantized(self, dtype=None):
         dtype = dtype or self.compute_dtype

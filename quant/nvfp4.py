@@ -4,7 +4,7 @@ W = e2m1 · (global · block). Emulated: the weights stay packed and are dequant
 
 import torch
 
-from .dequant import lookup
+from .dequant import constant, lookup
 from .fp8 import scale_problem
 from .linear import DequantizingLinear
 
@@ -76,6 +76,10 @@ class Nvfp4Linear(DequantizingLinear):
 
     def storage(self):
         return "nvfp4"
+
+    def prepare_device(self, device):
+        """Called before a sampling loop on `device`: the e2m1 table made there once, not copied per forward."""
+        constant(E2M1, torch.float32, device)
 
     def dequantized(self, dtype=None):
         weight = dequantize_nvfp4(self.weight, self.weight_scale, self.weight_scale_2)

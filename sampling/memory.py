@@ -1,8 +1,14 @@
 """The memory planner: from free device memory, the components' sizes and the resolution, decide per component
 whether it stays resident, is loaded for its turn and offloaded (text encoder -> transformer -> VAE), or (the
-transformer only) streams its blocks from CPU memory with some blocks resident; and whether the VAE tiles."""
+transformer and the text encoder) streams its blocks from CPU memory with some blocks resident; whether the VAE
+tiles; and the peak this plan predicts."""
 
 from dataclasses import dataclass, field
+
+import torch
+
+from . import tiling
+from .streaming import streamable_blocks
 
 HEADROOM = 0.9  # plan within 90% of the free memory: allocator fragmentation and CUDA context
 
@@ -20,47 +26,96 @@ def transformer_activation_bytes(params, image_tokens, reference_tokens=0, text_
     return (2 if cfg else 1) * batch * tokens * (widest + 4 * params.hidden_size) * dtype_bytes
 
 
+def text_encoder_activation_bytes(params, tokens=512, batch=1, dtype_bytes=2):
+    """Peak activations of a text encoder forward: one layer's MLP over every token plus the residual stream and
+    the hidden states klein keeps (attention runs in SDPA's fused kernels)."""
+    return batch * tokens * (3 * params.intermediate_size + 8 * params.hidden_size) * dtype_bytes
+
+
 @dataclass
 class Plan:
     text_encoder: str  # resident | offload
     transformer: str  # resident | offload | stream
     vae: str  # resident | offload
     vae_tiled: bool
-    resident_blocks: int | None = None
+    resident_blocks: int | None = None  # the transformer's, when it streams
     notes: list = field(default_factory=list)
+    peak: int | None = None  # predicted device memory at the busiest moment, in bytes (None: a forced mode)
+    text_resident_blocks: int | None = None  # the text encoder's, when it streams
 
     def describe(self):
         blocks = f" ({self.resident_blocks} blocks resident)" if self.transformer == "stream" else ""
-        return (f"text encoder {self.text_encoder}, transformer {self.transformer}{blocks}, VAE {self.vae}"
-                f"{', tiled' if self.vae_tiled else ''}" + "".join(f"; {n}" for n in self.notes))
+        layers = f" ({self.text_resident_blocks} layers resident)" if self.text_encoder == "stream" else ""
+        peak = f", peak {self.peak / 2**30:.1f} GiB" if self.peak is not None else ""
+        return (f"text encoder {self.text_encoder}{layers}, transformer {self.transformer}{blocks}, VAE {self.vae}"
+                f"{', tiled' if self.vae_tiled else ''}{peak}" + "".join(f"; {n}" for n in self.notes))
 
 
 def plan(free_bytes, text_encoder_bytes, transformer_bytes, block_bytes, vae_bytes, activation_bytes, decode_bytes,
-         device_type="cuda"):
-    """Choose how to run. `block_bytes`: sizes of the transformer's blocks (streamable); the rest of the transformer
-    must stay on the device while it runs. Raises MemoryError when even streaming one block at a time can't fit."""
+         tile_decode_bytes=None, offloads=True, text_block_bytes=(), text_activation_bytes=0):
+    """Choose how to run and predict the peak. `block_bytes` / `text_block_bytes`: sizes of the transformer's /
+    text encoder's blocks (streamable); the rest of a model stays on the device while it runs. `tile_decode_bytes`:
+    a tiled decode's working memory (default: the untiled one's). `offloads`: weights can move between the device
+    and CPU memory (CUDA, or any device given a budget); otherwise they are used in place and only the VAE can
+    help. Raises MemoryError when even streaming one block at a time can't fit."""
     budget = HEADROOM * free_bytes
-    if device_type != "cuda":  # weights live in RAM and are used in place: nothing to move, only the VAE can help
+    tile_decode_bytes = decode_bytes if tile_decode_bytes is None else min(tile_decode_bytes, decode_bytes)
+    if not offloads:
+        weights = text_encoder_bytes + transformer_bytes + vae_bytes
         tiled = decode_bytes > budget - vae_bytes
-        return Plan("resident", "resident", "resident", tiled, notes=["CPU: no offloading or streaming"])
-    everything = text_encoder_bytes + transformer_bytes + vae_bytes + max(activation_bytes, decode_bytes)
+        return Plan("resident", "resident", "resident", tiled, notes=["CPU: no offloading or streaming"],
+                    peak=weights + max(activation_bytes, text_activation_bytes,
+                                       tile_decode_bytes if tiled else decode_bytes))
+    everything = (text_encoder_bytes + transformer_bytes + vae_bytes
+                  + max(activation_bytes, text_activation_bytes, decode_bytes))
     if everything <= budget:
-        return Plan("resident", "resident", "resident", False)
+        return Plan("resident", "resident", "resident", False, peak=everything)
     notes = [f"{everything / 2**30:.1f} GiB needed at once, {budget / 2**30:.1f} GiB usable: one component at a time"]
     tiled = decode_bytes + vae_bytes > budget
-    if transformer_bytes + activation_bytes <= budget:
-        return Plan("offload", "offload", "offload", tiled, notes=notes)
-    fixed = transformer_bytes - sum(block_bytes) + activation_bytes + 2 * max(block_bytes)  # + two blocks in flight
-    room = budget - fixed
-    if room < 0:
-        need = (fixed + 0.0) / HEADROOM
-        raise MemoryError(f"the transformer cannot run in {free_bytes / 2**30:.1f} GiB even streaming one block at a "
+    vae_peak = vae_bytes + (tile_decode_bytes if tiled else decode_bytes)
+    transformer = turn("transformer", transformer_bytes, block_bytes, activation_bytes, free_bytes, notes)
+    text = turn("text encoder", text_encoder_bytes, text_block_bytes, text_activation_bytes, free_bytes, notes)
+    if vae_peak > budget:
+        raise MemoryError(f"the VAE cannot decode in {free_bytes / 2**30:.1f} GiB even in tiles (about "
+                          f"{vae_peak / HEADROOM / 2**30:.1f} GiB needed): free some memory on the device")
+    return Plan(text[0], transformer[0], "offload", tiled, resident_blocks=transformer[1], notes=notes,
+                peak=max(text[2], transformer[2], vae_peak), text_resident_blocks=text[1])
+
+
+def turn(name, total, block_bytes, activation_bytes, free_bytes, notes):
+    """(role, blocks kept resident when streaming, peak) of a model that runs alone for its turn: loaded whole
+    when it fits, else its blocks streamed from CPU memory around the rest of it."""
+    budget = HEADROOM * free_bytes
+    if total + activation_bytes <= budget:
+        return "offload", None, total + activation_bytes
+    fixed = total - sum(block_bytes) + activation_bytes + 2 * max(block_bytes, default=0)  # + two blocks in flight
+    if not block_bytes or fixed > budget:
+        need = fixed / HEADROOM
+        raise MemoryError(f"the {name} cannot run in {free_bytes / 2**30:.1f} GiB even streaming one block at a "
                           f"time (about {need / 2**30:.1f} GiB needed at this resolution): lower the resolution or "
                           "use a smaller quantization")
     resident, used = 0, 0
     for size in block_bytes:
-        if used + size > room:
+        if fixed + used + size > budget:
             break
         used, resident = used + size, resident + 1
-    notes.append(f"transformer streams {len(block_bytes) - resident} of {len(block_bytes)} blocks from CPU memory")
-    return Plan("offload", "stream", "offload", tiled, resident_blocks=resident, notes=notes)
+    notes.append(f"{name} streams {len(block_bytes) - resident} of {len(block_bytes)} blocks from CPU memory")
+    return "stream", resident, fixed + used
+
+
+def plan_models(free_bytes, transformer, text_encoder, vae, latent_h, latent_w, references=0, batch=1, cfg=False,
+                offloads=True):
+    """`plan` for these models (a text encoder's Qwen3 and the VAE may be None; meta-device models do) generating
+    `batch` images of latent_h x latent_w (H/16, W/16) with `references` reference images of the same size."""
+    tokens = latent_h * latent_w
+    activations = transformer_activation_bytes(transformer.params, tokens, references * tokens, batch=batch, cfg=cfg,
+                                               dtype_bytes=transformer.dtype.itemsize)
+    latents = torch.empty(batch, 128, latent_h, latent_w, device="meta")
+    decode, tile_decode = (tiling.decode_bytes(vae, latents), tiling.tile_decode_bytes(vae, latents)) if vae else (0, 0)
+    text_blocks, text_activations = [], 0
+    if text_encoder is not None:
+        text_blocks = [module_bytes(b) for b in streamable_blocks(text_encoder)]
+        text_activations = text_encoder_activation_bytes(text_encoder.params, dtype_bytes=text_encoder.dtype.itemsize)
+    return plan(free_bytes, module_bytes(text_encoder) if text_encoder is not None else 0, module_bytes(transformer),
+                [module_bytes(b) for b in streamable_blocks(transformer)], module_bytes(vae) if vae else 0,
+                activations, decode, tile_decode, offloads, text_blocks, text_activations)

@@ -14,6 +14,7 @@ from ..models.transformer import Flux2
 from . import memory, tiling
 from .references import DEFAULT_MAX_PIXELS, image_size, prepare_image, prepare_references, to_mask
 from .sampler import Conditioning, Step, denoise_latents
+from .streaming import BlockStreamer, streamable_blocks
 from .schedule import fit_size, initial_noise, resolve_seed
 
 log = logging.getLogger("klein_nodes")
@@ -29,11 +30,14 @@ class KleinPipeline:
 
     def __init__(self, transformer: Flux2, text_encoder: KleinTextEncoder | None = None, vae: AutoEncoder | None = None,
                  text_layers: tuple = KLEIN_LAYERS, device: str | torch.device | None = None, memory: str = "auto",
-                 resident_blocks: int | None = None, before_turn: Callable[[object, str], None] | None = None):
+                 resident_blocks: int | None = None, before_turn: Callable[[object, str], None] | None = None,
+                 memory_budget: int | None = None):
         """device: where to compute (components move there for their turn, as the memory plan says); None keeps
         every component where it is. memory: "auto" plans from free memory, or force "resident", "offload" or
-        "stream" (with `resident_blocks` transformer blocks kept on the device). before_turn(module, name): called
-        before a component ("text_encoder", "transformer", "vae") computes; ComfyUI's nodes load it there."""
+        "stream" (with `resident_blocks` transformer blocks kept on the device). memory_budget: bytes of device
+        memory the plan may use instead of what is free (a GPU shared with other work; on the CPU it makes the
+        plan offload and stream as on a GPU of that size). before_turn(module, name): called before a component
+        ("text_encoder", "transformer", "vae") computes; ComfyUI's nodes load it there."""
         for value, name, kind in ((transformer, "transformer", Flux2), (text_encoder, "text_encoder", KleinTextEncoder),
                                   (vae, "vae", AutoEncoder)):
             if not isinstance(value, kind) and (value is not None or name == "transformer"):
@@ -44,8 +48,11 @@ class KleinPipeline:
         self.transformer, self.text_encoder, self.vae = transformer, text_encoder, vae
         self.before_turn = before_turn
         self.device = None if device is None else device_argument(device)
+        if self.device is not None and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # as parameters report it
         self.memory = one_of(memory, "memory", ("auto", "resident", "offload", "stream"))
         self.resident_blocks = None if resident_blocks is None else integer(resident_blocks, "resident_blocks", 0)
+        self.memory_budget = None if memory_budget is None else integer(memory_budget, "memory_budget", 1)
         self.plan = None
         self.text_layers = tuple(text_layers)
         if text_encoder is not None:
@@ -147,28 +154,21 @@ class KleinPipeline:
         scale = self.pixels_per_latent
         latent_h, latent_w = (noise.shape[-2:] if noise is not None
                               else ((height or 1024) // scale, (width or 1024) // scale))
-        blocks = list(self.transformer.double_blocks) + list(self.transformer.single_blocks)
-        text_encoder_bytes = memory.module_bytes(self.text_encoder.model) if self.text_encoder else 0
-        transformer_bytes = memory.module_bytes(self.transformer)
-        vae_bytes = memory.module_bytes(self.vae) if self.vae else 0
+        text_encoder = self.text_encoder.model if self.text_encoder else None
         if self.memory != "auto":
             offload = "resident" if self.memory == "resident" else "offload"
+            blocks = len(streamable_blocks(self.transformer))
             decision = memory.Plan(offload, self.memory, offload, False,
-                                   resident_blocks=(self.resident_blocks if self.resident_blocks is not None
-                                                    else len(blocks) // 2))
+                                   resident_blocks=self.resident_blocks if self.resident_blocks is not None
+                                   else blocks // 2)
         else:
-            free = tiling.free_bytes(self.device)
-            if self.device.type == "cuda" and self._on_device():  # our own weights already hold part of the device
-                free += text_encoder_bytes + transformer_bytes + vae_bytes
-            tokens = latent_h * latent_w
-            activations = memory.transformer_activation_bytes(self.transformer.params, tokens,
-                                                              len(references or ()) * tokens, batch=batch_size,
-                                                              cfg=cfg, dtype_bytes=self.transformer.dtype.itemsize)
-            decode = (tiling.decode_bytes(self.vae, torch.empty(batch_size, 128, latent_h, latent_w, device="meta"))
-                      if self.vae else 0)
-            decision = memory.plan(free, text_encoder_bytes, transformer_bytes,
-                                   [memory.module_bytes(b) for b in blocks], vae_bytes, activations, decode,
-                                   self.device.type)
+            free = self.memory_budget or tiling.free_bytes(self.device)
+            if self.device.type == "cuda" and self.memory_budget is None and self._on_device():
+                # our own weights already hold part of the device
+                free += sum(memory.module_bytes(m) for m in (text_encoder, self.transformer, self.vae) if m)
+            decision = memory.plan_models(free, self.transformer, text_encoder, self.vae, latent_h, latent_w,
+                                          len(references or ()), batch_size, cfg,
+                                          offloads=self.device.type == "cuda" or self.memory_budget is not None)
         log.info("klein memory plan: %s", decision.describe())
         return decision
 
@@ -200,9 +200,9 @@ class KleinPipeline:
             yield
             return
         if role == "stream":
-            from .streaming import BlockStreamer
 
-            with BlockStreamer(module, self.device, self.plan.resident_blocks):
+            resident = self.plan.text_resident_blocks if name == "text_encoder" else self.plan.resident_blocks
+            with BlockStreamer(module, self.device, resident):
                 yield
             module.to("cpu")
             return

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import KleinError
-from ..models.adapters import release_adapters
+from ..models.adapters import prepare_device, release_adapters
 from ..models.offload import compute_device
 from .packing import image_ids, pack, pack_references, text_ids, unpack
 from .schedule import get_schedule
@@ -79,6 +79,7 @@ def sample(transformer, noise, positive, sigmas, negative=None, guidance=1.0, in
     if use_cfg:
         branches.append(prepare_branch(negative, batch, ids, device, dtype))
     try:
+        prepare_device(transformer, device, transformer.dtype)  # no copy to the device inside the loop
         for index, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:]), start=1):
             timesteps = torch.full((batch,), sigma, device=device)
             velocities = [predict(transformer, x, timesteps, branch) for branch in branches]

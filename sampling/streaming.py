@@ -1,16 +1,23 @@
-"""Transformer block streaming: the first blocks stay on the device, the others live in (pinned) CPU memory and
-are copied in just before they run, the next one prefetched on a side CUDA stream while the current one computes.
-Numerically identical to a resident run: the same weights meet the same kernels."""
+"""Block streaming (transformer blocks, text encoder layers): the first blocks stay on the device, the others live
+in (pinned) CPU memory and are copied in just before they run, the next one prefetched on a side CUDA stream while
+the current one computes. Numerically identical to a resident run: the same weights meet the same kernels. On
+another device (the CPU standing in for one in tests) the same code runs with plain copies."""
 
 import torch
 
 
+def streamable_blocks(model):
+    """A model's blocks in the order they run (the ModuleLists its class names in `block_lists`)."""
+    return [block for name in model.block_lists for block in getattr(model, name)]
+
+
 class BlockStreamer:
-    """Attach to a Flux2 (`with BlockStreamer(model, "cuda", resident_blocks=4): ...`); detaching restores it."""
+    """Attach to a Flux2 or Qwen3 (`with BlockStreamer(model, "cuda", resident_blocks=4): ...`); detaching restores
+    it."""
 
     def __init__(self, model, device, resident_blocks):
         self.model, self.device = model, torch.device(device)
-        self.blocks = list(model.double_blocks) + list(model.single_blocks)
+        self.blocks = streamable_blocks(model)
         self.resident = max(0, min(resident_blocks, len(self.blocks)))
         self.streamed = self.blocks[self.resident:]
         self.hooks, self.host, self.events = [], {}, {}
@@ -18,8 +25,9 @@ class BlockStreamer:
 
     def __enter__(self):
         streamed_ids = {id(b) for b in self.streamed}
+        lists = {id(getattr(self.model, name)) for name in self.model.block_lists}
         for module in self.model.children():  # everything but the streamed blocks goes to the device
-            if module is not self.model.double_blocks and module is not self.model.single_blocks:
+            if id(module) not in lists:
                 module.to(self.device)
         for block in self.blocks:
             if id(block) not in streamed_ids:
@@ -62,8 +70,8 @@ class BlockStreamer:
         block = self.streamed[index % len(self.streamed)]
         if block in self.events:
             return
-        if self.stream is None:
-            self.place(block, {n: t.to(self.device) for n, t in self.host[block].items()})
+        if self.stream is None:  # copy=True: a device copy even where the host is the device (the CPU stand-in)
+            self.place(block, {n: t.to(self.device, copy=True) for n, t in self.host[block].items()})
             self.events[block] = None
             return
         with torch.cuda.stream(self.stream):

@@ -147,6 +147,12 @@ def decode_bytes(vae, z):
     return 4 * pixels * vae.params.decoder_ch * vae.params.decoder_ch_mult[0] * max(vae.dtype.itemsize, 2)
 
 
+def tile_decode_bytes(vae, z):
+    """The same for a tiled decode: one tile with its margins."""
+    side = (DECODE_TILE + 2 * DECODE_MARGIN) // 2  # in z's pixels (H/16)
+    return decode_bytes(vae, z[..., :side, :side])
+
+
 def free_bytes(device):
     device = torch.device(device)
     if device.type == "cuda":

@@ -14,8 +14,9 @@ BLOCKS = [0.25 * GIB] * 25  # klein 4B bf16: 5 double (0.49 GB) + 20 single (0.2
 
 
 def klein_plan(free, device="cuda", transformer=7.75 * GIB, activations=1.2 * GIB, decode=3.0 * GIB):
-    return plan(free * GIB, 8.05 * GIB, transformer, BLOCKS if transformer > 3 * GIB else [0.09 * GIB] * 25,
-                0.17 * GIB, activations, decode, device)
+    return plan(free * GIB, 5.8 * GIB, transformer, BLOCKS if transformer > 3 * GIB else [0.09 * GIB] * 25,
+                0.17 * GIB, activations, decode, tile_decode_bytes=0.9 * GIB, offloads=device == "cuda",
+                text_block_bytes=[0.19 * GIB] * 27)
 
 
 def test_everything_resident_on_a_big_card():
@@ -49,8 +50,11 @@ def test_tiled_vae_when_decode_does_not_fit():
 
 
 def test_impossible_budget_explains():
-    with pytest.raises(MemoryError, match="lower the resolution or use a smaller quantization"):
+    with pytest.raises(MemoryError, match="transformer cannot run in 1.0 GiB .* lower the resolution or use a "
+                                          "smaller quantization"):
         klein_plan(1.0)
+    with pytest.raises(MemoryError, match="VAE cannot decode in 2.0 GiB even in tiles"):
+        plan(2 * GIB, GIB, 0.5 * GIB, [0.02 * GIB] * 25, 0.17 * GIB, 0.1 * GIB, 4.5 * GIB, tile_decode_bytes=2 * GIB)
 
 
 def test_cpu_never_streams_and_tiles_only_when_ram_is_short():
@@ -99,3 +103,67 @@ def test_prefetch_order_follows_the_blocks_and_wraps_between_steps(monkeypatch):
             sample_forward(running, seed=step)
     # enter: 0; each block: arrive (already in flight: the same index again) then leave -> the next one
     assert [i for n, i in enumerate(order) if n == 0 or order[n - 1] != i] == [0, 1, 2, 0, 1, 2, 0]
+
+
+def test_text_encoder_streams_where_it_does_not_fit_alone():
+    decision = klein_plan(5.4)  # a 6 GB card: the bf16 Qwen3-4B (5.8 GiB) cannot load whole
+    assert decision.text_encoder == "stream" and 0 < decision.text_resident_blocks < 27
+    assert "text encoder streams" in decision.describe() and "layers resident" in decision.describe()
+
+
+@pytest.mark.parametrize("free", [80, 24, 12, 7.5, 5.4, 4])
+def test_the_predicted_peak_stays_within_the_budget(free):
+    decision = klein_plan(free)
+    assert decision.peak <= 0.9 * free * GIB
+    assert f"peak {decision.peak / GIB:.1f} GiB" in decision.describe()
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    import klein_nodes as kn
+    from klein_nodes.testing import write_tiny_model_set
+
+    transformer, text_encoder, vae = write_tiny_model_set(tmp_path_factory.mktemp("stand-in"), seed=3)
+    tokenizer = transformer.parents[2] / "comfy" / "text_encoders" / "qwen25_tokenizer"
+    return (kn.load_transformer(transformer), kn.load_text_encoder(text_encoder, tokenizer=tokenizer),
+            kn.load_vae(vae))
+
+
+@pytest.mark.parametrize("streams", ["transformer", "text_encoder"])
+def test_streaming_on_the_cpu_standing_in_for_a_small_card_gives_the_resident_image(tiny_models, streams):
+    """The planner's streaming path, run for real with the CPU as the device and a budget in place of its free
+    memory: the blocks move in and out as on a GPU (copied for each forward), and the image is the resident run's,
+    bit for bit."""
+    import klein_nodes as kn
+    from klein_nodes.sampling.memory import plan_models
+
+    transformer, text_encoder, vae = tiny_models
+    args = dict(prompt="a lighthouse at dusk", width=64, height=64, steps=2, seed=7)
+    if streams == "transformer":  # the tiny encoder's 151k-token embedding and the VAE's decode outweigh the
+        args.update(prompt_embeds=text_encoder.encode(args.pop("prompt")), output_type="latent")  # transformer
+        text_encoder = vae = None
+    resident = kn.KleinPipeline(transformer, text_encoder, vae, device="cpu")(**args)
+    text_model = text_encoder.model if text_encoder else None
+    plans = ((b, try_plan(plan_models, b, transformer, text_model, vae)) for b in range(2**16, 2**28, 2**14))
+    budget = next((b for b, p in plans if p is not None and getattr(p, streams) == "stream"), None)
+    assert budget, f"no budget makes the {streams} stream"
+    streamed = kn.KleinPipeline(transformer, text_encoder, vae, device="cpu", memory_budget=budget)
+    if text_encoder:
+        text_encoder._cache.clear()  # encode the prompt again, streaming
+    moved = []
+    original = BlockStreamer.prefetch
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(BlockStreamer, "prefetch", lambda self, index: moved.append(type(self.model).__name__)
+                      or original(self, index))
+        image = streamed(**args)
+    assert getattr(streamed.plan, streams) == "stream", streamed.plan.describe()
+    assert {"transformer": "Flux2", "text_encoder": "Qwen3"}[streams] in moved  # streamed for real
+    assert streamed.plan.peak <= 0.9 * budget
+    assert torch.equal(image, resident)
+
+
+def try_plan(plan_models, budget, transformer, text_encoder, vae):
+    try:
+        return plan_models(budget, transformer, text_encoder, vae, 4, 4)
+    except MemoryError:
+        return None

@@ -129,6 +129,13 @@ SYNC_OPS = {
 # ops that make a tensor from Python data (torch.tensor, as_tensor of a list or number); the others that create one
 # are those without tensor inputs (arange, zeros, ones, full, empty, rand*, linspace, eye, scalar_tensor, ...)
 FACTORY_OPS = {aten.lift_fresh.default, aten.lift_fresh_copy.default}
+# the ops where a model's compute dtype decides speed and memory: their floating inputs must be in it (under
+# inference mode the dispatch sees linear, matmul, conv2d and SDPA themselves, not what they decompose into)
+COMPUTE_OPS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten.linear.default,
+               aten.matmul.default, aten.conv2d.default, aten.convolution.default,
+               aten.scaled_dot_product_attention.default, aten._scaled_dot_product_efficient_attention.default,
+               aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_cudnn_attention.default,
+               aten._scaled_dot_product_attention_math.default}
 
 
 # ---------------------------------------------------------------------------------------------------- shims
@@ -336,7 +343,7 @@ def cuda_shims(recorder, capability=(8, 9), free_bytes=24 << 30, total_bytes=24 
 # ---------------------------------------------------------------------------------------------------- recorder
 @dataclass
 class Finding:
-    kind: str  # mismatch | cpu-created | cpu-computed | sync-loop | sync | note
+    kind: str  # mismatch | cpu-created | cpu-computed | dtype | sync-loop | sync | note
     op: str
     where: str  # innermost file:line of the pack (and its caller)
     detail: str = ""
@@ -420,7 +427,7 @@ class Recorder(TorchDispatchMode):
         super().__init__()
         self.fake_mode = fake_mode
         self.findings = []
-        self.forwards = []  # names of the forwards running, innermost last
+        self.forwards = []  # (name, the model's compute dtype) of the forwards running, innermost last
         self.in_loop = False
         self.step = 0  # steps finished in the current loop
         self.ops = 0
@@ -436,7 +443,7 @@ class Recorder(TorchDispatchMode):
 
     @property
     def forward(self):
-        return self.forwards[-1] if self.forwards else ""
+        return self.forwards[-1][0] if self.forwards else ""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
@@ -471,7 +478,19 @@ class Recorder(TorchDispatchMode):
             self.note_sync(str(func), copy)
         if self.forwards:
             self.check_outputs(func, args, kwargs, out)
+            self.check_dtype(func, args, kwargs)
         return out
+
+    def check_dtype(self, func, args, kwargs):
+        """A matmul, convolution or attention on the device in a dtype other than its model's compute dtype."""
+        planned = self.forwards[-1][1]
+        if func not in COMPUTE_OPS or planned is None or not on_device((args, kwargs)):
+            return
+        dtypes = {t.dtype for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor) and t.dtype.is_floating_point}
+        if dtypes - {planned}:
+            self.findings.append(Finding("dtype", str(func), place(), f"{', '.join(sorted(map(str, dtypes)))} in a "
+                                         f"{planned} model", self.forward))
 
     def to_fake(self, value):
         if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
@@ -511,7 +530,7 @@ class Recorder(TorchDispatchMode):
     def forward_wrapper(self, fn, name):
         @functools.wraps(fn)
         def run(*args, **kwargs):
-            self.forwards.append(name)
+            self.forwards.append((name, getattr(args[0], "dtype", None) if args else None))
             try:
                 return fn(*args, **kwargs)
             finally:
@@ -722,10 +741,14 @@ def mode_arguments(mode):
     return pipeline, call
 
 
+PIN_PARTIAL_LOADS = True  # core 0.25 and later; 0.3.64 pins nothing (its own modules then copy synchronously)
+
+
 def comfy_partial_load(module, role):
     """`before_turn` as ComfyUI's memory manager behaves when a model does not fit (nodes/runtime.py registers the
     module; models/offload.py is the contract): the compute device recorded as `klein_device`, the first half of
-    the modules with weights loaded on it, the rest left in CPU memory with `comfy_cast_weights` set, so they bring
+    the modules with weights loaded on it, the rest left in pinned CPU memory (core 0.25 and later pin what a
+    partial load leaves behind: ModelPatcher.pin_weight_to_device) with `comfy_cast_weights` set, so they bring
     their weights for each call (`weights_on`). The VAE, which has no such modules, is loaded whole."""
     device = torch.device("cuda", 0)
     base = getattr(module, "lora_base", module)
@@ -742,6 +765,14 @@ def comfy_partial_load(module, role):
             holder.to(device)
         else:
             holder.comfy_cast_weights = True
+            for registry in (holder._parameters, holder._buffers) if PIN_PARTIAL_LOADS else ():
+                for name, tensor in registry.items():
+                    if tensor is not None and not pinned(tensor):
+                        if isinstance(tensor, nn.Parameter):
+                            tensor.data = tensor.data.pin_memory()
+                            tensor._dry_run_pinned = True
+                        else:
+                            registry[name] = tensor.pin_memory()
 
 
 # ---------------------------------------------------------------------------------------------------- runs
@@ -826,6 +857,8 @@ def fresh_pack_state(text_encoder):
     def clear():
         prepacked._scratch.__dict__.clear()
         dequant._triton_verdict.clear()
+        dequant._constants.clear()
+        dequant._prepared.clear()
         if text_encoder is not None:
             text_encoder._cache.clear()
         Fp8Linear.native = native
@@ -926,6 +959,7 @@ def totals(runs):
             "mismatches": sum(r.count("mismatch") for r in runs),
             "cpu_created": sum(r.count("cpu-created") for r in runs),
             "cpu_computed": sum(r.count("cpu-computed") for r in runs),
+            "dtypes": sum(r.count("dtype") for r in runs),
             "loop_syncs": sum(r.count("sync-loop") for r in runs),
             "other_syncs": sum(r.count("sync") for r in runs)}
 
@@ -938,12 +972,13 @@ def summary_line(runs):
 
 
 def table(runs):
-    header = (f"{'mode':<8} {'format':<16} {'mismatch':>8} {'cpu-new':>7} {'cpu-op':>6} {'loop-sync':>9} "
-              f"{'sync':>5} {'ops':>6} {'s':>5}  outcome")
+    header = (f"{'mode':<8} {'format':<16} {'mismatch':>8} {'cpu-new':>7} {'cpu-op':>6} {'dtype':>5} "
+              f"{'loop-sync':>9} {'sync':>5} {'ops':>6} {'s':>5}  outcome")
     lines = [header, "-" * len(header)]
     for r in runs:
         lines.append(f"{r.mode:<8} {r.label:<16} {r.count('mismatch'):>8} {r.count('cpu-created'):>7} "
-                     f"{r.count('cpu-computed'):>6} {r.count('sync-loop'):>9} {r.count('sync'):>5} {r.ops:>6} "
+                     f"{r.count('cpu-computed'):>6} {r.count('dtype'):>5} {r.count('sync-loop'):>9} "
+                     f"{r.count('sync'):>5} {r.ops:>6} "
                      f"{r.seconds:>5.1f}  {r.outcome}")
     return lines
 
@@ -951,6 +986,7 @@ def table(runs):
 TITLES = {"mismatch": "device mismatches (the op was retried with its CPU tensors moved to the device)",
           "cpu-created": "tensors created on the CPU inside a forward",
           "cpu-computed": "ops computed on the CPU inside a forward (CPU tensors meeting CPU tensors)",
+          "dtype": "matmuls, convolutions or attention on the device in a dtype other than their model's",
           "sync-loop": "host syncs in the denoising loop",
           "sync": "host syncs outside the loop (not counted: loading weights, prompts, inputs, the image out)",
           "note": "notes"}
@@ -1039,11 +1075,12 @@ def main(argv=None):
     print()
     print("\n".join(findings_report(runs, args.verbose)))
     t = totals(runs)
-    print(f"\n{t['failed']} failed runs, {t['cpu_created']} tensors created on the CPU and {t['cpu_computed']} ops "
+    print(f"\n{t['failed']} failed runs, {t['dtypes']} ops in an unplanned dtype, "
+          f"{t['cpu_created']} tensors created on the CPU and {t['cpu_computed']} ops "
           f"computed on the CPU inside forwards, {t['other_syncs']} host syncs outside the loop; "
           f"{time.perf_counter() - start:.0f} s")
     print(summary_line(runs))
-    return 1 if t["failed"] or t["mismatches"] or t["cpu_created"] else 0
+    return 1 if t["failed"] or t["mismatches"] or t["cpu_created"] or t["dtypes"] or t["loop_syncs"] else 0
 
 
 if __name__ == "__main__":
