@@ -107,15 +107,20 @@ def write_gguf(path, kind, tensors, qtype, tokenizer_dir):
 FP8_MARKER = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()), dtype=torch.uint8)
 
 
+def in_fp8(kind, name, tensor):
+    """Whether a tensor of a `kind` ("transformer" or "text_encoder") model is quantized in scaled (fp8, nvfp4)
+    files: the 2-D weights of the block linears, as the published files choose."""
+    return (tensor.ndim == 2 and name.endswith(".weight") and "embed_tokens" not in name
+            and not (kind == "transformer" and name.startswith(KEEP_BF16)))
+
+
 def fp8_tensors(kind, tensors):
     """Quantized 2-D weights as float8_e4m3fn with a per-tensor `weight_scale` (amax/448), and ComfyUI's
     `comfy_quant` marker per layer, so that ComfyUI's own loaders apply the scale too (without the marker they
     would read the fp8 values unscaled)."""
     out = {}
     for name, tensor in tensors.items():
-        quantize_it = (tensor.ndim == 2 and name.endswith(".weight") and "embed_tokens" not in name
-                       and not (kind == "transformer" and name.startswith(KEEP_BF16)))
-        if not quantize_it:
+        if not in_fp8(kind, name, tensor):
             out[name] = tensor.float() if tensor.ndim == 1 else tensor.bfloat16()
             continue
         scale = (tensor.float().abs().max() / 448).clamp_min(1e-12)

@@ -1,5 +1,8 @@
 """The memory planner's decisions (fake budgets) and block streaming's numerical identity."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,6 +12,7 @@ from klein_nodes.sampling.streaming import BlockStreamer
 from klein_nodes.testing import TINY_TRANSFORMER, transformer_state_dict
 from helpers import sample_forward
 
+ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
 BLOCKS = [0.25 * GIB] * 25  # klein 4B bf16: 5 double (0.49 GB) + 20 single (0.25 GB) blocks, simplified
 
@@ -167,3 +171,19 @@ def try_plan(plan_models, budget, transformer, text_encoder, vae):
         return plan_models(budget, transformer, text_encoder, vae, 4, 4)
     except MemoryError:
         return None
+
+
+def test_per_card_table_in_the_docs_is_the_planners_and_every_peak_fits():
+    """docs/engine.md's table comes from tools/memory_table.py: real-width models of each format on the meta
+    device, planned for 6-24 GB cards at 1024² and 2048²."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import memory_table
+
+    rows = memory_table.plans()
+    assert memory_table.within_budget(rows) == []
+    assert memory_table.main(["--check", str(ROOT / "docs" / "engine.md")]) == 0
+    by_key = {(card, name): by_size for card, name, _, by_size in rows}
+    assert by_key[6, "bf16"][1024].text_encoder == "stream"  # a bf16 Qwen3-4B cannot load whole on 6 GB
+    assert by_key[8, "bf16"][1024].transformer == "stream"
+    assert by_key[8, "GGUF Q4_K"][1024].transformer == "resident"
+    assert all(not isinstance(d, str) for by_size in by_key.values() for d in by_size.values())  # all fit
