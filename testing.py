@@ -66,6 +66,16 @@ def bfl_to_diffusers(state):
     return convert_flux2_transformer_checkpoint_to_diffusers(dict(state))
 
 
+def vae_diffusers_config(params):
+    """diffusers' AutoencoderKLFlux2 arguments for a VAE of these params."""
+    return {"block_out_channels": [params.ch * m for m in params.ch_mult],
+            "decoder_block_out_channels": [params.decoder_ch * m for m in params.decoder_ch_mult],
+            "down_block_types": ["DownEncoderBlock2D"] * len(params.ch_mult),
+            "up_block_types": ["UpDecoderBlock2D"] * len(params.decoder_ch_mult),
+            "layers_per_block": params.num_res_blocks, "latent_channels": params.z_channels,
+            "norm_num_groups": params.norm_groups, "batch_norm_eps": params.bn_eps}
+
+
 def diffusers_config(params):
     return {
         "_class_name": "Flux2Transformer2DModel",

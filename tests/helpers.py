@@ -10,20 +10,11 @@ import pytest
 import torch
 
 from klein_nodes.models.autoencoder import AutoEncoderParams
-from klein_nodes.testing import random_state_dict
+from klein_nodes.testing import random_state_dict, vae_diffusers_config
 
 
 TINY_VAE = AutoEncoderParams(ch=32, ch_mult=(1, 2), num_res_blocks=1, decoder_ch=32, decoder_ch_mult=(1, 2),
                              decoder_num_res_blocks=2)
-
-
-def vae_diffusers_config(params):
-    return {"block_out_channels": [params.ch * m for m in params.ch_mult],
-            "decoder_block_out_channels": [params.decoder_ch * m for m in params.decoder_ch_mult],
-            "down_block_types": ["DownEncoderBlock2D"] * len(params.ch_mult),
-            "up_block_types": ["UpDecoderBlock2D"] * len(params.decoder_ch_mult),
-            "layers_per_block": params.num_res_blocks, "latent_channels": params.z_channels,
-            "norm_num_groups": params.norm_groups, "batch_norm_eps": params.bn_eps}
 
 
 def vae_diffusers_to_bfl(state, params):
