@@ -146,6 +146,11 @@ def scratch(numel, dtype, device):
     return buffer[:numel]
 
 
+def release_scratch():
+    """Drop this thread's shared buffers (a model's turn is over: the next model's layers make their own)."""
+    _scratch.__dict__.clear()
+
+
 def few_rows(x):
     """Too few rows to widen for: the half-precision matmul costs less than converting the weight."""
     return x.numel() // max(1, x.shape[-1]) < WIDEN_MIN_ROWS

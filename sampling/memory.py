@@ -34,8 +34,8 @@ def text_encoder_activation_bytes(params, tokens=512, batch=1, dtype_bytes=2):
 
 @dataclass
 class Plan:
-    text_encoder: str  # resident | offload
-    transformer: str  # resident | offload | stream
+    text_encoder: str  # resident | offload | stream | paged (in place on the CPU, pages handed back as it runs)
+    transformer: str  # the same
     vae: str  # resident | offload
     vae_tiled: bool
     resident_blocks: int | None = None  # the transformer's, when it streams
@@ -52,20 +52,27 @@ class Plan:
 
 
 def plan(free_bytes, text_encoder_bytes, transformer_bytes, block_bytes, vae_bytes, activation_bytes, decode_bytes,
-         tile_decode_bytes=None, offloads=True, text_block_bytes=(), text_activation_bytes=0):
+         tile_decode_bytes=None, offloads=True, text_block_bytes=(), text_activation_bytes=0, releases=False):
     """Choose how to run and predict the peak. `block_bytes` / `text_block_bytes`: sizes of the transformer's /
     text encoder's blocks (streamable); the rest of a model stays on the device while it runs. `tile_decode_bytes`:
     a tiled decode's working memory (default: the untiled one's). `offloads`: weights can move between the device
     and CPU memory (CUDA, or any device given a budget); otherwise they are used in place and only the VAE can
-    help. Raises MemoryError when even streaming one block at a time can't fit."""
+    help, and `releases` (the CPU) hands a model's file pages back after its turn. Raises MemoryError when even
+    streaming one block at a time can't fit."""
     budget = HEADROOM * free_bytes
     tile_decode_bytes = decode_bytes if tile_decode_bytes is None else min(tile_decode_bytes, decode_bytes)
-    if not offloads:
-        weights = text_encoder_bytes + transformer_bytes + vae_bytes
+    if not offloads:  # weights are used in place from their files (on the CPU their pages go back after a turn)
         tiled = decode_bytes > budget - vae_bytes
-        return Plan("resident", "resident", "resident", tiled, notes=["CPU: no offloading or streaming"],
-                    peak=weights + max(activation_bytes, text_activation_bytes,
-                                       tile_decode_bytes if tiled else decode_bytes))
+        decode = tile_decode_bytes if tiled else decode_bytes
+        if not releases:
+            peak = text_encoder_bytes + transformer_bytes + vae_bytes + max(activation_bytes, text_activation_bytes,
+                                                                            decode)
+            return Plan("resident", "resident", "resident", tiled, peak=peak, notes=["no offloading or streaming"])
+        peak = vae_bytes + max(one_block_at_a_time(text_encoder_bytes, text_block_bytes) + text_activation_bytes,
+                               one_block_at_a_time(transformer_bytes, block_bytes) + activation_bytes, decode)
+        return Plan("paged", "paged", "resident", tiled, peak=peak,
+                    notes=["CPU: weights used in place from their files, each block's pages handed back as it "
+                           "finishes"])
     everything = (text_encoder_bytes + transformer_bytes + vae_bytes
                   + max(activation_bytes, text_activation_bytes, decode_bytes))
     if everything <= budget:
@@ -80,6 +87,11 @@ def plan(free_bytes, text_encoder_bytes, transformer_bytes, block_bytes, vae_byt
                           f"{vae_peak / HEADROOM / 2**30:.1f} GiB needed): free some memory on the device")
     return Plan(text[0], transformer[0], "offload", tiled, resident_blocks=transformer[1], notes=notes,
                 peak=max(text[2], transformer[2], vae_peak), text_resident_blocks=text[1])
+
+
+def one_block_at_a_time(total, block_bytes):
+    """A model's resident weights when its blocks' pages go back as each one finishes: the rest, and one block."""
+    return total - sum(block_bytes) + max(block_bytes, default=0)
 
 
 def turn(name, total, block_bytes, activation_bytes, free_bytes, notes):
@@ -104,7 +116,7 @@ def turn(name, total, block_bytes, activation_bytes, free_bytes, notes):
 
 
 def plan_models(free_bytes, transformer, text_encoder, vae, latent_h, latent_w, references=0, batch=1, cfg=False,
-                offloads=True):
+                offloads=True, releases=False):
     """`plan` for these models (a text encoder's Qwen3 and the VAE may be None; meta-device models do) generating
     `batch` images of latent_h x latent_w (H/16, W/16) with `references` reference images of the same size."""
     tokens = latent_h * latent_w
@@ -118,4 +130,4 @@ def plan_models(free_bytes, transformer, text_encoder, vae, latent_h, latent_w, 
         text_activations = text_encoder_activation_bytes(text_encoder.params, dtype_bytes=text_encoder.dtype.itemsize)
     return plan(free_bytes, module_bytes(text_encoder) if text_encoder is not None else 0, module_bytes(transformer),
                 [module_bytes(b) for b in streamable_blocks(transformer)], module_bytes(vae) if vae else 0,
-                activations, decode, tile_decode, offloads, text_blocks, text_activations)
+                activations, decode, tile_decode, offloads, text_blocks, text_activations, releases)

@@ -8,6 +8,7 @@ import torch
 
 from ..arguments import device_argument, integer, number, one_of, shown, tensor_argument
 from ..errors import KleinError, WrongModelError
+from ..models import pages, prepacked
 from ..models.autoencoder import AutoEncoder
 from ..models.text_encoder import KLEIN_LAYERS, KleinTextEncoder
 from ..models.transformer import Flux2
@@ -168,7 +169,8 @@ class KleinPipeline:
                 free += sum(memory.module_bytes(m) for m in (text_encoder, self.transformer, self.vae) if m)
             decision = memory.plan_models(free, self.transformer, text_encoder, self.vae, latent_h, latent_w,
                                           len(references or ()), batch_size, cfg,
-                                          offloads=self.device.type == "cuda" or self.memory_budget is not None)
+                                          offloads=self.device.type == "cuda" or self.memory_budget is not None,
+                                          releases=self.device.type == "cpu")
         log.info("klein memory plan: %s", decision.describe())
         return decision
 
@@ -206,12 +208,18 @@ class KleinPipeline:
                 yield
             module.to("cpu")
             return
+        if role == "paged":  # weights in place on the CPU: their file pages go back to the OS as blocks finish
+            with pages.released_as_it_runs(module, streamable_blocks(module) if name != "vae" else []):
+                yield
+            prepacked.release_scratch()
+            return
         module.to(self.device)
         try:
             yield
         finally:
             if role == "offload":
                 module.to("cpu")
+                prepacked.release_scratch()
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
 

@@ -25,7 +25,7 @@ def test_generate_tiny_random_in_a_fresh_process(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "seed 5" in proc.stderr and "\nstep 4/4 (" in proc.stderr and "\r" not in proc.stderr  # log-friendly lines
     assert list((tmp_path / "tmp").glob("klein-*")) == []  # the tiny random models are removed after the run
-    assert "memory plan: text encoder resident, transformer resident" in proc.stderr
+    assert "memory plan: text encoder paged, transformer paged, VAE resident" in proc.stderr
     assert Image.open(out).size == (368, 272)
     assert (tmp_path / "config" / "klein_nodes" / "c2pa" / "signer.key").exists()
     from klein_nodes.provenance.save import verify_image

@@ -66,6 +66,15 @@ def test_cpu_never_streams_and_tiles_only_when_ram_is_short():
     assert klein_plan(2, device="cpu", decode=3 * GIB).vae_tiled
 
 
+def test_on_the_cpu_each_models_pages_go_back_after_its_turn():
+    decision = plan(64 * GIB, 5.8 * GIB, 7.75 * GIB, BLOCKS, 0.17 * GIB, 1.2 * GIB, 1.0 * GIB, offloads=False,
+                    releases=True, text_block_bytes=[0.19 * GIB] * 27)
+    assert (decision.text_encoder, decision.transformer, decision.vae) == ("paged", "paged", "resident")
+    # one block at a time: the transformer's non-block weights, one block and its activations
+    assert decision.peak == pytest.approx(0.17 * GIB + (7.75 - 25 * 0.25 + 0.25) * GIB + 1.2 * GIB)
+    assert "each block's pages handed back as it finishes" in decision.describe()
+
+
 def test_activation_estimate_grows_with_tokens_and_cfg():
     small = transformer_activation_bytes(TINY_TRANSFORMER, 1024)
     assert transformer_activation_bytes(TINY_TRANSFORMER, 4096) > small
