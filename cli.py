@@ -28,7 +28,10 @@ MODEL_FOLDERS = {  # ComfyUI key -> folder names under models/
     "vae": ("vae",),
     "checkpoints": ("checkpoints",),
 }
-KLEIN_FAMILIES = {("transformer", "flux2"), ("text_encoder", "qwen3"), ("vae", "flux2")}
+# generate's model arguments: (ComfyUI folder key, model kind, family)
+MODEL_SLOTS = {"model": ("diffusion_models", "transformer", "flux2"),
+               "text_encoder": ("text_encoders", "text_encoder", "qwen3"), "vae": ("vae", "vae", "flux2")}
+KLEIN_FAMILIES = {(kind, family) for _, kind, family in MODEL_SLOTS.values()}
 
 
 def bounded(kind, low, high=None):
@@ -211,12 +214,13 @@ def comfyui_model_dirs(comfyui_root):
 
 
 def model_report(comfyui_root):
+    """(lines, {(kind, family): [(path, Inventory)]} of the klein files found)."""
     from .loaders.inventory import inventory, weight_bytes
 
     dirs = comfyui_model_dirs(comfyui_root)
     if not dirs:
-        return ["Model files: not inside ComfyUI; pass --comfyui PATH (or set COMFYUI_PATH) to scan an install."]
-    lines = []
+        return ["Model files: not inside ComfyUI; pass --comfyui PATH (or set COMFYUI_PATH) to scan an install."], {}
+    lines, found = [], {}
     for key, folders in dirs.items():
         files = sorted(p for folder in folders if os.path.isdir(folder)
                        for p in Path(folder).rglob("*") if p.suffix.lower() in WEIGHT_SUFFIXES)
@@ -224,10 +228,52 @@ def model_report(comfyui_root):
         for path in files:
             try:
                 inv = inventory(path)
-                mark = "klein" if (inv.kind.kind, inv.kind.family) in KLEIN_FAMILIES else "     "
-                lines.append(f"  [{mark}] {path.name}: {inv.lines()[0]}, {weight_bytes(inv) / 2**30:.2f} GiB")
+                klein = (inv.kind.kind, inv.kind.family) in KLEIN_FAMILIES
+                if klein:
+                    found.setdefault((inv.kind.kind, inv.kind.family), []).append((path, inv))
+                lines.append(f"  [{'klein' if klein else '     '}] {path.name}: {inv.lines()[0]}, "
+                             f"{weight_bytes(inv) / 2**30:.2f} GiB")
             except (KleinError, OSError, ValueError) as e:
                 lines.append(f"  [error] {path.name}: {e}")
+    return lines, found
+
+
+def memory_report(found, size=1024):
+    """What one `size`² image would take with the largest klein files found: the plan and its predicted peak on the
+    CPU (paged: one block's weights at a time) and on each GPU (klein 4B's activations)."""
+    import psutil
+
+    from .loaders.inventory import weight_bytes
+    from .models.autoencoder import AutoEncoder, AutoEncoderParams
+    from .models.text_encoder import Qwen3Params
+    from .models.transformer import Flux2Params
+    from .sampling import memory, tiling
+
+    chosen = {kind: max(found.get((kind, family), []), key=lambda item: weight_bytes(item[1]), default=None)
+              for _, kind, family in MODEL_SLOTS.values()}
+    if None in chosen.values():
+        missing = ", ".join(kind.replace("_", " ") for kind, item in chosen.items() if item is None)
+        return [f"Memory: no {missing} found, so no plan (pass --comfyui PATH to a ComfyUI with klein's files)."]
+    (_, transformer), (_, text_encoder), (_, vae_file) = chosen["transformer"], chosen["text_encoder"], chosen["vae"]
+    with torch.device("meta"):
+        vae = AutoEncoder(AutoEncoderParams())  # fp32: the CPU decodes so; GPUs in the file's dtype, ~the same
+    latents = torch.empty(1, 128, size // 16, size // 16, device="meta")
+    sizes = dict(text_encoder_bytes=weight_bytes(text_encoder), transformer_bytes=weight_bytes(transformer),
+                 block_bytes=transformer.blocks, vae_bytes=weight_bytes(vae_file),
+                 activation_bytes=memory.transformer_activation_bytes(Flux2Params(), (size // 16) ** 2),
+                 decode_bytes=tiling.decode_bytes(vae, latents),
+                 tile_decode_bytes=tiling.tile_decode_bytes(vae, latents), text_block_bytes=text_encoder.blocks,
+                 text_activation_bytes=memory.text_encoder_activation_bytes(Qwen3Params()))
+    names = ", ".join(path.name for path, _ in chosen.values())
+    lines = [f"Memory for one {size}x{size} image with {names}:"]
+    targets = [("CPU", psutil.virtual_memory().available, False)]
+    targets += [(f"GPU {i}", torch.cuda.mem_get_info(i)[0], True) for i in range(torch.cuda.device_count())]
+    for where, free, offloads in targets:
+        try:
+            decision = memory.plan(free, **sizes, offloads=offloads, releases=not offloads)
+            lines.append(f"  {where} ({free / 2**30:.1f} GiB free): {decision.describe()}")
+        except MemoryError as e:
+            lines.append(f"  {where} ({free / 2**30:.1f} GiB free): does not fit: {e}")
     return lines
 
 
@@ -236,7 +282,8 @@ def doctor(args):
     if root and not (Path(root) / "models").is_dir():
         print(f"{root}: not a ComfyUI install (no models/ folder).", file=sys.stderr)
         return 2
-    print("\n".join(device_report() + package_report() + model_report(root)))
+    models, found = model_report(root)
+    print("\n".join(device_report() + package_report() + models + memory_report(found)))
     return 0
 
 
@@ -329,11 +376,8 @@ def resolve_models(args, budget, cleanup):
         print("tiny random models (a wiring check, the image is noise)", file=sys.stderr)
         return write_tiny_model_set(folder)
     root = args.comfyui or os.environ.get("COMFYUI_PATH")
-    wanted = {"model": ("diffusion_models", "transformer", "flux2"),
-              "text_encoder": ("text_encoders", "text_encoder", "qwen3"),
-              "vae": ("vae", "vae", "flux2")}
     paths = []
-    for name, (key, kind, family) in wanted.items():
+    for name, (key, kind, family) in MODEL_SLOTS.items():
         path = getattr(args, name)
         if path is None and (root or importable("folder_paths")):
             candidates = model_candidates(root, key, kind, family)

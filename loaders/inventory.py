@@ -19,6 +19,9 @@ LORA_BASES = {3072: "FLUX.2 [klein] 4B", 4096: "FLUX.2 [klein] 9B", 6144: "FLUX.
 KLEIN_DOUBLE_BLOCKS = {3072: 5, 4096: 8}  # FLUX.1 LoRAs are 3072 wide too, with 19 double blocks
 TEXT_ENCODER_WIDTHS = {2560: "Qwen3-4B", 4096: "Qwen3-8B"}
 DOUBLE_BLOCK = re.compile(r"(?:double_blocks|(?<!single_)transformer_blocks)[._](\d+)")
+# a model's blocks as the pack runs (and pages) them: transformer blocks, decoder layers (BFL, diffusers, HF, GGUF)
+BLOCK = re.compile(r"(?:^|\.)(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks|layers|blk)"
+                   r"\.(\d+)\.")
 
 
 @dataclass
@@ -27,6 +30,7 @@ class Inventory:
     storage: dict = field(default_factory=dict)  # tensor type -> [tensors, bytes]
     format: str = ""
     lora: dict | None = None  # format, ranks, targets, base
+    blocks: list = field(default_factory=list)  # bytes of each block, in file order (see BLOCK)
 
     def lines(self):
         """What `inspect` prints for the file, after its name."""
@@ -111,18 +115,29 @@ def describe_gguf(file):
     return ModelKind(kind.kind, kind.family, kind.description + " (GGUF)", "gguf")
 
 
+def block_bytes(sizes):
+    """[bytes of each block] from (tensor name, bytes) pairs, blocks in the order they first appear."""
+    blocks = {}
+    for name, size in sizes:
+        if match := BLOCK.search(name):
+            blocks[match.groups()] = blocks.get(match.groups(), 0) + size
+    return list(blocks.values())
+
+
 def inventory(path):
     """The Inventory of one weight file (its header read once)."""
     path = Path(path)
     if sniff_format(path) == "gguf":
         file = GGUFFile(path)
         storage = tally((qtype, data.nbytes) for qtype, _, data in file.tensors.values())
-        return Inventory(describe_gguf(file), storage, gguf_format(storage))
+        blocks = block_bytes((name, data.nbytes) for name, (_, _, data) in file.tensors.items())
+        return Inventory(describe_gguf(file), storage, gguf_format(storage), blocks=blocks)
     file = SafetensorsFile(path)  # anything else must be safetensors; this raises a precise error if not
     storage = tally((dtype, end - begin) for dtype, _, begin, end in file.entries.values())
     lora = lora_of(file)
     kind = ModelKind("lora", "lora", "LoRA") if lora else identify({k: file.shape(k) for k in file.keys()})
-    return Inventory(kind, storage, safetensors_format(file, storage), lora)
+    blocks = block_bytes((name, end - begin) for name, (_, _, begin, end) in file.entries.items())
+    return Inventory(kind, storage, safetensors_format(file, storage), lora, blocks)
 
 
 def weight_bytes(inv):

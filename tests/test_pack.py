@@ -1,6 +1,7 @@
 """The pack as ComfyUI sees it (folder import, nodes) and the command line."""
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -144,3 +145,23 @@ def test_model_names_outside_their_folder_or_missing_are_refused_by_name(comfyui
         model_path("vae", "gone.safetensors")
     with pytest.raises(kn.KleinError, match="nsfw: no classifier folder of that name"):
         classifier_path("nsfw")
+
+
+def test_doctor_predicts_the_peak_of_one_image_with_the_files_found(tmp_path, capsys):
+    """Block by block from the files' headers: on the CPU one block's weights at a time (paged), then the decode."""
+    from klein_nodes.loaders.inventory import inventory
+    from klein_nodes.testing import write_tiny_model_set
+
+    transformer, text_encoder, _ = write_tiny_model_set(tmp_path / "ComfyUI")
+    assert main(["doctor", "--comfyui", str(tmp_path / "ComfyUI")]) == 0
+    out = capsys.readouterr().out
+    assert "Memory for one 1024x1024 image with flux-2-klein-tiny.safetensors, qwen3-tiny.safetensors, " in out
+    assert re.search(r"  CPU \([\d.]+ GiB free\): text encoder paged, transformer paged, VAE resident, peak [\d.]+ GiB",
+                     out)
+    assert len(inventory(transformer).blocks) == 4 and len(inventory(text_encoder).blocks) == 28  # 2+2 blocks, layers
+
+
+def test_doctor_says_what_it_could_not_plan_for(comfyui, capsys):
+    write_transformer(comfyui / "diffusion_models" / "flux-2-klein-4b.safetensors")
+    assert main(["doctor", "--comfyui", str(comfyui.parent)]) == 0
+    assert "Memory: no text encoder, vae found, so no plan" in capsys.readouterr().out
