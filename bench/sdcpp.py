@@ -60,7 +60,8 @@ def sd_cli(args):
     return source / "build" / "bin" / "sd-cli"
 
 
-def write_files(models, types):
+def write_files(models, types, tiny=False):
+    """The shared files (written once); `tiny`: the same layouts at tiny widths (the bench's own test)."""
     import torch
     from safetensors.torch import save_file
 
@@ -68,17 +69,24 @@ def write_files(models, types):
     from klein_nodes.models.autoencoder import AutoEncoderParams
     from klein_nodes.models.text_encoder import Qwen3Params
     from klein_nodes.models.transformer import Flux2Params
-    from klein_nodes.testing import qwen3_state_dict, write_transformer, write_vae
+    from klein_nodes.testing import (TINY_QWEN3, TINY_TRANSFORMER, TINY_VAE16, qwen3_state_dict, write_tokenizer,
+                                     write_transformer, write_vae)
 
-    files = {"transformer": models / "klein-bench-1-2.safetensors",
+    files = {"transformer": models / "klein-bench-1-2.safetensors", "tokenizer": TOKENIZER,
              "text_encoder": models / "qwen-bench-36.safetensors", "vae": models / "flux2-vae.safetensors"}
+    transformer, text_encoder, vae = Flux2Params(), Qwen3Params(), AutoEncoderParams()
+    if tiny:
+        transformer, text_encoder, vae = TINY_TRANSFORMER, TINY_QWEN3, TINY_VAE16
+        files["tokenizer"] = write_tokenizer(models / "tokenizer")
     models.mkdir(parents=True, exist_ok=True)
     if not files["transformer"].exists():
-        write_transformer(files["transformer"], Flux2Params(depth=1, depth_single_blocks=2))
+        write_transformer(files["transformer"], Flux2Params(**{**transformer.__dict__, "depth": 1,
+                                                              "depth_single_blocks": 2}))
     if not files["text_encoder"].exists():  # in bf16 directly: an fp32 twin of 36 layers would need 16 GB
-        save_file(qwen3_state_dict(Qwen3Params(num_layers=36), dtype=torch.bfloat16), str(files["text_encoder"]))
+        layers = Qwen3Params(**{**text_encoder.__dict__, "num_layers": 36})
+        save_file(qwen3_state_dict(layers, dtype=torch.bfloat16), str(files["text_encoder"]))
     if not files["vae"].exists():
-        write_vae(files["vae"], AutoEncoderParams(), dtype=torch.bfloat16)
+        write_vae(files["vae"], vae, dtype=torch.bfloat16)
     for qtype in types:
         files[qtype] = files["transformer"].with_name(f"klein-bench-1-2-{qtype}.gguf")
         if not files[qtype].exists():
@@ -115,7 +123,8 @@ def run_sdcpp(cli, files, qtype, size, out):
 
 def run_ours(files, qtype, size, out):
     spec = json.dumps({"transformer": str(files[qtype]), "text_encoder": str(files["text_encoder"]),
-                       "vae": str(files["vae"]), "tokenizer": str(TOKENIZER), "size": size, "out": str(out)})
+                       "vae": str(files["vae"]), "tokenizer": str(files["tokenizer"]), "size": size,
+                       "out": str(out)})
     seconds, rss, output = timed_process([sys.executable, __file__, "--ours-child", spec], cwd=ROOT.parent)
     stages = json.loads(output.strip().splitlines()[-1])
     return {**stages, "whole": seconds, "rss": rss}
@@ -176,6 +185,7 @@ def main(argv=None):
     parser.add_argument("--sizes", default="512,1024")
     parser.add_argument("--types", default="Q8_0,Q4_K")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--tiny", action="store_true", help="tiny widths (checks the bench itself)")
     parser.add_argument("--ours-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.ours_child:
@@ -183,7 +193,7 @@ def main(argv=None):
     print(machine_line())
     cli = sd_cli(args)
     sizes, types = [int(s) for s in args.sizes.split(",")], args.types.split(",")
-    files = write_files(Path(args.models), types)
+    files = write_files(Path(args.models), types, args.tiny)
     out = Path(args.models) / "images"
     out.mkdir(exist_ok=True)
     results = {}
@@ -196,8 +206,8 @@ def main(argv=None):
                 for name, run in sides if round_ % 2 == 0 else sides[::-1]:
                     row[name] = run()
                     print(f"round {round_ + 1} {size}² {qtype} {name}: "
-                          + ", ".join(f"{k} {v:.1f}" if k != "rss" else f"rss {v / 2**30:.2f} GiB"
-                                      for k, v in row[name].items()), flush=True)
+                          + ", ".join(f"{stage} {row[name][stage]:.1f}" for stage in STAGES)
+                          + f", rss {row[name]['rss'] / 2**30:.2f} GiB", flush=True)
                 results.setdefault((size, qtype), []).append(row)
     print("\n".join(report(results, sizes, types)))
     return 0
