@@ -247,7 +247,7 @@ def memory_report(found, size=1024):
     from .models.autoencoder import AutoEncoder, AutoEncoderParams
     from .models.text_encoder import Qwen3Params
     from .models.transformer import Flux2Params
-    from .sampling import memory, tiling
+    from .sampling import memory
 
     chosen = {kind: max(found.get((kind, family), []), key=lambda item: weight_bytes(item[1]), default=None)
               for _, kind, family in MODEL_SLOTS.values()}
@@ -257,13 +257,9 @@ def memory_report(found, size=1024):
     (_, transformer), (_, text_encoder), (_, vae_file) = chosen["transformer"], chosen["text_encoder"], chosen["vae"]
     with torch.device("meta"):
         vae = AutoEncoder(AutoEncoderParams())  # fp32: the CPU decodes so; GPUs in the file's dtype, ~the same
-    latents = torch.empty(1, 128, size // 16, size // 16, device="meta")
     sizes = dict(text_encoder_bytes=weight_bytes(text_encoder), transformer_bytes=weight_bytes(transformer),
-                 block_bytes=transformer.blocks, vae_bytes=weight_bytes(vae_file),
-                 activation_bytes=memory.transformer_activation_bytes(Flux2Params(), (size // 16) ** 2),
-                 decode_bytes=tiling.decode_bytes(vae, latents),
-                 tile_decode_bytes=tiling.tile_decode_bytes(vae, latents), text_block_bytes=text_encoder.blocks,
-                 text_activation_bytes=memory.text_encoder_activation_bytes(Qwen3Params()))
+                 block_bytes=transformer.blocks, vae_bytes=weight_bytes(vae_file), text_block_bytes=text_encoder.blocks,
+                 **memory.working_bytes(Flux2Params(), Qwen3Params(), vae, size // 16, size // 16))
     names = ", ".join(path.name for path, _ in chosen.values())
     lines = [f"Memory for one {size}x{size} image with {names}:"]
     targets = [("CPU", psutil.virtual_memory().available, False)]

@@ -12,6 +12,7 @@ time; each forward then faults the blocks back in from the page cache (minor fau
 
 import ctypes
 import ctypes.util
+import functools
 import mmap
 import os
 from contextlib import contextmanager
@@ -31,7 +32,7 @@ def release(module) -> int:
     if not ranges:
         return 0
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc = c_library()
         pagemap = os.open("/proc/self/pagemap", os.O_RDONLY)
     except (OSError, AttributeError, TypeError):
         return 0
@@ -39,6 +40,12 @@ def release(module) -> int:
         return sum(release_range(libc, pagemap, start, end) for start, end in ranges)
     finally:
         os.close(pagemap)
+
+
+@functools.cache
+def c_library():
+    """The C library (loaded once: `release` runs after every block of every forward)."""
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
 def release_range(libc, pagemap, start, end):

@@ -115,19 +115,30 @@ def turn(name, total, block_bytes, activation_bytes, free_bytes, notes):
     return "stream", resident, fixed + used
 
 
+def working_bytes(transformer_params, text_params, vae, latent_h, latent_w, references=0, batch=1, cfg=False,
+                  dtype_bytes=2, text_dtype_bytes=2):
+    """The working memory of generating `batch` images of latent_h x latent_w (H/16, W/16) with `references`
+    reference images of the same size, as `plan`'s keyword arguments: the transformer's and the text encoder's
+    activations (text_params None: no text encoder) and the VAE's decode, whole and in tiles (vae None: none)."""
+    tokens = latent_h * latent_w
+    latents = torch.empty(batch, 128, latent_h, latent_w, device="meta")
+    return {"activation_bytes": transformer_activation_bytes(transformer_params, tokens, references * tokens,
+                                                             batch=batch, cfg=cfg, dtype_bytes=dtype_bytes),
+            "text_activation_bytes": (text_encoder_activation_bytes(text_params, dtype_bytes=text_dtype_bytes)
+                                      if text_params is not None else 0),
+            "decode_bytes": tiling.decode_bytes(vae, latents) if vae is not None else 0,
+            "tile_decode_bytes": tiling.tile_decode_bytes(vae, latents) if vae is not None else 0}
+
+
 def plan_models(free_bytes, transformer, text_encoder, vae, latent_h, latent_w, references=0, batch=1, cfg=False,
                 offloads=True, releases=False):
-    """`plan` for these models (a text encoder's Qwen3 and the VAE may be None; meta-device models do) generating
-    `batch` images of latent_h x latent_w (H/16, W/16) with `references` reference images of the same size."""
-    tokens = latent_h * latent_w
-    activations = transformer_activation_bytes(transformer.params, tokens, references * tokens, batch=batch, cfg=cfg,
-                                               dtype_bytes=transformer.dtype.itemsize)
-    latents = torch.empty(batch, 128, latent_h, latent_w, device="meta")
-    decode, tile_decode = (tiling.decode_bytes(vae, latents), tiling.tile_decode_bytes(vae, latents)) if vae else (0, 0)
-    text_blocks, text_activations = [], 0
-    if text_encoder is not None:
-        text_blocks = [module_bytes(b) for b in streamable_blocks(text_encoder)]
-        text_activations = text_encoder_activation_bytes(text_encoder.params, dtype_bytes=text_encoder.dtype.itemsize)
-    return plan(free_bytes, module_bytes(text_encoder) if text_encoder is not None else 0, module_bytes(transformer),
+    """`plan` for these models (a text encoder's Qwen3 and the VAE may be None; meta-device models do); the rest
+    as in `working_bytes`."""
+    text = text_encoder is not None
+    working = working_bytes(transformer.params, text_encoder.params if text else None, vae, latent_h, latent_w,
+                            references, batch, cfg, transformer.dtype.itemsize,
+                            text_encoder.dtype.itemsize if text else 2)
+    return plan(free_bytes, module_bytes(text_encoder) if text else 0, module_bytes(transformer),
                 [module_bytes(b) for b in streamable_blocks(transformer)], module_bytes(vae) if vae else 0,
-                activations, decode, tile_decode, offloads, text_blocks, text_activations, releases)
+                offloads=offloads, releases=releases,
+                text_block_bytes=[module_bytes(b) for b in streamable_blocks(text_encoder)] if text else [], **working)

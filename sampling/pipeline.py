@@ -202,14 +202,13 @@ class KleinPipeline:
             yield
             return
         if role == "stream":
-
             resident = self.plan.text_resident_blocks if name == "text_encoder" else self.plan.resident_blocks
             with BlockStreamer(module, self.device, resident):
                 yield
             module.to("cpu")
             return
         if role == "paged":  # weights in place on the CPU: their file pages go back to the OS as blocks finish
-            with pages.released_as_it_runs(module, streamable_blocks(module) if name != "vae" else []):
+            with pages.released_as_it_runs(module, streamable_blocks(module)):
                 yield
             prepacked.release_scratch()
             return

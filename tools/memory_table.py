@@ -16,6 +16,7 @@ A card of N GB is taken to have N GiB with 0.6 GiB already used (CUDA context an
 """
 
 import argparse
+import functools
 import sys
 
 import torch
@@ -29,7 +30,7 @@ from klein_nodes.models.transformer import Flux2, Flux2Params
 from klein_nodes.quant.dequant import BLOCK_SIZES
 from klein_nodes.quant.linear import QuantizedEmbedding, QuantizedLinear, replace_module
 from klein_nodes.quant.nvfp4 import GROUP, blocked_scales
-from klein_nodes.sampling.memory import HEADROOM, plan_models
+from klein_nodes.sampling.memory import HEADROOM, module_bytes, plan_models
 
 GIB = 2**30
 CARDS_GB = (6, 8, 10, 12, 16, 24)
@@ -86,6 +87,7 @@ def quantized(model, kind, fmt):
     return model
 
 
+@functools.cache  # meta-device models: no memory, built once for the plans and the sizes
 def models(transformer_format, text_encoder_format):
     with torch.device("meta"):
         transformer = Flux2(Flux2Params()).to(torch.bfloat16)
@@ -135,8 +137,7 @@ def table(rows):
 def component_sizes():
     lines = ["| formats | text encoder | transformer | VAE |", "|---|---|---|---|"]
     for name, formats in FORMAT_SETS.items():
-        sizes = [sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()]) / GIB
-                 for m in models(*formats)]
+        sizes = [module_bytes(m) / GIB for m in models(*formats)]
         lines.append(f"| {name} | {sizes[1]:.2f} GiB | {sizes[0]:.2f} GiB | {sizes[2]:.2f} GiB |")
     return "\n".join(lines)
 
